@@ -1,0 +1,37 @@
+"""Errors umtam raises for problems a user can fix.
+
+Every message names the file, key, tensor or value at fault and, where one
+exists, a hint. The CLI turns these into one line on stderr and an exit code;
+anything else escaping the library is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UmtamError(Exception):
+    """Base class: a runtime or data problem (exit code 1)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} ({hint})")
+
+
+class ConfigError(UmtamError):
+    """A bad option or recipe value: the user asked for something invalid (exit code 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(UmtamError):
+    """A checkpoint directory is missing, incomplete, corrupted or incompatible."""
+
+
+class DataError(UmtamError):
+    """A dataset cannot be found or does not parse."""
+
+
+class MergeError(UmtamError):
+    """Checkpoints cannot be merged (different bases, keys or shapes)."""
