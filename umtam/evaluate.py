@@ -1,0 +1,128 @@
+"""Evaluate checkpoints on GLUE dev sets with the official metric per task.
+
+A trained or pruned checkpoint has one head; a merged one has one head per
+task under ``heads/<task>/``. Either way each task is evaluated with a model
+built from the shared encoder plus that task's own head. For merges, scores
+are also reported normalised by each expert's own score (from the sidecar).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from umtam.errors import ConfigError
+
+ProgressFn = Callable[[str, Any], None]
+
+
+def _no_progress(kind: str, payload: Any) -> None:
+    return None
+
+
+def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size: int = 64,
+                   progress: ProgressFn = _no_progress) -> dict[str, float]:
+    """Metrics of ``model`` on encoded ``features`` (which carry their labels)."""
+    import torch
+
+    from umtam import data, metrics
+
+    predictions, labels = [], []
+    was_training = model.training
+    model.eval()
+    progress("start", {"total": len(features), "what": f"eval {task}"})
+    with torch.inference_mode():
+        for batch in data.iter_batches(features, batch_size, pad_token_id=pad_token_id, seed=0, epoch=0,
+                                       shuffle=False):
+            gold = batch.pop("labels")
+            logits = model(**batch).logits
+            predictions.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
+            labels.append(gold)
+            progress("advance", len(gold))
+    progress("end", {"what": f"eval {task}"})
+    model.train(was_training)
+    return metrics.compute_metrics(task, torch.cat(predictions).tolist(), torch.cat(labels).tolist())
+
+
+def resolve_tasks(checkpoint, requested: str) -> list[str]:
+    """``glue`` means every task the checkpoint has a head for; otherwise a comma list."""
+    available = list(checkpoint.tasks)
+    if requested == "glue":
+        return available
+    names = [name.strip() for name in requested.split(",") if name.strip()]
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ConfigError(
+            f"{checkpoint.path} has no head for task(s) {', '.join(missing)}",
+            hint=f"it has: {', '.join(available)}; use --task glue for all",
+        )
+    return names
+
+
+def build_task_model(checkpoint, task: str, tensors: dict):
+    """The encoder plus ``task``'s head, as a transformers sequence-classification model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from umtam.checkpoint import split_head_key
+    from umtam.models import is_head_key
+
+    record = checkpoint.tasks[task]
+    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
+    config.num_labels = 1 if record["is_regression"] else len(record["label_names"])
+    if record["is_regression"]:
+        config.problem_type = "regression"
+    else:
+        config.id2label = dict(enumerate(record["label_names"]))
+        config.label2id = {name: index for index, name in enumerate(record["label_names"])}
+        config.problem_type = "single_label_classification"
+    state = {key: value for key, value in tensors.items() if not key.startswith("heads/") and not is_head_key(key)}
+    for key, value in tensors.items():
+        parsed = split_head_key(key)
+        if parsed and parsed[0] == task:
+            state[parsed[1]] = value
+        elif is_head_key(key) and checkpoint.kind != "merge":
+            state[key] = value
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, max_eval_samples=None,
+                        max_length: int = 128, batch_size: int = 64, seed: int = 42,
+                        progress: ProgressFn = _no_progress) -> dict[str, Any]:
+    """{task: {"splits": {split: metrics}, "score": float, "normalized": float | None}}."""
+    from umtam import data, metrics
+    from umtam.models import ModelSource, load_tokenizer
+
+    tasks = resolve_tasks(checkpoint, requested)
+    tokenizer = load_tokenizer(ModelSource(str(checkpoint.path), str(checkpoint.path), "directory"))
+    tensors = checkpoint.load_tensors()
+    results: dict[str, Any] = {}
+    for task in tasks:
+        task_data = data.load_task(task, data_dir=data_dir, max_eval_samples=max_eval_samples, seed=seed,
+                                   need_train=False)
+        model = build_task_model(checkpoint, task, tensors)
+        splits = {
+            split: evaluate_model(model, data.encode(examples, tokenizer, max_length), task,
+                                  pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
+            for split, examples in task_data.eval.items()
+        }
+        results[task] = {"splits": splits, "score": task_score(task, splits),
+                         "normalized": normalized_score(task, splits, checkpoint.tasks[task])}
+    return results
+
+
+def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:
+    """The GLUE score of a task: its metrics' mean, averaged over dev splits (MNLI m/mm)."""
+    from umtam import metrics
+
+    values = [metrics.score(task, split_metrics) for split_metrics in splits.values()]
+    return sum(values) / len(values)
+
+
+def normalized_score(task: str, splits, record: dict[str, Any]) -> float | None:
+    """Score divided by the expert's own score on the same task, when the sidecar has it."""
+    expert = record.get("expert_metrics")
+    if not expert:
+        return None
+    expert_score = task_score(task, expert)
+    return task_score(task, splits) / expert_score if expert_score else None

@@ -1,0 +1,1 @@
+"""The umtam command line: thin wrappers that parse flags, call the library, render."""

@@ -1,0 +1,96 @@
+"""umtam train: fine-tune one task and write a checkpoint with curvature statistics."""
+
+from __future__ import annotations
+
+import click
+
+from umtam_cli.render import common_output_options, emit_json, format_value, progress_renderer, stdout_console
+
+EPILOG = """\b
+Examples:
+  umtam train --task mrpc -o runs/mrpc-adamw
+  umtam train --task mrpc --optimizer umtam --rank 8 --lr 2e-4 -o runs/mrpc-umtam
+  umtam train --task rte --max-steps 50 --max-eval-samples 100 -o /tmp/rte-smoke
+  umtam train --config recipes/mrpc-umtam.yaml --seed 1 -o runs/mrpc-seed1
+
+\b
+Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli.
+Optimizers: adamw adafactor galore mofasgd umtam.
+GLUE data comes from --data-dir, else $UMTAM_DATA_DIR, else ../shared/data/glue, else the hub.
+"""
+
+
+@click.command(epilog=EPILOG)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe with the same keys; flags win.")
+@click.option("--task", help="GLUE task name.")
+@click.option("--output", "-o", help="Checkpoint directory to create.")
+@click.option("--model", help="Hugging Face model id or local directory [default: all-MiniLM-L6-v2].")
+@click.option("--optimizer", help="adamw, adafactor, galore, mofasgd or umtam [default: adamw].")
+@click.option("--rank", type=int, help="Rank of the low-rank momentum / projection [default: 8].")
+@click.option("--lr", type=float, help="Peak learning rate [default: per optimizer, e.g. adamw 5e-5, umtam 2e-4].")
+@click.option("--epochs", type=float, help="Training epochs [default: 3].")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int, help="Training batch size [default: 32].")
+@click.option("--max-length", type=int, help="Truncate inputs to this many tokens [default: 128].")
+@click.option("--seed", type=int, help="Seed for data order, subsampling and head init [default: 42].")
+@click.option("--weight-decay", type=float, help="Decoupled weight decay [default: 0.01].")
+@click.option("--beta1", type=float, help="Momentum decay [default: 0.9].")
+@click.option("--beta2", type=float, help="Second-moment decay, also the tracker's [default: 0.999].")
+@click.option("--warmup-ratio", type=float, help="Fraction of steps for linear warmup [default: 0.06].")
+@click.option("--error-feedback/--no-error-feedback", default=None, help="UMTAM's dense error-feedback buffer [default: off].")
+@click.option("--max-train-samples", type=int, help="Subsample the training set (seeded).")
+@click.option("--max-eval-samples", type=int, help="Subsample the dev set (seeded).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="GLUE directory (TSV or parquet layout).")
+@click.option("--force", is_flag=True, default=None, help="Replace an existing output directory.")
+@common_output_options
+def command(config_file, as_json, quiet, verbose, **options):
+    """Fine-tune a model on a GLUE task, recording curvature statistics."""
+    from umtam.config import build_config, load_recipe
+    from umtam.train import TrainConfig, train
+
+    recipe = load_recipe(config_file) if config_file else {}
+    config = build_config(TrainConfig, recipe, options, source=config_file or "options")
+    with progress_renderer(quiet=quiet, verbose=verbose) as progress:
+        result = train(config, progress=progress)
+    summary = train_summary(result)
+    if as_json:
+        emit_json(summary)
+    else:
+        render_train(summary)
+
+
+def train_summary(checkpoint) -> dict:
+    sidecar = checkpoint.sidecar
+    (task, record), = sidecar["tasks"].items()
+    return {
+        "output": str(checkpoint.path),
+        "task": task,
+        "metrics": record["metrics"],
+        "optimizer": sidecar["optimizer"]["name"],
+        "steps": sidecar["steps"],
+        "final_loss": sidecar["training"]["final_loss"],
+        "seconds_per_step": sidecar["seconds_per_step"],
+        "optimizer_state_bytes": sidecar["optimizer"]["state_bytes"],
+        "peak_rss_bytes": sidecar["peak_rss_bytes"],
+    }
+
+
+def render_train(summary: dict) -> None:
+    from rich.table import Table
+
+    from umtam_cli.render import human_bytes
+
+    table = Table(title=f"{summary['task']} -> {summary['output']}")
+    table.add_column("split")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for split, metrics in summary["metrics"].items():
+        for name, value in metrics.items():
+            table.add_row(split, name, format_value(value))
+    console = stdout_console()
+    console.print(table)
+    console.print(
+        f"{summary['optimizer']}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+        f"{summary['seconds_per_step']:.3f} s/step, optimizer state {human_bytes(summary['optimizer_state_bytes'])}, "
+        f"peak RSS {human_bytes(summary['peak_rss_bytes'])}"
+    )

@@ -1,0 +1,112 @@
+"""Rendering shared by the subcommands: JSON or rich tables on stdout, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import click
+
+
+def common_output_options(function):
+    """--json / --quiet / --verbose, identical on every subcommand."""
+    function = click.option("--verbose", "-v", is_flag=True, help="Log each stage on stderr.")(function)
+    function = click.option("--quiet", "-q", is_flag=True, help="No progress or logs on stderr.")(function)
+    function = click.option("--json", "as_json", is_flag=True,
+                            help="Print one JSON document on stdout instead of a table.")(function)
+    return function
+
+
+def emit_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+class ProgressRenderer:
+    """Turns the library's progress(kind, payload) events into rich bars on stderr.
+
+    Bars are drawn only when stderr is a terminal and --quiet is off; status
+    lines are logged with --verbose, or when no bar can be drawn and not quiet.
+    """
+
+    def __init__(self, *, quiet: bool = False, verbose: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.verbose = verbose
+        self.draw_bars = not quiet and sys.stderr.isatty()
+        self._progress = None
+        self._task = None
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        if kind == "status":
+            if self.verbose or (not self.quiet and not self.draw_bars):
+                self.console.print(f"[dim]umtam:[/dim] {payload}", highlight=False)
+        elif kind == "start" and self.draw_bars:
+            self._start(payload)
+        elif kind in ("step", "advance") and self._progress is not None:
+            self._advance(kind, payload)
+        elif kind == "end" and self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def _start(self, payload: dict) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(payload["what"], total=payload["total"], info="", rate="")
+
+    def _advance(self, kind: str, payload: Any) -> None:
+        task = self._progress.tasks[0]
+        if kind == "step":
+            rate = f"{task.speed:.2f} it/s" if task.speed else ""
+            self._progress.update(self._task, completed=payload.step, info=f"loss {payload.loss:.4f}", rate=rate)
+        else:
+            rate = f"{task.speed:.0f} ex/s" if task.speed else ""
+            self._progress.update(self._task, advance=payload, rate=rate)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+@contextmanager
+def progress_renderer(*, quiet: bool, verbose: bool) -> Iterator[ProgressRenderer]:
+    renderer = ProgressRenderer(quiet=quiet, verbose=verbose)
+    try:
+        yield renderer
+    finally:
+        renderer.close()
