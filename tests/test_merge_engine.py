@@ -1,0 +1,215 @@
+"""The streaming merge engine on tiny checkpoints built in code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_checkpoints import build_family, fake_stats, tiny_model
+from umtam.checkpoint import load_checkpoint, write_checkpoint
+from umtam.errors import CheckpointError, ConfigError, MergeError
+from umtam.merge import TensorGroup, get_method, merge_checkpoints, merge_tensors, plan
+from umtam.models import encoder_tensors, load_base_encoder
+from umtam.saliency import tensor_threshold
+
+TASKS = ("mrpc", "sst2", "mnli")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("merge-family"), {"mrpc": 2, "sst2": 2, "mnli": 3})
+
+
+@pytest.fixture(scope="module")
+def experts(family):
+    return [family.experts[task] for task in TASKS]
+
+
+def _write_variant(path, family, *, task="qnli", base_record=None, edit=None, with_stats=True):
+    """An expert whose weights or sidecar are changed by ``edit(state)``."""
+    model = tiny_model(seed=9)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if edit is not None:
+        edit(state)
+    sidecar = {"kind": "train", "tasks": {task: {"label_names": ["a", "b"], "metrics": {}}},
+               "base_model": base_record or dict(family.base_record)}
+    return write_checkpoint(path, tensors=state, sidecar=sidecar,
+                            stats=fake_stats(state, seed=3) if with_stats else None)
+
+
+def in_memory_merge(checkpoints, method, options, base):
+    """The slow, obviously-correct reference: every input loaded whole, the same pure function."""
+    spec = get_method(method)
+    options = spec.resolve_options(options)
+    states = [load_file(str(c.model_file)) for c in checkpoints]
+    stats = [c.load_stats() for c in checkpoints]
+    labels = tuple(str(c.path) for c in checkpoints)
+    task_ids = tuple("+".join(sorted(c.tasks)) for c in checkpoints)
+    keys = sorted(encoder_tensors(states[0]))
+    matrices = [k for k in keys if states[0][k].dim() >= 2]
+
+    def group(key, thresholds=None):
+        return TensorGroup(key, tuple(s[key] for s in states), base=base[key], stats=tuple(stats),
+                           labels=labels, task_ids=task_ids, thresholds=thresholds)
+
+    thresholds = None
+    if options.get("scope") == "global":
+        per_key = [spec.trim_scores(group(k), options) for k in matrices]
+        thresholds = tuple(
+            tensor_threshold(torch.cat([scores[t].reshape(-1) for scores in per_key]), options["keep"])
+            for t in range(len(checkpoints))
+        )
+    merged = {}
+    for key in keys:
+        if key in matrices:
+            merged[key] = spec.merge(group(key, thresholds), options)
+        elif options["norms"] == "base":
+            merged[key] = base[key]
+        else:
+            merged[key] = torch.stack([s[key] for s in states]).mean(dim=0)
+    return merged
+
+
+CASES = [
+    ("umtam", {}),
+    ("umtam", {"scope": "global", "norms": "base"}),
+    ("ties", {}),  # global trim by default: the prepare pass
+    ("ota", {"keep": 0.3}),
+    ("dare-ties", {"seed": 3}),
+    ("fisher", {}),
+]
+
+
+@pytest.mark.parametrize("method,options", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_streaming_equals_in_memory_merge_bit_for_bit(family, experts, method, options):
+    streamed, _ = merge_tensors(experts, method=method, options=options)
+    reference = in_memory_merge(experts, method, options, load_base_encoder(family.base_record))
+    for key, value in reference.items():
+        assert torch.equal(streamed[key], value), key
+    assert not set(streamed) - set(reference) - {k for k in streamed if k.startswith("heads/")}
+
+
+def test_output_checkpoint_heads_sidecar_and_files(family, experts, tmp_path):
+    calls = []
+    merged, report = merge_checkpoints(experts, tmp_path / "merged", method="ties",
+                                       progress=lambda done, total, name: calls.append((done, total)))
+    tensors = merged.load_tensors()
+    for checkpoint in experts:
+        (task,) = checkpoint.tasks
+        own = checkpoint.load_tensors()
+        for key in ("classifier.weight", "classifier.bias"):
+            assert torch.equal(tensors[f"heads/{task}/{key}"], own[key])  # never averaged
+    assert tensors["heads/mnli/classifier.weight"].shape == (3, 8)
+    assert not any(key.startswith("classifier.") for key in tensors)
+
+    sidecar = load_checkpoint(merged.path).sidecar
+    assert sidecar["kind"] == "merge"
+    assert set(sidecar["tasks"]) == set(TASKS)
+    assert sidecar["tasks"]["sst2"]["expert_metrics"] == experts[1].tasks["sst2"]["metrics"]
+    assert sidecar["tasks"]["sst2"]["label_names"] == ["l0", "l1"]
+    lineage = sidecar["lineage"]
+    assert [item["sha256"] for item in lineage["inputs"]] == [
+        c.sidecar["files"]["model.safetensors"]["sha256"] for c in experts]
+    assert [item["tasks"] for item in lineage["inputs"]] == [[t] for t in TASKS]
+    assert lineage["method"] == "ties" and lineage["options"]["keep"] == 0.2
+    assert set(lineage["thresholds"]) == set(TASKS)
+    assert sidecar["base_model"] == experts[0].sidecar["base_model"]
+    for name in ("config.json", "vocab.txt"):
+        assert (merged.path / name).read_bytes() == (experts[0].path / name).read_bytes()
+    assert not (merged.path / "stats.safetensors").exists()
+
+    assert calls[-1][0] == calls[-1][1] == report.plan.tensor_count + 2 * report.plan.method_tensors
+    assert [done for done, _ in calls] == list(range(1, len(calls) + 1))
+
+
+def test_one_dimensional_parameters_follow_norms(family, experts):
+    averaged, _ = merge_tensors(experts, method="average")
+    kept_base, _ = merge_tensors(experts, method="average", options={"norms": "base"})
+    key = "bert.encoder.layer.0.output.LayerNorm.bias"
+    states = [c.load_tensors() for c in experts]
+    assert torch.equal(averaged[key], torch.stack([s[key] for s in states]).mean(dim=0))
+    assert torch.equal(kept_base[key], family.base_encoder[key])
+
+
+def test_merged_input_carries_its_heads_and_expert_metrics(family, experts, tmp_path):
+    first, _ = merge_checkpoints(experts[:2], tmp_path / "pair", method="average")
+    again, _ = merge_checkpoints([first, experts[2]], tmp_path / "triple", method="average")
+    tensors = again.load_tensors()
+    for task, checkpoint in zip(TASKS, experts):
+        own_head = checkpoint.load_tensors()["classifier.weight"]
+        assert torch.equal(tensors[f"heads/{task}/classifier.weight"], own_head)
+    assert again.tasks["mrpc"]["expert_metrics"] == experts[0].tasks["mrpc"]["metrics"]
+    assert again.sidecar["lineage"]["inputs"][0]["tasks"] == ["mrpc", "sst2"]
+
+
+def test_different_bases_are_refused_naming_paths_and_fingerprints(family, experts, tmp_path):
+    other_base = {**family.base_record, "fingerprint": "f" * 64}
+    stranger = _write_variant(tmp_path / "stranger", family, base_record=other_base)
+    with pytest.raises(MergeError) as caught:
+        plan([experts[0], stranger], method="average")
+    message = str(caught.value)
+    assert str(experts[0].path) in message and str(stranger.path) in message
+    assert family.base_record["fingerprint"][:12] in message and "ffffffffffff" in message
+
+
+def test_different_keys_are_refused_naming_the_tensor(family, experts, tmp_path):
+    lacking = _write_variant(tmp_path / "lacking", family, edit=lambda s: s.pop("bert.pooler.dense.bias"))
+    with pytest.raises(MergeError, match="bert.pooler.dense.bias") as caught:
+        merge_tensors([experts[0], lacking], method="average")
+    assert str(lacking.path) in str(caught.value)
+
+
+def test_different_shapes_are_refused_naming_the_tensor(family, experts, tmp_path):
+    def reshape(state):
+        state["bert.pooler.dense.weight"] = state["bert.pooler.dense.weight"].reshape(4, 16)
+
+    odd = _write_variant(tmp_path / "odd", family, edit=reshape)
+    with pytest.raises(MergeError, match=r"bert\.pooler\.dense\.weight.*\[8, 8\].*\[4, 16\]"):
+        merge_tensors([experts[0], odd], method="average")
+
+
+def test_fewer_than_two_inputs_is_a_usage_error(experts):
+    with pytest.raises(ConfigError, match="at least 2"):
+        merge_tensors([experts[0]], method="average")
+    with pytest.raises(ConfigError, match="at least 2"):
+        plan(experts[0].path, method="average")
+
+
+def test_the_same_task_twice_is_refused(experts):
+    with pytest.raises(MergeError, match="'mrpc' is in both"):
+        plan([experts[0], experts[0]], method="average")
+
+
+def test_missing_statistics_are_reported_before_any_work(family, experts, tmp_path):
+    bare = _write_variant(tmp_path / "bare", family, with_stats=False)
+    with pytest.raises(CheckpointError) as caught:
+        plan([experts[0], bare], method="umtam")
+    message = str(caught.value)
+    assert str(bare.path) in message and "exp_avg_sq_row/" in message and "umtam train" in message
+    # magnitude-only methods need no statistics
+    merged, _ = merge_tensors([experts[0], bare], method="ties", options={"scope": "tensor"})
+    assert "heads/qnli/classifier.weight" in merged
+    merge_tensors([experts[0], bare], method="umtam", options={"trim": "magnitude", "weights": "uniform"})
+
+
+def test_plan_describes_the_merge_without_writing(experts, tmp_path):
+    described = plan(experts, method="ties")
+    assert described.method == "ties" and described.passes == 3 and described.needs_base
+    assert described.tensor_count == 23 and described.method_tensors == 10 and described.head_tensors == 6
+    assert described.tasks == TASKS
+    # three inputs of the largest tensor (40 x 8 word embeddings) are part of the estimate
+    assert described.estimated_peak_bytes > 3 * 40 * 8 * 4
+    assert plan(experts, method="average").needs_base is False
+    assert json.dumps(described.as_dict())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(experts, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        merge_checkpoints(experts[:2], tmp_path / "taken", method="average")
+    merge_checkpoints(experts[:2], tmp_path / "taken", method="average", force=True)
+    assert load_checkpoint(tmp_path / "taken").kind == "merge"

@@ -1,0 +1,144 @@
+"""Saliency scores on hand-computed tensors, the registry, and exact thresholds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from umtam import saliency
+from umtam.errors import CheckpointError, ConfigError
+
+NAME = "layer.weight"
+# T (3 x 4) and factors with sqrt(R) = [1, 2, 3], sqrt(C) = [1, 2, 3, 4].
+T = torch.tensor([[1.0, -1.0, 2.0, 0.0],
+                  [0.5, 1.0, -1.0, 2.0],
+                  [-2.0, 0.0, 1.0, 1.0]])
+STATS = {
+    f"exp_avg_sq_row/{NAME}": torch.tensor([1.0, 4.0, 9.0]),
+    f"exp_avg_sq_col/{NAME}": torch.tensor([1.0, 4.0, 9.0, 16.0]),
+}
+
+
+def test_curvature_score_is_t_squared_times_sqrt_r_c():
+    # sqrt(R_i C_j) = outer([1, 2, 3], [1, 2, 3, 4]); T^2 = [[1,1,4,0],[.25,1,1,4],[4,0,1,1]]
+    expected = torch.tensor([[1.0 * 1, 1 * 2, 4 * 3, 0 * 4],
+                             [0.25 * 2, 1 * 4, 1 * 6, 4 * 8],
+                             [4.0 * 3, 0 * 6, 1 * 9, 1 * 12]])
+    got = saliency.score("curvature", NAME, T, STATS, checkpoint_label="ckpt")
+    assert torch.equal(got, expected)
+
+
+def test_magnitude_score_is_t_squared_and_needs_no_stats():
+    got = saliency.score("magnitude", NAME, T, {}, checkpoint_label="ckpt")
+    assert torch.equal(got, T * T)
+    assert saliency.required_stats("magnitude", NAME, 2) == ()
+
+
+def test_fisher_score_uses_the_full_diagonal():
+    fisher = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    got = saliency.score("fisher", NAME, T, {f"fisher/{NAME}": fisher}, checkpoint_label="ckpt")
+    # entry (1, 3): T = 2, F = 7 -> 4 * 7 = 28; entry (2, 0): T = -2, F = 8 -> 32
+    assert got[1, 3] == 28 and got[2, 0] == 32
+    assert torch.equal(got, T * T * fisher)
+
+
+def test_second_moment_is_adafactors_rank_one_reconstruction():
+    # R C^T / mean(R), mean(R) = 14 / 3: entry (2, 3) = 9 * 16 * 3 / 14
+    got = saliency.second_moment(NAME, T.shape, STATS, checkpoint_label="ckpt")
+    assert got[2, 3].item() == pytest.approx(9 * 16 * 3 / 14)
+    assert got[0, 0].item() == pytest.approx(3 / 14)
+
+
+def test_one_dimensional_parameters_use_sqrt_v_elementwise():
+    vector = torch.tensor([2.0, -1.0, 0.5])
+    stats = {"bias/exp": torch.zeros(1), "exp_avg_sq/b": torch.tensor([4.0, 9.0, 16.0])}
+    got = saliency.score("curvature", "b", vector, stats, checkpoint_label="ckpt")
+    # T^2 * sqrt(v) = [4 * 2, 1 * 3, 0.25 * 4]
+    assert torch.equal(got, torch.tensor([8.0, 3.0, 1.0]))
+
+
+def test_higher_rank_weights_are_read_as_rows_by_the_rest():
+    weight = torch.ones(2, 2, 3)
+    stats = {"exp_avg_sq_row/w": torch.tensor([1.0, 4.0]), "exp_avg_sq_col/w": torch.ones(6)}
+    got = saliency.curvature("w", weight.shape, stats, checkpoint_label="ckpt")
+    assert got.shape == (2, 2, 3)
+    assert torch.equal(got[1], torch.full((2, 3), 2.0))
+
+
+def test_missing_statistic_names_checkpoint_key_and_remedy():
+    with pytest.raises(CheckpointError) as caught:
+        saliency.score("curvature", NAME, T, {}, checkpoint_label="runs/mrpc")
+    message = str(caught.value)
+    assert "runs/mrpc" in message and f"exp_avg_sq_row/{NAME}" in message
+    assert "no stats.safetensors" in message and "umtam train" in message and "magnitude" in message
+
+
+def test_statistic_of_the_wrong_length_is_refused():
+    stats = {f"exp_avg_sq_row/{NAME}": torch.ones(5), f"exp_avg_sq_col/{NAME}": torch.ones(4)}
+    with pytest.raises(CheckpointError, match="5 x 4"):
+        saliency.score("curvature", NAME, T, stats, checkpoint_label="ckpt")
+
+
+def test_unknown_score_suggests_the_close_match():
+    with pytest.raises(ConfigError, match="did you mean 'curvature'"):
+        saliency.get_score("curvatur")
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        saliency.register("magnitude", needs=lambda name, ndim: ())(lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("keep", [0, -0.5, 1.5, True, "0.5", float("nan")])
+def test_keep_must_be_a_fraction(keep):
+    with pytest.raises(ConfigError, match="keep"):
+        saliency.check_keep(keep)
+
+
+def test_keep_count_rounds_and_keeps_at_least_one():
+    assert saliency.keep_count(0.2, 10) == 2  # 0.2 * 10 = 2.0000000000000004 must not become 3
+    assert saliency.keep_count(0.25, 10) == 2  # round half to even: 2.5 -> 2
+    assert saliency.keep_count(0.001, 10) == 1
+    assert saliency.keep_count(1.0, 7) == 7
+
+
+def test_tensor_threshold_keeps_ties_at_the_threshold():
+    scores = torch.tensor([5.0, 3.0, 3.0, 1.0])
+    threshold = saliency.tensor_threshold(scores, 0.5)  # k = 2: the 2nd largest is 3
+    assert threshold == 3.0
+    assert int((scores >= threshold).sum()) == 3  # both tied 3s kept
+
+
+def _concatenated_threshold(tensors, keep):
+    return saliency.tensor_threshold(torch.cat([t.reshape(-1) for t in tensors]), keep)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=5),
+    keep=st.floats(0.01, 1.0),
+    seed=st.integers(0, 10_000),
+    quantise=st.booleans(),
+)
+def test_streaming_threshold_equals_kthvalue_on_the_concatenation(sizes, keep, seed, quantise):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.rand(size, generator=generator) ** 4 for size in sizes]
+    if quantise:  # many exact ties and zeros
+        tensors = [torch.floor(t * 4) / 4 for t in tensors]
+    series = [tensors, [t * 3 for t in reversed(tensors)]]
+
+    def batches():
+        return zip(*series)
+
+    got = saliency.streaming_thresholds(batches, keep)
+    assert got == [_concatenated_threshold(series[0], keep), _concatenated_threshold(series[1], keep)]
+
+
+def test_streaming_threshold_spans_many_orders_of_magnitude():
+    tensors = [torch.tensor([1e-30, 1e-12, 0.0]), torch.tensor([3e-7, 1e5, 2.5e-20, 7.0])]
+    for keep in (0.1, 0.3, 0.5, 0.8, 1.0):
+        assert saliency.streaming_thresholds(lambda: ((t,) for t in tensors), keep) == [
+            _concatenated_threshold(tensors, keep)
+        ]

@@ -1,0 +1,39 @@
+"""DARE-TIES: DARE's drop-and-rescale in place of TIES's trim, then TIES's sign election.
+
+https://arxiv.org/abs/2311.03099 (DARE) with https://arxiv.org/abs/2306.01708 (TIES).
+
+T'_t = DARE(T_t) (seeded as in dare.py); sign = sign(sum_t T'_t); disjoint
+``agg`` ("mean" by default, or "sum") of the surviving entries that agree with
+it; W = W0 + lambda * delta. Entries no task keeps stay at W0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from umtam.merge import ops
+from umtam.merge.base import MergeMethod, Option, TensorGroup, one_of
+from umtam.merge.dare import DARE_OPTIONS, dropped_and_rescaled
+
+
+def dare_ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    vectors = dropped_and_rescaled(group, options)
+    survived = vectors != 0
+    elected = ops.elect_sign(vectors)
+    selected = ops.agreeing(vectors, survived, elected)
+    delta = ops.aggregate(vectors, selected, options["agg"])
+    return group.base32 + options["lambda"] * delta
+
+
+METHOD = MergeMethod(
+    name="dare-ties",
+    merge=dare_ties,
+    url="https://arxiv.org/abs/2311.03099",
+    summary="DARE drop-and-rescale, then TIES sign election and disjoint merge",
+    options={
+        **DARE_OPTIONS,
+        "agg": Option("mean", one_of("mean", "sum"), "disjoint mean or sum of agreeing entries"),
+    },
+)

@@ -1,0 +1,520 @@
+"""The merge engine: checks the inputs, streams them tensor by tensor, writes the result.
+
+Every input's model.safetensors (and stats.safetensors) is memory-mapped with
+``safetensors.safe_open``; the engine reads one tensor name from all K inputs,
+hands that group to the method's pure function, and keeps only the merged
+result. The inputs are therefore never held K times: the working set is about
+K times the largest tensor. Two things are held whole, each one model's worth:
+the base encoder W0 (rebuilt and fingerprint-checked once by
+``models.load_base_encoder``, only when the method or ``norms="base"`` needs
+it) and the merged tensors themselves, because safetensors' ``save_file``
+writes from one dict.
+
+Which tensors go where:
+
+    2-D and higher floating weights (encoder)  -> the method, one group at a time
+    1-D floating parameters (biases, LayerNorm) -> option ``norms``: "average" of
+                                                  the inputs (provisional default)
+                                                  or the "base" W0
+    non-floating tensors                       -> copied from the first input
+    classification heads                       -> kept per task as heads/<task>/<key>,
+                                                  never averaged; a merged input's
+                                                  heads/... are carried over
+
+Methods that trim over all 2-D weights at once (``scope="global"``) get an
+exact per-input threshold from a prepare pass: two extra streaming passes of
+radix selection over the scores (``saliency.streaming_thresholds``), so no
+concatenated score vector is built either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from umtam.checkpoint import (
+    MODEL_FILE, SIDECAR_FILE, STATS_FILE, Checkpoint, check_output_dir, head_key, load_checkpoint,
+    split_head_key, write_checkpoint,
+)
+from umtam.errors import CheckpointError, ConfigError, MergeError
+from umtam.merge.base import MergeMethod, TensorGroup
+from umtam.merge.methods import DEFAULT_METHOD, get_method
+from umtam.models import is_head_key, load_base_encoder
+from umtam.saliency import missing_stat_error, required_stats, streaming_thresholds
+
+Progress = Callable[[int, int, str], None]
+InputLike = Union[str, Path, Checkpoint]
+
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_OTHER_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Per input a group holds the weight, its task vector, its scores and a mask or
+# weight tensor (float32), plus W0, the delta and the result: a rough bound.
+_WORK_COPIES_PER_INPUT = 4
+_WORK_COPIES_SHARED = 3
+_STATS_HINT = (
+    "checkpoints from `umtam train` carry it (every optimizer records curvature); otherwise "
+    "choose a method that needs no statistics (average, task-arithmetic, ties, dare, dare-ties) "
+    "or umtam with trim=magnitude weights=uniform"
+)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What a merge would do (``--dry-run``), from the inputs' headers alone."""
+
+    inputs: tuple[str, ...]
+    tasks: tuple[str, ...]
+    method: str
+    options: dict[str, Any]
+    tensor_count: int  # encoder tensors: method weights + 1-D parameters + others
+    method_tensors: int  # of which the method merges (2-D and higher floating)
+    head_tensors: int
+    passes: int  # streaming passes over the inputs: 1, or 3 with a global trim
+    needs_base: bool
+    estimated_peak_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": list(self.inputs), "tasks": list(self.tasks), "method": self.method,
+            "options": dict(self.options), "tensor_count": self.tensor_count,
+            "method_tensors": self.method_tensors, "head_tensors": self.head_tensors,
+            "passes": self.passes, "needs_base": self.needs_base,
+            "estimated_peak_bytes": self.estimated_peak_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    plan: MergePlan
+    thresholds: dict[str, float] | None  # per input (task ids) for a global trim
+    sidecar: dict[str, Any] = field(repr=False)
+
+
+def plan(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
+         options: Mapping[str, Any] | None = None) -> MergePlan:
+    """Validate a merge and estimate its cost without computing it (for --dry-run)."""
+    spec, resolved, checkpoints = _prepare(inputs, method, options)
+    with _open_inputs(checkpoints) as sources:
+        layout = _check_compatible(sources)
+        _check_stats(spec, resolved, sources, layout)
+        return _make_plan(spec, resolved, sources, layout)
+
+
+def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
+                  options: Mapping[str, Any] | None = None, base: str | None = None,
+                  progress: Progress | None = None) -> tuple[dict[str, Tensor], MergeReport]:
+    """Merge the inputs into one state dict (encoder + heads/<task>/...) and the sidecar to write.
+
+    ``base`` overrides where the base model is found (``--base``); it must match
+    the inputs' recorded fingerprint.
+    """
+    spec, resolved, checkpoints = _prepare(inputs, method, options)
+    with _open_inputs(checkpoints) as sources:
+        layout = _check_compatible(sources)
+        _check_stats(spec, resolved, sources, layout)
+        merge_plan = _make_plan(spec, resolved, sources, layout)
+        base_tensors = _load_base(spec, resolved, sources[0], layout, base)
+        steps = ProgressSteps(progress, _total_steps(merge_plan, layout))
+        thresholds = None
+        if spec.uses_global_trim(resolved) and layout.method_keys():
+            thresholds = _global_thresholds(spec, resolved, sources, layout, base_tensors, steps)
+        merged = _merge_encoder(spec, resolved, sources, layout, base_tensors, thresholds, steps)
+        merged.update(_collect_heads(sources))
+    threshold_record = None if thresholds is None else dict(zip((s.task_id for s in sources), thresholds))
+    sidecar = _merged_sidecar(spec, resolved, sources, threshold_record)
+    return merged, MergeReport(merge_plan, threshold_record, sidecar)
+
+
+def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method: str = DEFAULT_METHOD,
+                      options: Mapping[str, Any] | None = None, base: str | None = None,
+                      force: bool = False, progress: Progress | None = None) -> tuple[Checkpoint, MergeReport]:
+    """Merge checkpoints into a new checkpoint directory at ``output``.
+
+    config.json and tokenizer files (every file of the first input other than the
+    weights, statistics and sidecar) are copied; the output carries no
+    statistics. The sidecar has kind "merge", the union of the input tasks (each
+    keeping its expert's metrics as "expert_metrics"), the shared base and the
+    lineage: inputs with the sha256 of their model file, method, options.
+    """
+    checkpoints = _as_checkpoints(inputs)
+    check_output_dir(output, inputs=[c.path for c in checkpoints], force=force)
+    tensors, report = merge_tensors(checkpoints, method=method, options=options, base=base, progress=progress)
+    written = write_checkpoint(
+        output, tensors=tensors, sidecar=report.sidecar,
+        extra_files=companion_files(checkpoints[0]), force=force,
+    )
+    return written, report
+
+
+def companion_files(checkpoint: Checkpoint) -> dict[str, Path]:
+    """config.json, tokenizer files: every listed file but the weights, statistics and sidecar."""
+    skip = {MODEL_FILE, STATS_FILE, SIDECAR_FILE}
+    return {name: checkpoint.path / name for name in sorted(checkpoint.sidecar["files"]) if name not in skip}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class _LazyStats(Mapping):
+    """A checkpoint's statistics, read one tensor at a time from the memory-mapped file."""
+
+    def __init__(self, handle: Any | None):
+        self._handle = handle
+        self._keys = frozenset(handle.keys()) if handle is not None else frozenset()
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass
+class _Source:
+    checkpoint: Checkpoint
+    model: Any  # safe_open handle
+    stats: _LazyStats
+    label: str
+    task_id: str
+    encoder_keys: frozenset[str]
+    heads: dict[str, str]  # output key -> key in this input
+
+    def tensor(self, key: str) -> Tensor:
+        return self.model.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.model.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self.model.get_slice(key).get_dtype()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    keys: tuple[str, ...]  # encoder keys, sorted
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+
+    def method_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in self.keys if self.dtypes[k] in _FLOAT_DTYPES and len(self.shapes[k]) >= 2)
+
+    def vector_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in self.keys if self.dtypes[k] in _FLOAT_DTYPES and len(self.shapes[k]) < 2)
+
+
+def _prepare(inputs, method, options) -> tuple[MergeMethod, dict[str, Any], list[Checkpoint]]:
+    spec = get_method(method)
+    resolved = spec.resolve_options(options)
+    checkpoints = _as_checkpoints(inputs)
+    return spec, resolved, checkpoints
+
+
+def _as_checkpoints(inputs: Sequence[InputLike]) -> list[Checkpoint]:
+    if isinstance(inputs, (str, Path, Checkpoint)) or len(inputs) < 2:
+        count = 1 if isinstance(inputs, (str, Path, Checkpoint)) else len(inputs)
+        raise ConfigError(f"merge needs at least 2 checkpoints, got {count}")
+    return [item if isinstance(item, Checkpoint) else load_checkpoint(item) for item in inputs]
+
+
+@contextlib.contextmanager
+def _open_inputs(checkpoints: Sequence[Checkpoint]) -> Iterator[list[_Source]]:
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        sources = []
+        for checkpoint in checkpoints:
+            model = stack.enter_context(safe_open(str(checkpoint.model_file), framework="pt"))
+            stats_file = checkpoint.stats_file
+            stats = stack.enter_context(safe_open(str(stats_file), framework="pt")) if stats_file else None
+            sources.append(_describe(checkpoint, model, _LazyStats(stats)))
+        yield sources
+
+
+def _describe(checkpoint: Checkpoint, model: Any, stats: _LazyStats) -> _Source:
+    label = str(checkpoint.path)
+    encoder, heads = set(), {}
+    for key in model.keys():
+        if split_head_key(key) is not None:
+            heads[key] = key  # a merged input's heads keep their task
+        elif is_head_key(key):
+            heads[head_key(_single_task(checkpoint, key), key)] = key
+        else:
+            encoder.add(key)
+    return _Source(checkpoint, model, stats, label, "+".join(sorted(checkpoint.tasks)), frozenset(encoder), heads)
+
+
+def _single_task(checkpoint: Checkpoint, key: str) -> str:
+    tasks = list(checkpoint.tasks)
+    if len(tasks) != 1:
+        raise MergeError(
+            f"{checkpoint.path}: head tensor {key!r} belongs to no single task (tasks: {', '.join(tasks)})",
+            hint="a checkpoint with several tasks must store its heads as heads/<task>/<key>",
+        )
+    return tasks[0]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_compatible(sources: Sequence[_Source]) -> _Layout:
+    first = sources[0]
+    for other in sources[1:]:
+        _check_same_base(first, other)
+        _check_same_keys(first, other)
+    _check_distinct_tasks(sources)
+    keys = tuple(sorted(first.encoder_keys))
+    shapes = {key: first.shape(key) for key in keys}
+    dtypes = {key: first.dtype(key) for key in keys}
+    for other in sources[1:]:
+        for key in keys:
+            if other.shape(key) != shapes[key]:
+                raise MergeError(
+                    f"tensor {key!r} has shape {list(shapes[key])} in {first.label} "
+                    f"but {list(other.shape(key))} in {other.label}",
+                    hint="checkpoints of different architectures cannot be merged",
+                )
+    return _Layout(keys, shapes, dtypes)
+
+
+def _check_same_base(first: _Source, other: _Source) -> None:
+    a, b = first.checkpoint.base_fingerprint, other.checkpoint.base_fingerprint
+    if a != b:
+        raise MergeError(
+            f"{first.label} and {other.label} were fine-tuned from different base models "
+            f"(fingerprints {a[:12]}... and {b[:12]}...)",
+            hint="merge only checkpoints trained from the same base weights",
+        )
+
+
+def _check_same_keys(first: _Source, other: _Source) -> None:
+    difference = sorted(first.encoder_keys ^ other.encoder_keys)
+    if difference:
+        key = difference[0]
+        has, lacks = (first, other) if key in first.encoder_keys else (other, first)
+        raise MergeError(
+            f"tensor {key!r} is in {has.label} but not in {lacks.label} "
+            f"({len(difference)} encoder key(s) differ)",
+            hint="checkpoints of different architectures cannot be merged",
+        )
+
+
+def _check_distinct_tasks(sources: Sequence[_Source]) -> None:
+    owner: dict[str, _Source] = {}
+    for source in sources:
+        for task in source.checkpoint.tasks:
+            if task in owner:
+                raise MergeError(
+                    f"task {task!r} is in both {owner[task].label} and {source.label}",
+                    hint="merge one expert per task; each task keeps its own head",
+                )
+            owner[task] = source
+
+
+def _check_stats(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
+                 layout: _Layout) -> None:
+    """Report a missing statistic before any work, naming the checkpoint and the key."""
+    for score_name in spec.stats_needed(options):
+        for key in layout.method_keys():
+            for stat_key in required_stats(score_name, key, len(layout.shapes[key])):
+                for source in sources:
+                    if stat_key not in source.stats:
+                        error = missing_stat_error(source.label, stat_key, source.stats)
+                        raise CheckpointError(f"{error.message} (needed by merge method {spec.name})",
+                                              hint=_STATS_HINT)
+
+
+def _needs_base(spec: MergeMethod, options: Mapping[str, Any]) -> bool:
+    return spec.needs_base or options["norms"] == "base"
+
+
+def _load_base(spec: MergeMethod, options: Mapping[str, Any], first: _Source, layout: _Layout,
+               override: str | None) -> dict[str, Tensor] | None:
+    if not _needs_base(spec, options):
+        return None
+    base = load_base_encoder(first.checkpoint.sidecar["base_model"], override=override)
+    for key in layout.keys:
+        if key not in base:
+            raise CheckpointError(f"the base model has no tensor {key!r}, which {first.label} has")
+        if tuple(base[key].shape) != layout.shapes[key]:
+            raise CheckpointError(
+                f"tensor {key!r} has shape {list(base[key].shape)} in the base model "
+                f"but {list(layout.shapes[key])} in {first.label}"
+            )
+    return base
+
+
+def _make_plan(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
+               layout: _Layout) -> MergePlan:
+    method_keys = layout.method_keys()
+    numel = {key: math.prod(layout.shapes[key]) for key in layout.keys}
+    largest = max((numel[key] for key in method_keys), default=0)
+    work = (_WORK_COPIES_PER_INPUT * len(sources) + _WORK_COPIES_SHARED) * largest * 4
+    needs_base = _needs_base(spec, options)
+    base_bytes = sum(numel[key] * 4 for key in layout.keys) if needs_base else 0
+    output_bytes = sum(numel[key] * _dtype_size(layout.dtypes[key]) for key in layout.keys)
+    head_count = 0
+    for source in sources:
+        head_count += len(source.heads)
+        output_bytes += sum(math.prod(source.shape(k)) * _dtype_size(source.dtype(k)) for k in source.heads.values())
+    return MergePlan(
+        inputs=tuple(source.label for source in sources),
+        tasks=tuple(task for source in sources for task in source.checkpoint.tasks),
+        method=spec.name,
+        options=dict(options),
+        tensor_count=len(layout.keys),
+        method_tensors=len(method_keys),
+        head_tensors=head_count,
+        passes=3 if spec.uses_global_trim(options) else 1,
+        needs_base=needs_base,
+        estimated_peak_bytes=work + base_bytes + output_bytes,
+    )
+
+
+def _dtype_size(dtype: str) -> int:
+    return _FLOAT_DTYPES.get(dtype) or _OTHER_DTYPES.get(dtype, 4)
+
+
+# ----------------------------------------------------------------------------- streaming passes
+
+
+class ProgressSteps:
+    """Counts work for the optional progress(done, total, name) callback."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def advance(self, name: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, name)
+
+
+def _total_steps(merge_plan: MergePlan, layout: _Layout) -> int:
+    prepare = 2 * merge_plan.method_tensors if merge_plan.passes == 3 else 0
+    return prepare + len(layout.keys)
+
+
+def _group(key: str, sources: Sequence[_Source], base: Mapping[str, Tensor] | None,
+           thresholds: Sequence[float] | None = None) -> TensorGroup:
+    return TensorGroup(
+        name=key,
+        weights=tuple(source.tensor(key) for source in sources),
+        base=None if base is None else base[key],
+        stats=tuple(source.stats for source in sources),
+        labels=tuple(source.label for source in sources),
+        task_ids=tuple(source.task_id for source in sources),
+        thresholds=None if thresholds is None else tuple(thresholds),
+    )
+
+
+def _global_thresholds(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
+                       layout: _Layout, base: Mapping[str, Tensor] | None, steps: ProgressSteps) -> list[float]:
+    """Each input's exact trim threshold over all its 2-D weights (two streaming passes)."""
+
+    def batches():
+        for key in layout.method_keys():
+            scores = spec.trim_scores(_group(key, sources, base), options)
+            steps.advance(f"prepare {key}")
+            yield scores
+
+    return streaming_thresholds(batches, options["keep"])
+
+
+def _merge_encoder(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
+                   layout: _Layout, base: Mapping[str, Tensor] | None,
+                   thresholds: Sequence[float] | None, steps: ProgressSteps) -> dict[str, Tensor]:
+    merged: dict[str, Tensor] = {}
+    method_keys = set(layout.method_keys())
+    vector_keys = set(layout.vector_keys())
+    for key in layout.keys:
+        if key in method_keys:
+            group = _group(key, sources, base, thresholds)
+            merged[key] = spec.merge(group, options).to(group.weights[0].dtype)
+        elif key in vector_keys:
+            merged[key] = _merge_vector(key, sources, base, options["norms"])
+        else:
+            merged[key] = sources[0].tensor(key)  # integer buffers: nothing to merge
+        steps.advance(key)
+    return merged
+
+
+def _merge_vector(key: str, sources: Sequence[_Source], base: Mapping[str, Tensor] | None,
+                  norms: str) -> Tensor:
+    """1-D parameters follow the ``norms`` option, whatever the method."""
+    weights = [source.tensor(key) for source in sources]
+    if norms == "base":
+        return base[key].to(weights[0].dtype, copy=True)
+    return torch.stack([w.to(torch.float32) for w in weights]).mean(dim=0).to(weights[0].dtype)
+
+
+def _collect_heads(sources: Sequence[_Source]) -> dict[str, Tensor]:
+    """Every input's own head, under heads/<task>/<key>: heads are never averaged."""
+    return {out_key: source.tensor(in_key) for source in sources for out_key, in_key in source.heads.items()}
+
+
+# ----------------------------------------------------------------------------- sidecar
+
+
+def _merged_sidecar(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
+                    thresholds: dict[str, float] | None) -> dict[str, Any]:
+    tasks: dict[str, Any] = {}
+    for source in sources:
+        for task, record in source.checkpoint.tasks.items():
+            tasks[task] = _merged_task_record(record)
+    lineage: dict[str, Any] = {
+        "inputs": [
+            {
+                "path": str(source.checkpoint.path.resolve()),
+                "sha256": source.checkpoint.sidecar["files"][MODEL_FILE]["sha256"],
+                "tasks": list(source.checkpoint.tasks),
+            }
+            for source in sources
+        ],
+        "method": spec.name,
+        "method_url": spec.url,
+        "options": dict(options),
+    }
+    if thresholds is not None:
+        lineage["thresholds"] = thresholds
+    return {
+        "kind": "merge",
+        "tasks": tasks,
+        "base_model": dict(sources[0].checkpoint.sidecar["base_model"]),
+        "lineage": lineage,
+    }
+
+
+def _merged_task_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The task as the merged model has it: not evaluated yet, its expert's scores kept.
+
+    Every "...metrics" field of the expert becomes "expert_...metrics" (so
+    "metrics" -> "expert_metrics", the normaliser of merged scores); a merged
+    input's expert_ fields stay as they are, so scores are always normalised by
+    the original expert's.
+    """
+    merged: dict[str, Any] = {}
+    for key, value in record.items():
+        if key.startswith("expert_") or not key.endswith("metrics"):
+            merged[key] = value
+        elif f"expert_{key}" not in record:
+            merged[f"expert_{key}"] = value
+    merged["metrics"] = {}
+    merged.setdefault("expert_metrics", {})
+    return merged

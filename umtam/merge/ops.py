@@ -1,0 +1,85 @@
+"""Building blocks shared by the merge methods: trim, elect, aggregate.
+
+All functions take stacked tensors with the input axis first, shape (K, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from umtam.saliency import score, tensor_threshold
+
+from umtam.merge.base import TensorGroup
+
+
+def saliencies(group: TensorGroup, method: str) -> Tensor:
+    """Each input's saliency of its task vector under the named score, stacked (K, ...)."""
+    return torch.stack([
+        score(method, group.name, vector, stats, checkpoint_label=label)
+        for vector, stats, label in zip(group.task_vectors, group.stats, group.labels)
+    ])
+
+
+def top_fraction_masks(scores: Tensor, keep: float, thresholds: Sequence[float] | None = None) -> Tensor:
+    """Per input, keep entries scoring >= its threshold (ties at the threshold all kept).
+
+    Without ``thresholds`` each input's threshold is the exact k-th largest of its
+    own scores in this tensor (per-tensor trim); with them (global trim) they come
+    from the engine's prepare pass over every 2-D tensor.
+    """
+    if thresholds is None:
+        thresholds = [tensor_threshold(s, keep) for s in scores]
+    limits = torch.tensor(list(thresholds), dtype=scores.dtype).reshape(-1, *([1] * (scores.dim() - 1)))
+    return scores >= limits
+
+
+def elect_sign(values: Tensor) -> Tensor:
+    """sign(sum_t values_t): +1, -1, or 0 where the inputs cancel exactly."""
+    return torch.sign(values.sum(dim=0))
+
+
+def agreeing(task_vectors: Tensor, masks: Tensor, elected: Tensor) -> Tensor:
+    """Kept entries whose sign matches the elected sign (zeros never agree)."""
+    return masks & (torch.sign(task_vectors) == elected) & (elected != 0)
+
+
+def disjoint_mean(task_vectors: Tensor, selected: Tensor) -> Tensor:
+    """Mean over the selected inputs only; 0 where none is selected (TIES's disjoint merge)."""
+    total = (task_vectors * selected).sum(dim=0)
+    count = selected.sum(dim=0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def disjoint_sum(task_vectors: Tensor, selected: Tensor) -> Tensor:
+    return (task_vectors * selected).sum(dim=0)
+
+
+def weighted_mean(task_vectors: Tensor, weights: Tensor) -> Tensor:
+    """sum_t w_t T_t / sum_t w_t; 0 where the weights sum to zero (nothing survives -> W0)."""
+    numerator = (weights * task_vectors).sum(dim=0)
+    denominator = weights.sum(dim=0)
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, numerator / safe, torch.zeros_like(numerator))
+
+
+def aggregate(task_vectors: Tensor, selected: Tensor, how: str) -> Tensor:
+    if how == "mean":
+        return disjoint_mean(task_vectors, selected)
+    if how == "sum":
+        return disjoint_sum(task_vectors, selected)
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def per_input_mean_normalised(values: Tensor) -> Tensor:
+    """Divide each input's tensor by its own mean; an all-zero one becomes all ones.
+
+    The fallback keeps an input that recorded no curvature for this tensor at
+    uniform weight instead of silently dropping it.
+    """
+    means = values.reshape(values.shape[0], -1).mean(dim=1)
+    means = means.reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(means > 0, values / torch.where(means > 0, means, torch.ones_like(means)),
+                       torch.ones_like(values))

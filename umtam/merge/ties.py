@@ -1,0 +1,59 @@
+"""TIES merging: trim, elect sign, disjoint merge.
+
+https://arxiv.org/abs/2306.01708 (Yadav et al., "TIES-Merging").
+
+1. trim: keep each task's top ``keep`` fraction of entries by |T| (ranked by
+   T^2, the same order). ``scope="global"`` (default, the paper's variant) ranks
+   each task's entries over all its 2-D weights at once, with the threshold
+   found exactly in the engine's prepare pass; ``scope="tensor"`` ranks within
+   each tensor. Ties at the threshold are all kept.
+2. elect: sign = sign(sum_t trimmed T_t), the sign of the larger total mass.
+3. disjoint merge of the kept entries that agree with the elected sign:
+   ``agg="mean"`` (the paper) averages over the agreeing tasks only,
+   ``agg="sum"`` adds them. Entries where no task survives stay at W0.
+4. W = W0 + lambda * delta (lambda 1.0 by default).
+
+Variants by name: the paper's TIES is ``scope=global agg=mean``; mergekit's
+``ties`` (with normalisation and equal weights) is ``scope=tensor agg=mean``.
+The paper trims over every parameter; here 1-D parameters are left to the
+engine's ``norms`` option. Default keep 0.2, the paper's top-20%.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from umtam.merge import ops
+from umtam.merge.base import MergeMethod, Option, TensorGroup, finite_number, fraction, one_of
+
+
+def ties_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    return ops.saliencies(group, "magnitude")
+
+
+def ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    vectors = group.task_vectors
+    masks = ops.top_fraction_masks(ties_trim_scores(group, options), options["keep"], group.thresholds)
+    elected = ops.elect_sign(vectors * masks)
+    selected = ops.agreeing(vectors, masks, elected)
+    delta = ops.aggregate(vectors, selected, options["agg"])
+    return group.base32 + options["lambda"] * delta
+
+
+OPTIONS = {
+    "keep": Option(0.2, fraction, "fraction of each task's entries kept by |T|"),
+    "scope": Option("global", one_of("global", "tensor"), "trim over all 2-D weights or per tensor"),
+    "agg": Option("mean", one_of("mean", "sum"), "disjoint mean (paper) or sum of agreeing entries"),
+    "lambda": Option(1.0, finite_number, "scale of the merged task vector"),
+}
+
+METHOD = MergeMethod(
+    name="ties",
+    merge=ties,
+    url="https://arxiv.org/abs/2306.01708",
+    summary="trim by magnitude, elect sign by mass, disjoint merge",
+    options=OPTIONS,
+    trim_scores=ties_trim_scores,
+)

@@ -1,0 +1,84 @@
+"""The umtam merge (DESIGN section 6): curvature trim, saliency-weighted election, curvature aggregation.
+
+https://arxiv.org/abs/2512.17109 (UMTAM, "Bridging Training and Merging Through
+Momentum-Aware Optimization").
+
+For each 2-D weight, with T_t = W_t - W0 and s_t the saliency T_t^2 sqrt(R_i C_j):
+
+1. trim: m_t = the top ``keep`` fraction of s_t, per tensor (default) or over
+   all 2-D weights (``scope="global"``, exact thresholds from the prepare pass);
+   ``trim="magnitude"`` ranks by T^2 instead (ablation). Ties at the threshold kept.
+2. elect: sign = sign(sum_t m_t s_t sign(T_t)), a saliency-weighted vote;
+   ``elect=False`` (ablation) skips it and every kept non-zero entry aggregates.
+3. aggregate the kept entries that agree (a_t), weighted by each task's
+   curvature c_t = sqrt(R_t C_t^T) divided by its mean over the tensor (so a
+   task's overall gradient scale does not decide, only where it is curved):
+   delta = sum_t a_t c_t T_t / sum_t a_t c_t; ``weights="uniform"`` (ablation)
+   uses c_t = 1. A task with no recorded curvature on a tensor gets c_t = 1.
+4. W = W0 + lambda * delta (lambda 1.0).
+
+Entries where no task survives (trimmed, or disagreeing) stay at W0. Default
+keep 0.2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from umtam.merge import ops
+from umtam.merge.base import (
+    MergeMethod, Option, TensorGroup, boolean, finite_number, fraction, one_of, saliency_name,
+)
+from umtam.saliency import curvature
+
+
+def umtam_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    return ops.saliencies(group, options["trim"])
+
+
+def curvature_weights(group: TensorGroup) -> Tensor:
+    """c_t = sqrt(R_t C_t^T) / mean, per task, for this tensor."""
+    raw = torch.stack([
+        curvature(group.name, group.shape, stats, checkpoint_label=label)
+        for stats, label in zip(group.stats, group.labels)
+    ])
+    return ops.per_input_mean_normalised(raw)
+
+
+def umtam(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    vectors = group.task_vectors
+    scores = umtam_trim_scores(group, options)
+    masks = ops.top_fraction_masks(scores, options["keep"], group.thresholds)
+    if options["elect"]:
+        elected = ops.elect_sign(masks * scores * torch.sign(vectors))
+        selected = ops.agreeing(vectors, masks, elected)
+    else:
+        selected = masks & (vectors != 0)
+    weights = curvature_weights(group) if options["weights"] == "curvature" else torch.ones_like(vectors)
+    delta = ops.weighted_mean(vectors, selected * weights)
+    return group.base32 + options["lambda"] * delta
+
+
+def _stats_needed(options: Mapping[str, Any]) -> tuple[str, ...]:
+    return (options["trim"],) + (("curvature",) if options["weights"] == "curvature" else ())
+
+
+METHOD = MergeMethod(
+    name="umtam",
+    merge=umtam,
+    url="https://arxiv.org/abs/2512.17109",
+    summary="curvature-saliency trim, weighted sign election, curvature-weighted aggregation",
+    options={
+        "keep": Option(0.2, fraction, "fraction of each task's entries kept by saliency"),
+        "scope": Option("tensor", one_of("tensor", "global"), "trim per tensor or over all 2-D weights"),
+        "trim": Option("curvature", saliency_name, "saliency that ranks entries ('magnitude': ablation)"),
+        "elect": Option(True, boolean, "elect a sign per entry (False: ablation)"),
+        "weights": Option("curvature", one_of("curvature", "uniform"), "aggregation weights"),
+        "lambda": Option(1.0, finite_number, "scale of the merged task vector"),
+    },
+    trim_scores=umtam_trim_scores,
+    stats_needed=_stats_needed,
+)

@@ -1,0 +1,315 @@
+"""Saliency: how much each entry of a task vector matters, and where to cut.
+
+A score function maps one parameter's task vector ``T = W - W0`` and its
+checkpoint's statistics to a score of the same shape; pruning and merging keep
+the highest-scoring entries. Scores are computed when needed, one tensor at a
+time, from the factored statistics in stats.safetensors: no dense saliency is
+ever stored.
+
+Registered scores (DESIGN section 4):
+
+    curvature       T^2 * sqrt(R_i C_j)        row/column means of G^2 (the default)
+    magnitude       T^2                        no statistics needed
+    fisher          T^2 * F                    full diagonal "fisher/<name>", when recorded
+    second-moment   T^2 * R_i C_j / mean(R)    Adafactor's rank-1 second moment; the
+                                               Fast Fisher Grafting score of OTA merging
+
+Statistics keys (``<stat>/<parameter name>``): a 2-D weight has
+``exp_avg_sq_row/<name>`` (length m) and ``exp_avg_sq_col/<name>`` (length n);
+a 1-D parameter has ``exp_avg_sq/<name>``, used elementwise. Higher-rank weights
+are read as (shape[0], rest).
+
+Thresholds: ``keep`` is the fraction of entries to keep, ``round(keep * N)`` of
+them (at least one). The threshold is the exact k-th largest score and every
+entry scoring ``>= threshold`` is kept, so ties at the threshold keep all tied
+entries (slightly more than k when scores repeat). ``streaming_thresholds`` finds
+the same exact value over many tensors without concatenating them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from umtam.errors import CheckpointError, ConfigError
+
+ScoreFn = Callable[..., Tensor]
+
+_SCORES: dict[str, ScoreFn] = {}
+# Which statistics each score reads: fn(param name, ndim) -> stat keys.
+_REQUIRED_STATS: dict[str, Callable[[str, int], tuple[str, ...]]] = {}
+
+_STATS_HINT = (
+    "checkpoints from `umtam train` carry it (every optimizer records curvature); "
+    "otherwise use a score that needs no statistics (--score magnitude)"
+)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def register(name: str, *, needs: Callable[[str, int], tuple[str, ...]]):
+    """Register a score function under ``name``; a second registration is a bug."""
+
+    def decorator(fn: ScoreFn) -> ScoreFn:
+        if name in _SCORES:
+            raise ValueError(f"saliency score {name!r} is already registered")
+        _SCORES[name] = fn
+        _REQUIRED_STATS[name] = needs
+        return fn
+
+    return decorator
+
+
+def available_scores() -> tuple[str, ...]:
+    return tuple(sorted(_SCORES))
+
+
+def get_score(name: str) -> ScoreFn:
+    """The score function called ``name``; an unknown name lists the choices."""
+    if name not in _SCORES:
+        raise ConfigError(unknown_choice_message("saliency score", name, available_scores()))
+    return _SCORES[name]
+
+
+def score(method: str, name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+          checkpoint_label: str) -> Tensor:
+    """Score every entry of one parameter's task vector with the named score function."""
+    return get_score(method)(name, task_vector, stats, checkpoint_label=checkpoint_label)
+
+
+def required_stats(method: str, name: str, ndim: int) -> tuple[str, ...]:
+    """The stats keys ``method`` reads for parameter ``name`` (to check before long work)."""
+    get_score(method)
+    return _REQUIRED_STATS[method](name, ndim)
+
+
+def unknown_choice_message(what: str, given: object, choices: Sequence[str]) -> str:
+    """'unknown X 'foo'; choose one of a, b (did you mean 'fo'?)': shared by all registries."""
+    close = difflib.get_close_matches(str(given), list(choices), n=1)
+    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {given!r}; choose one of {', '.join(choices)}{suggestion}"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def row_key(name: str) -> str:
+    return f"exp_avg_sq_row/{name}"
+
+
+def col_key(name: str) -> str:
+    return f"exp_avg_sq_col/{name}"
+
+
+def vector_key(name: str) -> str:
+    return f"exp_avg_sq/{name}"
+
+
+def fisher_key(name: str) -> str:
+    return f"fisher/{name}"
+
+
+def second_moment_keys(name: str, ndim: int) -> tuple[str, ...]:
+    return (row_key(name), col_key(name)) if ndim >= 2 else (vector_key(name),)
+
+
+def missing_stat_error(checkpoint_label: str, key: str, stats: Mapping[str, Tensor]) -> CheckpointError:
+    where = "its stats.safetensors has no" if len(stats) else "it has no stats.safetensors, so no"
+    return CheckpointError(f"{checkpoint_label}: {where} statistic {key!r}", hint=_STATS_HINT)
+
+
+def read_stat(stats: Mapping[str, Tensor], key: str, *, checkpoint_label: str) -> Tensor:
+    try:
+        value = stats[key]
+    except KeyError:
+        raise missing_stat_error(checkpoint_label, key, stats) from None
+    return value.to(torch.float32)
+
+
+def row_col_factors(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+                    checkpoint_label: str) -> tuple[Tensor, Tensor]:
+    """R (length shape[0]) and C (length of the rest) for a weight read as 2-D."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    r = read_stat(stats, row_key(name), checkpoint_label=checkpoint_label).reshape(-1)
+    c = read_stat(stats, col_key(name), checkpoint_label=checkpoint_label).reshape(-1)
+    if r.numel() != rows or c.numel() != cols:
+        raise CheckpointError(
+            f"{checkpoint_label}: statistics for {name} have lengths {r.numel()} x {c.numel()}, "
+            f"but the weight is {rows} x {cols}",
+            hint="the stats file does not belong to these weights",
+        )
+    return r, c
+
+
+def curvature(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+              checkpoint_label: str) -> Tensor:
+    """sqrt(R_i C_j) for a weight (sqrt(v) for a 1-D parameter), dense for this tensor only."""
+    if len(shape) < 2:
+        return _vector_stat(name, shape, stats, checkpoint_label=checkpoint_label).sqrt()
+    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label)
+    # Square roots first: R_i * C_j of two small EMAs can underflow float32.
+    return torch.outer(r.clamp_min(0).sqrt(), c.clamp_min(0).sqrt()).reshape(shape)
+
+
+def second_moment(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+                  checkpoint_label: str) -> Tensor:
+    """Adafactor's rank-1 reconstruction R C^T / mean(R) of the diagonal second moment.
+
+    It equals the per-entry EMA of G^2 whenever that EMA is rank one, and is the
+    diagonal empirical-Fisher proxy that Fisher and OTA merging weight by.
+    """
+    if len(shape) < 2:
+        return _vector_stat(name, shape, stats, checkpoint_label=checkpoint_label).clamp_min(0)
+    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label)
+    r, c = r.clamp_min(0), c.clamp_min(0)
+    scale = r.mean()
+    if scale <= 0:
+        return torch.zeros(shape, dtype=torch.float32)
+    return (torch.outer(r, c) / scale).reshape(shape)
+
+
+def full_fisher(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+                checkpoint_label: str) -> Tensor:
+    fisher = read_stat(stats, fisher_key(name), checkpoint_label=checkpoint_label)
+    if fisher.numel() != math.prod(shape):
+        raise CheckpointError(
+            f"{checkpoint_label}: statistic {fisher_key(name)!r} has {fisher.numel()} entries, "
+            f"but {name} has {math.prod(shape)}"
+        )
+    return fisher.reshape(shape)
+
+
+def _vector_stat(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+                 checkpoint_label: str) -> Tensor:
+    value = read_stat(stats, vector_key(name), checkpoint_label=checkpoint_label)
+    if value.numel() != math.prod(shape):
+        raise CheckpointError(
+            f"{checkpoint_label}: statistic {vector_key(name)!r} has {value.numel()} entries, "
+            f"but {name} has {math.prod(shape)}"
+        )
+    return value.reshape(shape).clamp_min(0)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def _no_stats(name: str, ndim: int) -> tuple[str, ...]:
+    return ()
+
+
+def _fisher_stats(name: str, ndim: int) -> tuple[str, ...]:
+    return (fisher_key(name),)
+
+
+@register("curvature", needs=second_moment_keys)
+def curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+                    checkpoint_label: str) -> Tensor:
+    """T^2 * sqrt(R_i C_j): the DESIGN section 4 saliency."""
+    t = task_vector.to(torch.float32)
+    return t.square() * curvature(name, t.shape, stats, checkpoint_label=checkpoint_label)
+
+
+@register("magnitude", needs=_no_stats)
+def magnitude_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+                    checkpoint_label: str) -> Tensor:
+    """T^2 (ranks entries like |T|, the TIES trim)."""
+    return task_vector.to(torch.float32).square()
+
+
+@register("fisher", needs=_fisher_stats)
+def fisher_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+                 checkpoint_label: str) -> Tensor:
+    """T^2 * F with F the full Fisher diagonal, when the checkpoint recorded one."""
+    t = task_vector.to(torch.float32)
+    return t.square() * full_fisher(name, t.shape, stats, checkpoint_label=checkpoint_label)
+
+
+@register("second-moment", needs=second_moment_keys)
+def second_moment_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+                        checkpoint_label: str) -> Tensor:
+    """T^2 * R_i C_j / mean(R): Fast Fisher Grafting (arXiv 2509.11167) on compressed moments."""
+    t = task_vector.to(torch.float32)
+    return t.square() * second_moment(name, t.shape, stats, checkpoint_label=checkpoint_label)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def check_keep(keep: object, *, option: str = "keep") -> float:
+    """keep must be a fraction in (0, 1]; anything else is a usage error."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ConfigError(f"{option} must be a fraction in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def keep_count(keep: float, total: int) -> int:
+    """How many of ``total`` entries a ``keep`` fraction keeps: round(keep * total), at least 1."""
+    return min(total, max(1, round(keep * total)))
+
+
+def tensor_threshold(scores: Tensor, keep: float) -> float:
+    """The exact k-th largest score of one tensor (entries >= it are kept)."""
+    flat = scores.reshape(-1)
+    k = keep_count(keep, flat.numel())
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+
+
+_HIGH_BINS = 1 << 15  # sign bit is always 0 for non-negative scores
+_LOW_BINS = 1 << 16
+
+
+def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep: float) -> list[float]:
+    """Exact per-series k-th largest score over many tensors, never concatenating them.
+
+    ``batches()`` is called twice and must yield the same sequence each time: for
+    every tensor, a sequence with one score tensor per series (e.g. per task).
+    Scores are non-negative, so their float32 bit patterns order like the
+    values: pass one histograms the high 16 bits to find the bin holding the k-th
+    largest, pass two histograms the low 16 bits inside that bin. Memory is two
+    histograms per series; the result equals ``tensor_threshold`` on the
+    concatenation, bit for bit.
+    """
+    high: list[Tensor] = []
+    for scores in batches():
+        if not high:
+            high = [torch.zeros(_HIGH_BINS, dtype=torch.int64) for _ in scores]
+        for histogram, tensor in zip(high, scores):
+            histogram += torch.bincount(_score_bits(tensor) >> 16, minlength=_HIGH_BINS)
+    if not high:
+        raise ValueError("streaming_thresholds needs at least one tensor of scores")
+    targets = [_locate(histogram, keep_count(keep, int(histogram.sum()))) for histogram in high]
+
+    low = [torch.zeros(_LOW_BINS, dtype=torch.int64) for _ in high]
+    for scores in batches():
+        for histogram, (bin_index, _), tensor in zip(low, targets, scores):
+            bits = _score_bits(tensor)
+            histogram += torch.bincount(bits[(bits >> 16) == bin_index] & 0xFFFF, minlength=_LOW_BINS)
+    thresholds = []
+    for histogram, (bin_index, rank) in zip(low, targets):
+        low_index, _ = _locate(histogram, rank)
+        thresholds.append(_bits_to_float((bin_index << 16) | low_index))
+    return thresholds
+
+
+def _score_bits(scores: Tensor) -> Tensor:
+    # abs() also turns -0.0 into +0.0, whose bit pattern would sort first otherwise.
+    values = scores.detach().reshape(-1).to(torch.float32).abs().contiguous()
+    return values.view(torch.int32).to(torch.int64)
+
+
+def _locate(histogram: Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest value, and its rank (1-based) inside that bin."""
+    from_top = histogram.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor(k, dtype=torch.int64)))
+    bin_index = histogram.numel() - 1 - position
+    above = int(from_top[position]) - int(histogram[bin_index])
+    return bin_index, k - above
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
