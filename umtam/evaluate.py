@@ -27,6 +27,7 @@ def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size:
     from umtam import data, metrics
 
     predictions, labels = [], []
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     progress("start", {"total": len(features), "what": f"eval {task}"})
@@ -34,7 +35,7 @@ def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size:
         for batch in data.iter_batches(features, batch_size, pad_token_id=pad_token_id, seed=0, epoch=0,
                                        shuffle=False):
             gold = batch.pop("labels")
-            logits = model(**batch).logits
+            logits = model(**{key: value.to(device) for key, value in batch.items()}).logits.float().cpu()
             predictions.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
             labels.append(gold)
             progress("advance", len(gold))

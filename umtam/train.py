@@ -50,8 +50,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    holdout_fraction: float = 0.0
     eval_batch_size: int = 64
     data_dir: str | None = None
+    device: str = "auto"
     force: bool = False
 
     def validate(self) -> list[str]:
@@ -71,11 +73,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name}: must be at least 1, got {value}")
+        if not 0 <= self.holdout_fraction < 1:
+            problems.append(f"holdout_fraction: must be in [0, 1), got {self.holdout_fraction}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            problems.append(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay: must be non-negative, got {self.weight_decay}")
         return problems
@@ -117,7 +123,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
     progress("status", f"loading {spec.name} data")
     task_data = data.load_task(
         spec.name, data_dir=config.data_dir, max_train_samples=config.max_train_samples,
-        max_eval_samples=config.max_eval_samples, seed=config.seed,
+        max_eval_samples=config.max_eval_samples, seed=config.seed, holdout_fraction=config.holdout_fraction,
     )
     if not task_data.train:
         raise UmtamError(f"task {spec.name}: the training split is empty ({task_data.source})")
@@ -129,6 +135,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
         source, num_labels=spec.num_labels, label_names=spec.label_names, is_regression=spec.is_regression
     )
     base = models.base_record(source, models.encoder_tensors(model.state_dict()), config.seed)
+    model.to(resolve_device(config.device))
     train_features = data.encode(task_data.train, tokenizer, config.max_length)
     total_steps = planned_steps(len(train_features), config)
 
@@ -144,14 +151,17 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
     run = _run_loop(model, optimizer, tracker, scheduler, train_features, tokenizer, config, total_steps, progress)
 
     progress("status", "evaluating on dev")
-    metrics = {
-        split: evaluate_model(model, data.encode(examples, tokenizer, config.max_length), spec.name,
+
+    def measure(examples):
+        return evaluate_model(model, data.encode(examples, tokenizer, config.max_length), spec.name,
                               pad_token_id=tokenizer.pad_token_id, batch_size=config.eval_batch_size,
                               progress=progress)
-        for split, examples in task_data.eval.items()
-    }
-    sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics,
-                             optimizer_hparams(optimizer), optimizer_state_bytes(optimizer) + tracker.state_bytes())
+
+    metrics = {split: measure(examples) for split, examples in task_data.eval.items()}
+    holdout_metrics = measure(task_data.holdout) if task_data.holdout else None
+    state = {"optimizer_bytes": optimizer_state_bytes(optimizer), "tracker_bytes": tracker.state_bytes()}
+    sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics, holdout_metrics,
+                             optimizer_hparams(optimizer), state)
     progress("status", f"writing {config.output}")
     return checkpoint.write_checkpoint(
         config.output, tensors=model.state_dict(), stats=tracker.stats(), sidecar=sidecar,
@@ -166,6 +176,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     numpy.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UmtamError(f"device {name} requested but CUDA is not available")
+    return torch.device(name)
 
 
 def planned_steps(num_examples: int, config: TrainConfig) -> int:
@@ -193,6 +213,7 @@ class RunRecord:
     final_loss: float
     loss_curve: list[float]
     peak_rss_bytes: int
+    peak_gpu_bytes: int | None
 
 
 def _run_loop(model, optimizer, tracker, scheduler, features, tokenizer, config, total_steps, progress) -> RunRecord:
@@ -201,6 +222,7 @@ def _run_loop(model, optimizer, tracker, scheduler, features, tokenizer, config,
     from umtam import data
 
     model.train()
+    device = next(model.parameters()).device
     losses: list[float] = []
     step = 0
     progress("start", {"total": total_steps, "what": "train"})
@@ -209,7 +231,7 @@ def _run_loop(model, optimizer, tracker, scheduler, features, tokenizer, config,
     while step < total_steps:
         for batch in data.iter_batches(features, config.batch_size, pad_token_id=tokenizer.pad_token_id,
                                        seed=config.seed, epoch=epoch, shuffle=True):
-            loss = model(**batch).loss
+            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
             if not torch.isfinite(loss):
                 raise UmtamError(
                     f"training diverged at step {step + 1}: loss is {loss.item()}",
@@ -222,15 +244,18 @@ def _run_loop(model, optimizer, tracker, scheduler, features, tokenizer, config,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            losses.append(loss.item())
+            losses.append(loss.item())  # also syncs a GPU, so the timing below is honest
             progress("step", StepEvent(step, total_steps, losses[-1], epoch))
+            if step == 1:  # time from here on: the first step pays one-off warm-up costs
+                started, first_step = time.perf_counter(), time.perf_counter() - started
             if step >= total_steps:
                 break
         epoch += 1
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started if step > 1 else first_step
     progress("end", {"what": "train"})
-    return RunRecord(step, elapsed / max(step, 1), float(sum(losses[-10:]) / len(losses[-10:])), losses,
-                     peak_rss_bytes())
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return RunRecord(step, elapsed / max(step - 1, 1), float(sum(losses[-10:]) / len(losses[-10:])), losses,
+                     peak_rss_bytes(), gpu_peak)
 
 
 def peak_rss_bytes() -> int:
@@ -253,7 +278,8 @@ def hf_files(model, tokenizer) -> dict[str, bytes]:
         return {path.name: path.read_bytes() for path in sorted(Path(scratch).iterdir()) if path.is_file()}
 
 
-def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metrics, hparams, state_bytes):
+def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metrics, holdout_metrics, hparams,
+                   state: dict[str, int]):
     return {
         "kind": "train",
         "umtam_version": __version__,
@@ -262,13 +288,18 @@ def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metr
                 "label_names": list(spec.label_names),
                 "is_regression": spec.is_regression,
                 "metrics": metrics,
+                "holdout_metrics": holdout_metrics,
                 "data_source": data_source,
             }
         },
         "base_model": base,
-        "optimizer": {"name": config.optimizer, "hyperparameters": hparams, "state_bytes": state_bytes},
+        # state_bytes counts everything training kept beside the weights: the
+        # optimizer's state plus whatever the curvature tracker holds itself.
+        "optimizer": {"name": config.optimizer, "hyperparameters": hparams,
+                      "state_bytes": state["optimizer_bytes"] + state["tracker_bytes"], **state},
         "training": {
-            "config": {key: value for key, value in asdict(config).items() if key not in ("output", "force")},
+            "config": {**{key: value for key, value in asdict(config).items() if key not in ("output", "force")},
+                       "lr": config.learning_rate},
             "final_loss": run.final_loss,
             "loss_curve": run.loss_curve,
         },
@@ -276,6 +307,7 @@ def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metr
         "steps": run.steps,
         "seed": config.seed,
         "peak_rss_bytes": run.peak_rss_bytes,
+        "peak_gpu_bytes": run.peak_gpu_bytes,
         "seconds_per_step": run.seconds_per_step,
         "lineage": {"inputs": [], "operation": "train"},
     }

@@ -40,7 +40,10 @@ GLUE data comes from --data-dir, else $UMTAM_DATA_DIR, else ../shared/data/glue,
 @click.option("--error-feedback/--no-error-feedback", default=None, help="UMTAM's dense error-feedback buffer [default: off].")
 @click.option("--max-train-samples", type=int, help="Subsample the training set (seeded).")
 @click.option("--max-eval-samples", type=int, help="Subsample the dev set (seeded).")
+@click.option("--holdout-fraction", type=float,
+              help="Hold out this fixed fraction of train and report metrics on it (for tuning without dev).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="GLUE directory (TSV or parquet layout).")
+@click.option("--device", help="auto, cpu or cuda[:N] [default: auto, CUDA when available].")
 @click.option("--force", is_flag=True, default=None, help="Replace an existing output directory.")
 @common_output_options
 def command(config_file, as_json, quiet, verbose, **options):

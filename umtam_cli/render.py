@@ -66,7 +66,7 @@ class ProgressRenderer:
     def __call__(self, kind: str, payload: Any) -> None:
         if kind == "status":
             if self.verbose or (not self.quiet and not self.draw_bars):
-                self.console.print(f"[dim]umtam:[/dim] {payload}", highlight=False)
+                self.console.print(f"[dim]umtam:[/dim] {payload}", highlight=False, soft_wrap=True)
         elif kind == "start" and self.draw_bars:
             self._start(payload)
         elif kind in ("step", "advance") and self._progress is not None:

@@ -1,0 +1,171 @@
+"""End to end through the CLI on the tiny model: train -> inspect -> eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from umtam_cli.main import cli, main
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Invoke the real entry point (with its error boundary) in-process."""
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+    return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, glue_dir):
+    out = tmp_path_factory.mktemp("runs") / "mrpc"
+    code, stdout, stderr = run_cli(
+        "train", "--task", "mrpc", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
+        "--optimizer", "umtam", "--rank", "2", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8",
+        "--max-length", "32", "--seed", "7", "-o", str(out), "--json", "--quiet",
+    )
+    assert code == 0, stderr
+    return out, json.loads(stdout)
+
+
+def test_train_reports_metrics_and_writes_a_complete_sidecar(trained):
+    out, summary = trained
+    sidecar = json.loads((out / "umtam.json").read_text())
+    assert summary["task"] == "mrpc" and summary["optimizer"] == "umtam"
+    # 24 tiny training rows, batch 8 -> 3 steps per epoch, 2 epochs
+    assert sidecar["steps"] == summary["steps"] == 6
+    assert sidecar["kind"] == "train" and sidecar["schema_version"] == 1 and sidecar["seed"] == 7
+    dev = sidecar["tasks"]["mrpc"]["metrics"]["validation"]
+    assert set(dev) == {"accuracy", "f1"} and 0.0 <= dev["accuracy"] <= 1.0
+    assert summary["metrics"]["validation"] == dev
+    assert sidecar["optimizer"]["name"] == "umtam"
+    assert sidecar["optimizer"]["hyperparameters"]["rank"] == 2
+    assert sidecar["optimizer"]["state_bytes"] > 0
+    assert sidecar["peak_rss_bytes"] > 10_000_000 and sidecar["seconds_per_step"] > 0
+    assert len(sidecar["base_model"]["fingerprint"]) == 64
+    assert sidecar["tasks"]["mrpc"]["label_names"] == ["not_equivalent", "equivalent"]
+    assert {"model.safetensors", "stats.safetensors", "config.json"} <= set(sidecar["files"])
+
+
+def test_inspect_json_matches_the_sidecar(trained):
+    out, _ = trained
+    code, stdout, stderr = run_cli("inspect", str(out), "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    sidecar = json.loads((out / "umtam.json").read_text())
+    assert summary["kind"] == "train"
+    assert summary["optimizer"]["state_bytes"] == sidecar["optimizer"]["state_bytes"]
+    # every 2-D weight has row and column statistics, every 1-D parameter a full one
+    assert summary["stats"]["exp_avg_sq_row"] == summary["stats"]["exp_avg_sq_col"] > 0
+    assert summary["stats"]["exp_avg_sq"] > 0
+    assert summary["files"]["model.safetensors"] == (out / "model.safetensors").stat().st_size
+
+
+def test_inspect_table_names_the_fields(trained):
+    out, _ = trained
+    code, stdout, _ = run_cli("inspect", str(out))
+    assert code == 0
+    for field in ("kind", "base model", "parameters", "stats", "optimizer state", "peak RSS"):
+        assert field in stdout
+
+
+def test_eval_reproduces_the_training_time_metrics(trained, glue_dir):
+    out, summary = trained
+    code, stdout, stderr = run_cli("eval", str(out), "--task", "glue", "--data-dir", str(glue_dir),
+                                   "--max-length", "32", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["tasks"]["mrpc"]["splits"]["validation"] == summary["metrics"]["validation"]
+    metrics = summary["metrics"]["validation"]
+    assert report["tasks"]["mrpc"]["score"] == pytest.approx((metrics["f1"] + metrics["accuracy"]) / 2)
+
+
+def test_same_seed_same_weights(trained, tmp_path, tiny_model_dir, glue_dir):
+    out, _ = trained
+    again = tmp_path / "again"
+    code, _, stderr = run_cli(
+        "train", "--task", "mrpc", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
+        "--optimizer", "umtam", "--rank", "2", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8",
+        "--max-length", "32", "--seed", "7", "-o", str(again), "--quiet",
+    )
+    assert code == 0, stderr
+    first = json.loads((out / "umtam.json").read_text())["files"]
+    second = json.loads((again / "umtam.json").read_text())["files"]
+    assert first["model.safetensors"]["sha256"] == second["model.safetensors"]["sha256"]
+    assert first["stats.safetensors"]["sha256"] == second["stats.safetensors"]["sha256"]
+
+
+def test_transformers_loads_the_checkpoint_and_predicts_the_same(trained, glue_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from umtam.checkpoint import load_checkpoint
+    from umtam.evaluate import build_task_model
+
+    out, _ = trained
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ckpt = load_checkpoint(out)
+    ours = build_task_model(ckpt, "mrpc", ckpt.load_tensors()).eval()
+    batch = tokenizer(["the cat sees a dog ."], ["the cat not sees a dog ."], return_tensors="pt")
+    with torch.no_grad():
+        theirs_logits, ours_logits = model(**batch).logits, ours(**batch).logits
+    # same weights; transformers may pick another attention kernel, so allow float noise
+    assert torch.allclose(theirs_logits, ours_logits, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ours.state_dict().items())
+    assert model.config.id2label == {0: "not_equivalent", 1: "equivalent"}
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["train", "--task", "mrpx", "-o", "OUT"], 2, "unknown task 'mrpx'"),
+        (["train", "--task", "mrpc", "--rank", "0", "-o", "OUT"], 2, "rank: must be at least 1"),
+        (["train", "--task", "mrpc", "--lr", "-1", "-o", "OUT"], 2, "lr: must be positive"),
+        (["train", "--task", "mrpc"], 2, "output: required"),
+        (["train", "--task", "mrpc", "--bogus", "-o", "OUT"], 2, "No such option '--bogus'"),
+        (["eval", "MISSING"], 1, "no such checkpoint directory"),
+        (["inspect", "MISSING"], 1, "no such checkpoint directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_an_exit_code(args, code, message, tmp_path):
+    args = [str(tmp_path / arg) if arg in ("OUT", "MISSING") else arg for arg in args]
+    got, stdout, stderr = run_cli(*args)
+    assert got == code
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_existing_output_is_refused_before_any_work(trained, tmp_path):
+    out, _ = trained
+    before = (out / "umtam.json").read_bytes()
+    code, _, stderr = run_cli("train", "--task", "mrpc", "-o", str(out))
+    assert code == 2 and "already exists" in stderr and "--force" in stderr
+    assert (out / "umtam.json").read_bytes() == before
+
+
+def test_top_level_help_lists_commands_without_importing_torch():
+    probe = (
+        "import sys; from umtam_cli.main import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("NO-TORCH")
+    for name in ("train", "eval", "inspect"):
+        assert name in result.stdout
+
+
+def test_every_subcommand_help_has_examples():
+    runner = CliRunner()
+    for name in ("train", "eval", "inspect"):
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0 and "Examples:" in result.output
