@@ -160,12 +160,96 @@ def test_top_level_help_lists_commands_without_importing_torch():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip().endswith("NO-TORCH")
-    for name in ("train", "eval", "inspect"):
+    for name in ("train", "eval", "inspect", "prune", "merge"):
         assert name in result.stdout
 
 
 def test_every_subcommand_help_has_examples():
     runner = CliRunner()
-    for name in ("train", "eval", "inspect"):
+    for name in ("train", "eval", "inspect", "prune", "merge"):
         result = runner.invoke(cli, [name, "--help"])
         assert result.exit_code == 0 and "Examples:" in result.output
+
+
+@pytest.fixture(scope="module")
+def second_expert(tmp_path_factory, tiny_model_dir, glue_dir):
+    out = tmp_path_factory.mktemp("runs") / "sst2"
+    code, _, stderr = run_cli(
+        "train", "--task", "sst2", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
+        "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8",
+        "--max-length", "32", "--seed", "7", "-o", str(out), "--quiet",
+    )
+    assert code == 0, stderr
+    return out
+
+
+def test_prune_keeps_the_requested_fraction_and_evaluates(trained, tmp_path, glue_dir):
+    out, _ = trained
+    pruned = tmp_path / "pruned"
+    code, stdout, stderr = run_cli("prune", str(out), "--keep", "0.1", "-o", str(pruned), "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["kept_fraction"] == pytest.approx(0.1, abs=0.002)
+    sidecar = json.loads((pruned / "umtam.json").read_text())
+    assert sidecar["kind"] == "prune"
+    assert sidecar["lineage"]["method"] == {"keep": 0.1, "score": "curvature", "scope": "global"}
+    assert sidecar["lineage"]["inputs"][0]["sha256"] == json.loads(
+        (out / "umtam.json").read_text())["files"]["model.safetensors"]["sha256"]
+    code, stdout, stderr = run_cli("eval", str(pruned), "--data-dir", str(glue_dir), "--max-length", "32", "--json")
+    assert code == 0, stderr
+    assert set(json.loads(stdout)["tasks"]) == {"mrpc"}
+
+
+def test_merge_then_eval_every_head_with_normalised_scores(trained, second_expert, tmp_path, glue_dir):
+    out, _ = trained
+    merged = tmp_path / "merged"
+    code, stdout, stderr = run_cli("merge", str(out), str(second_expert), "--keep", "0.5", "-o", str(merged),
+                                   "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["tasks"] == ["mrpc", "sst2"]
+    sidecar = json.loads((merged / "umtam.json").read_text())
+    assert sidecar["kind"] == "merge" and sidecar["lineage"]["method"] == "umtam"
+    code, stdout, stderr = run_cli("eval", str(merged), "--task", "glue", "--data-dir", str(glue_dir),
+                                   "--max-length", "32", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert set(report["tasks"]) == {"mrpc", "sst2"}
+    for task, expert_dir in (("mrpc", out), ("sst2", second_expert)):
+        expert = json.loads((expert_dir / "umtam.json").read_text())["tasks"][task]["metrics"]["validation"]
+        expert_score = sum(expert.values()) / len(expert)
+        result = report["tasks"][task]
+        if expert_score:
+            assert result["normalized"] == pytest.approx(result["score"] / expert_score)
+    code, stdout, _ = run_cli("inspect", str(merged), "--json")
+    assert code == 0 and json.loads(stdout)["kind"] == "merge"
+
+
+def test_merge_dry_run_writes_nothing(trained, second_expert, tmp_path):
+    out, _ = trained
+    code, stdout, stderr = run_cli("merge", str(out), str(second_expert), "--dry-run", "--json",
+                                   "-o", str(tmp_path / "never"))
+    assert code == 0, stderr
+    plan = json.loads(stdout)
+    assert plan["method"] == "umtam" and plan["tasks"] == ["mrpc", "sst2"] and plan["estimated_peak_bytes"] > 0
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "avrage"], "did you mean 'average'"),
+        (["--keep", "1.5"], "keep=1.5"),
+        (["--method", "average", "--keep", "0.2"], "keep"),
+    ],
+)
+def test_merge_usage_errors(trained, second_expert, tmp_path, extra, message):
+    out, _ = trained
+    code, _, stderr = run_cli("merge", str(out), str(second_expert), *extra, "-o", str(tmp_path / "m"))
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_a_single_checkpoint(trained, tmp_path):
+    out, _ = trained
+    code, _, stderr = run_cli("merge", str(out), "-o", str(tmp_path / "m"))
+    assert code == 2 and "at least two checkpoints" in stderr

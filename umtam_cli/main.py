@@ -16,8 +16,10 @@ import click
 # name -> (module, one-line help shown by `umtam --help` without importing it)
 SUBCOMMANDS = {
     "train": ("umtam_cli.cmd_train", "Fine-tune a model on a GLUE task, recording curvature statistics."),
-    "eval": ("umtam_cli.cmd_eval", "Evaluate a checkpoint on GLUE dev sets."),
     "inspect": ("umtam_cli.cmd_inspect", "Describe a checkpoint: tasks, base, stats, metrics, costs."),
+    "prune": ("umtam_cli.cmd_prune", "Keep the most salient task-vector entries, reset the rest to the base."),
+    "merge": ("umtam_cli.cmd_merge", "Merge checkpoints fine-tuned from the same base."),
+    "eval": ("umtam_cli.cmd_eval", "Evaluate a checkpoint on GLUE dev sets."),
 }
 
 
@@ -45,8 +47,11 @@ def cli():
     \b
     Examples:
       umtam train --task mrpc --optimizer umtam --rank 8 -o mrpc/
+      umtam train --task sst2 --optimizer umtam --rank 8 -o sst2/
       umtam inspect mrpc/
-      umtam eval mrpc/ --task glue --json
+      umtam prune mrpc/ --keep 0.05 -o mrpc-5pct/
+      umtam merge mrpc/ sst2/ --keep 0.2 -o merged/
+      umtam eval merged/ --task glue
     """
 
 

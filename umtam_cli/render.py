@@ -49,8 +49,8 @@ def human_bytes(count: int | None) -> str:
 class ProgressRenderer:
     """Turns the library's progress(kind, payload) events into rich bars on stderr.
 
-    Bars are drawn only when stderr is a terminal and --quiet is off; status
-    lines are logged with --verbose, or when no bar can be drawn and not quiet.
+    Bars are drawn only when stderr is a terminal and --quiet is off, so pipes
+    and CI logs stay clean; status lines are logged with --verbose.
     """
 
     def __init__(self, *, quiet: bool = False, verbose: bool = False):
@@ -65,7 +65,7 @@ class ProgressRenderer:
 
     def __call__(self, kind: str, payload: Any) -> None:
         if kind == "status":
-            if self.verbose or (not self.quiet and not self.draw_bars):
+            if self.verbose and not self.quiet:
                 self.console.print(f"[dim]umtam:[/dim] {payload}", highlight=False, soft_wrap=True)
         elif kind == "start" and self.draw_bars:
             self._start(payload)
@@ -94,7 +94,7 @@ class ProgressRenderer:
             rate = f"{task.speed:.2f} it/s" if task.speed else ""
             self._progress.update(self._task, completed=payload.step, info=f"loss {payload.loss:.4f}", rate=rate)
         else:
-            rate = f"{task.speed:.0f} ex/s" if task.speed else ""
+            rate = f"{task.speed:.0f}/s" if task.speed else ""
             self._progress.update(self._task, advance=payload, rate=rate)
 
     def close(self) -> None:
@@ -110,3 +110,19 @@ def progress_renderer(*, quiet: bool, verbose: bool) -> Iterator[ProgressRendere
         yield renderer
     finally:
         renderer.close()
+
+
+def per_tensor_progress(renderer: ProgressRenderer, what: str):
+    """Adapt the library's progress(done, total, name) callback (prune, merge) to the renderer."""
+    state = {"started": False}
+
+    def progress(done: int, total: int, name: str) -> None:
+        if not state["started"]:
+            renderer("start", {"total": total, "what": what})
+            state["started"] = True
+        renderer("advance", 1)
+        if done >= total:
+            renderer("end", {"what": what})
+            state["started"] = False
+
+    return progress
