@@ -1,13 +1,16 @@
 """What `umtam inspect` reports about a checkpoint, as plain data.
 
 Shapes come from the safetensors headers, so a summary reads no tensor data
-beyond what the hash check in load_checkpoint already streamed.
+beyond what the hash check in load_checkpoint already streamed. The saliency
+breakdown (umtam.saliency_map) is the exception and is opt-in: it loads the
+weights and rebuilds the base model, so only ``summarize(..., saliency=True)``
+pays for it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 
 def tensor_shapes(path) -> dict[str, tuple[int, ...]]:
@@ -24,21 +27,25 @@ def _numel(shape: tuple[int, ...]) -> int:
     return total
 
 
-def summarize(checkpoint) -> dict[str, Any]:
-    """A JSON-ready description of a checkpoint (the keys are documented in README)."""
+def summarize(checkpoint, *, saliency: bool = False, keep: float = 0.05, base: str | None = None,
+              scores: Sequence[str] = ("curvature", "magnitude")) -> dict[str, Any]:
+    """A JSON-ready description of a checkpoint (the keys are documented in README).
+
+    With ``saliency`` it adds "saliency": where the top-``keep`` entries of each
+    score sit by layer and module type (saliency_map.saliency_breakdown; ``base``
+    overrides where the base model is found).
+    """
     from umtam.checkpoint import HEADS_PREFIX
     from umtam.models import is_head_key
 
     sidecar = checkpoint.sidecar
     shapes = tensor_shapes(checkpoint.model_file)
     encoder = {k: s for k, s in shapes.items() if not k.startswith(HEADS_PREFIX) and not is_head_key(k)}
-    return {
+    summary = {
         "path": str(checkpoint.path),
         "kind": checkpoint.kind,
         "schema_version": sidecar["schema_version"],
-        "tasks": {name: {"labels": record["label_names"], "is_regression": record.get("is_regression", False),
-                         "metrics": record.get("metrics", {})}
-                  for name, record in checkpoint.tasks.items()},
+        "tasks": {name: task_summary(record) for name, record in checkpoint.tasks.items()},
         "base_model": sidecar["base_model"],
         "parameters": {"total": sum(_numel(s) for s in shapes.values()),
                        "encoder": sum(_numel(s) for s in encoder.values()),
@@ -50,8 +57,47 @@ def summarize(checkpoint) -> dict[str, Any]:
         "peak_rss_bytes": sidecar.get("peak_rss_bytes"),
         "seconds_per_step": sidecar.get("seconds_per_step"),
         "files": {name: record.get("bytes") for name, record in sidecar["files"].items()},
-        "lineage": sidecar.get("lineage"),
+        "lineage": lineage_summary(checkpoint),
     }
+    if saliency:
+        from umtam.saliency_map import saliency_breakdown
+
+        summary["saliency"] = saliency_breakdown(checkpoint, scores=scores, keep=keep, base=base)
+    return summary
+
+
+def task_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Labels and metrics of one task; a merged task also has its expert's metrics."""
+    summary = {"labels": record["label_names"], "is_regression": record.get("is_regression", False),
+               "metrics": record.get("metrics", {})}
+    if "expert_metrics" in record:
+        summary["expert_metrics"] = record["expert_metrics"]
+    return summary
+
+
+def lineage_summary(checkpoint) -> Any:
+    """Where a prune or merge came from, in one shape for both kinds.
+
+    {"method", "options", "inputs": [{"path", "sha256", "tasks"}], "tasks", ...}
+    plus every other lineage field as recorded (method_url, thresholds,
+    threshold, kept_fraction). A prune records its options under "method"; here
+    its method is "prune" and those are its options, so "method" is always a
+    name. Other kinds (train) keep the sidecar's lineage unchanged.
+    """
+    raw = checkpoint.sidecar.get("lineage")
+    if checkpoint.kind not in ("merge", "prune") or not isinstance(raw, dict):
+        return raw
+    tasks = list(checkpoint.tasks)
+    if checkpoint.kind == "prune":
+        method, options = "prune", raw.get("method") or {}
+    else:
+        method, options = raw.get("method"), raw.get("options") or {}
+    # A prune keeps its input's tasks, so its single input carries all of them.
+    inputs = [{"path": item.get("path"), "sha256": item.get("sha256"),
+               "tasks": item.get("tasks", tasks if checkpoint.kind == "prune" else [])}
+              for item in raw.get("inputs", [])]
+    extra = {key: value for key, value in raw.items() if key not in ("method", "options", "inputs")}
+    return {"method": method, "options": options, "inputs": inputs, "tasks": tasks, **extra}
 
 
 def stats_summary(checkpoint) -> dict[str, int]:

@@ -1,31 +1,73 @@
-"""umtam inspect: what a checkpoint is, where it came from, what it cost."""
+"""umtam inspect: what a checkpoint is, where it came from, what it cost, where its saliency sits."""
 
 from __future__ import annotations
 
 import click
 
-from umtam_cli.render import common_output_options, emit_json, format_value, human_bytes, stdout_console
+from umtam_cli.render import (common_output_options, emit_json, format_value, human_bytes, progress_renderer,
+                              stdout_console)
 
 EPILOG = """\b
 Examples:
   umtam inspect runs/mrpc
   umtam inspect runs/mrpc --json | jq '.optimizer.state_bytes'
+  umtam inspect runs/merged                      # tasks, expert metrics, method and inputs
+  umtam inspect runs/mrpc --saliency             # where the top 5% saliency sits
+  umtam inspect runs/mrpc --saliency --keep 0.01 --json | jq '.saliency.scores.curvature.by_module'
+  umtam inspect runs/mrpc --plot mrpc-saliency.png --base path/to/all-MiniLM-L6-v2
 """
+
+DEFAULT_KEEP = 0.05
 
 
 @click.command(epilog=EPILOG)
 @click.argument("checkpoint", type=click.Path())
+@click.option("--saliency", is_flag=True,
+              help="Add where the top-k curvature and magnitude saliency sits, by layer and module type "
+                   "(loads the weights and the base model).")
+@click.option("--keep", type=float, default=None,
+              help=f"Top-k fraction for --saliency / --plot, in (0, 1]  [default: {DEFAULT_KEEP}]")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Draw the layer x module map of top-k saliency mass to this image (implies --saliency; "
+                   "needs umtam[plot]).")
+@click.option("--base", help="Where to find the base model, if not where the sidecar says (checked by sha256).")
 @common_output_options
-def command(checkpoint, as_json, quiet, verbose):
-    """Describe a checkpoint: tasks, base, stats, metrics, costs."""
+def command(checkpoint, saliency, keep, plot, base, as_json, quiet, verbose):
+    """Describe a checkpoint: tasks, base, stats, metrics, costs.
+
+    A prune or merge also shows its lineage (method, options, inputs); --saliency
+    or --plot adds where the top-k saliency sits by layer and module type.
+    """
     from umtam.checkpoint import load_checkpoint
+    from umtam.errors import ConfigError
+    from umtam.saliency import check_keep
     from umtam.summary import summarize
 
-    summary = summarize(load_checkpoint(checkpoint))
+    wants_saliency = saliency or plot is not None
+    if not wants_saliency and (keep is not None or base is not None):
+        raise ConfigError("--keep and --base apply to the saliency breakdown", hint="add --saliency or --plot")
+    keep = check_keep(DEFAULT_KEEP if keep is None else keep, option="--keep")
+    if plot is not None:
+        from umtam.saliency_map import check_plot_path
+
+        check_plot_path(plot)  # no matplotlib or a bad path fails before minutes of work
+    ckpt = load_checkpoint(checkpoint)
+    with progress_renderer(quiet=quiet, verbose=verbose) as renderer:
+        if wants_saliency:
+            renderer("status", f"scoring {ckpt.path} against its base model (top {keep:g})")
+        summary = summarize(ckpt, saliency=wants_saliency, keep=keep, base=base)
+    if plot is not None:
+        from umtam.saliency_map import plot_breakdown
+
+        summary["plot"] = str(plot_breakdown(summary["saliency"], plot, title=str(ckpt.path)))
     if as_json:
         emit_json(summary)
-    else:
-        render_summary(summary)
+        return
+    render_summary(summary)
+    if wants_saliency:
+        render_saliency(summary["saliency"])
+    if plot is not None:
+        stdout_console().print(f"saliency map -> {summary['plot']}", highlight=False)
 
 
 def render_summary(summary: dict) -> None:
@@ -40,11 +82,7 @@ def render_summary(summary: dict) -> None:
     params = summary["parameters"]
     table.add_row("parameters", f"{params['total']:,} ({params['encoder']:,} encoder, {params['tensors']} tensors)")
     for task, record in summary["tasks"].items():
-        metrics = "; ".join(
-            f"{split}: " + ", ".join(f"{k} {format_value(v)}" for k, v in values.items())
-            for split, values in record["metrics"].items()
-        ) or "-"
-        table.add_row(f"task {task}", f"{len(record['labels']) or 'regression'} labels; {metrics}")
+        table.add_row(f"task {task}", _task_line(record))
     stats = ", ".join(f"{name} x{count}" for name, count in summary["stats"].items()) or "none"
     table.add_row("stats", stats)
     optimizer = summary.get("optimizer") or {}
@@ -58,4 +96,69 @@ def render_summary(summary: dict) -> None:
     table.add_row("time per step", f"{format_value(summary['seconds_per_step'])} s")
     for name, size in sorted(summary["files"].items()):
         table.add_row(f"file {name}", human_bytes(size))
+    if summary["kind"] in ("merge", "prune") and isinstance(summary.get("lineage"), dict):
+        _lineage_rows(table, summary["lineage"])
     stdout_console().print(table)
+
+
+def _task_line(record: dict) -> str:
+    labels = f"{len(record['labels']) or 'regression'} labels"
+    if "expert_metrics" not in record:
+        return f"{labels}; {_metrics_line(record['metrics'])}"
+    # A merged task: what its expert scored before merging, and the merge's own scores once evaluated.
+    return f"{labels}; expert {_metrics_line(record['expert_metrics'])}; merged {_metrics_line(record['metrics'])}"
+
+
+def _metrics_line(metrics: dict) -> str:
+    # Training writes {split: {metric: value}}; older or hand-made sidecars may be flat.
+    shown = "; ".join(
+        f"{split}: " + ", ".join(f"{k} {format_value(v)}" for k, v in values.items())
+        if isinstance(values, dict) else f"{split} {format_value(values)}"
+        for split, values in (metrics or {}).items()
+    )
+    return shown or "-"
+
+
+def _lineage_rows(table, lineage: dict) -> None:
+    options = ", ".join(f"{k}={_number(v)}" for k, v in sorted(lineage["options"].items()))
+    table.add_row("lineage", f"{lineage['method']} ({options})" if options else str(lineage["method"]))
+    for index, item in enumerate(lineage["inputs"], start=1):
+        sha = (item.get("sha256") or "")[:12]
+        tasks = ", ".join(item.get("tasks") or []) or "-"
+        table.add_row(f"input {index}", f"{item.get('path')} sha256 {sha}... tasks {tasks}")
+    for key, value in lineage.items():
+        if key not in ("method", "options", "inputs", "tasks"):
+            if isinstance(value, dict):  # per-task thresholds of a global-scope merge
+                value = ", ".join(f"{k} {_number(v)}" for k, v in value.items())
+            table.add_row(key.replace("_", " "), _number(value))
+
+
+def _number(value) -> str:
+    # Significant digits, not decimals: thresholds are tiny and would all print as 0.0000.
+    return f"{value:.4g}" if isinstance(value, float) else format_value(value)
+
+
+def render_saliency(breakdown: dict) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    for score, record in breakdown["scores"].items():
+        table = Table(title=f"{score} saliency: top {100 * breakdown['keep']:.4g}% = {record['topk_entries']:,} of "
+                            f"{record['total_entries']:,} entries (threshold {record['threshold']:.3e})")
+        for column in ("where", "params", "top-k entries", "top-k mass", "mass / params"):
+            table.add_column(column, justify="left" if column == "where" else "right")
+        for layer, group in record["by_layer"].items():
+            table.add_row(f"layer {layer}" if layer.isdigit() else layer, *_share_cells(group))
+        table.add_section()
+        for kind, group in record["by_module"].items():
+            table.add_row(kind, *_share_cells(group))
+        console.print(table)
+    for score, reason in breakdown["skipped"].items():
+        console.print(f"{score} saliency skipped: {reason}", highlight=False)
+
+
+def _share_cells(group: dict) -> tuple[str, str, str, str]:
+    # mass / params > 1: the group holds more of the salient mass than its size suggests.
+    lift = group["mass_share"] / group["parameters_share"] if group["parameters_share"] else 0.0
+    return (f"{100 * group['parameters_share']:.1f}%", f"{100 * group['topk_share']:.1f}%",
+            f"{100 * group['mass_share']:.1f}%", f"x{lift:.2f}")

@@ -1,0 +1,239 @@
+"""Where top-k saliency sits (umtam.saliency_map) and what `umtam inspect` shows of it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from test_cli import run_cli
+from tiny_checkpoints import VOCAB, build_family, save_tiny_base, tiny_model
+from umtam.checkpoint import write_checkpoint
+from umtam.errors import ConfigError
+from umtam.merge import merge_checkpoints
+from umtam.prune import prune_checkpoint, write_pruned
+from umtam.saliency_map import layer_index, module_type, plot_breakdown, saliency_breakdown
+from umtam.summary import summarize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUERY = "bert.encoder.layer.0.attention.self.query.weight"
+FFN_IN = "bert.encoder.layer.0.intermediate.dense.weight"
+# 2-D encoder entries of the tiny BERT: embeddings 40x8 + 32x8 + 2x8, four 8x8
+# attention matrices, 16x8 and 8x16 feed-forward, an 8x8 pooler.
+EMBEDDING_ENTRIES, LAYER_ENTRIES, POOLER_ENTRIES = 592, 512, 64
+TOTAL_ENTRIES = EMBEDDING_ENTRIES + LAYER_ENTRIES + POOLER_ENTRIES
+
+
+@pytest.mark.parametrize("name, kind, layer", [
+    ("bert.embeddings.word_embeddings.weight", "embeddings", None),
+    ("embeddings.position_embeddings.weight", "embeddings", None),  # MiniLM without the bert. prefix
+    ("bert.embeddings.LayerNorm.weight", "embeddings", None),
+    ("bert.encoder.layer.0.attention.self.query.weight", "query", 0),
+    ("encoder.layer.5.attention.self.key.weight", "key", 5),
+    ("bert.encoder.layer.11.attention.self.value.bias", "value", 11),
+    ("bert.encoder.layer.3.attention.output.dense.weight", "attention_output", 3),
+    ("bert.encoder.layer.3.attention.output.LayerNorm.weight", "other", 3),
+    ("bert.encoder.layer.10.intermediate.dense.weight", "ffn_in", 10),
+    ("bert.encoder.layer.10.output.dense.weight", "ffn_out", 10),
+    ("bert.encoder.layer.10.output.LayerNorm.bias", "other", 10),
+    ("bert.pooler.dense.weight", "pooler", None),
+    ("classifier.weight", "other", None),
+    ("distilbert.transformer.layer.2.attention.q_lin.weight", "query", 2),
+    ("distilbert.transformer.layer.2.attention.out_lin.weight", "attention_output", 2),
+    ("distilbert.transformer.layer.2.ffn.lin1.weight", "ffn_in", 2),
+    ("distilbert.transformer.layer.2.ffn.lin2.weight", "ffn_out", 2),
+])
+def test_module_type_and_layer_index_on_real_names(name, kind, layer):
+    assert module_type(name) == kind
+    assert layer_index(name) == layer
+
+
+def test_every_tiny_bert_weight_is_classified():
+    names = [n for n, t in tiny_model().state_dict().items() if t.dim() == 2 and not n.startswith("classifier")]
+    assert sorted({module_type(n) for n in names}) == sorted(
+        ["embeddings", "query", "key", "value", "attention_output", "ffn_in", "ffn_out", "pooler"])
+
+
+# ----------------------------------------------------------------------------- hand-computed case
+
+
+@pytest.fixture(scope="module")
+def hand_built(tmp_path_factory):
+    """Base + a task vector with five known non-zero entries, two in query and three in ffn_in.
+
+    query deltas 3.0, 1.0; ffn_in deltas 2.0, 0.5, 0.4. Statistics are all ones
+    except ffn_in's rows (100), so curvature = T^2 on query and 10 T^2 on ffn_in.
+    """
+    root = tmp_path_factory.mktemp("hand")
+    record, base = save_tiny_base(root / "base")
+    model = tiny_model(seed=0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, tensor in base.items():
+        state[name] = tensor.clone()
+    state[QUERY][0, 0] += 3.0
+    state[QUERY][1, 1] += 1.0
+    state[FFN_IN][0, 0] += 2.0
+    state[FFN_IN][1, 1] += 0.5
+    state[FFN_IN][2, 2] += 0.4
+    stats = {}
+    for name, tensor in state.items():
+        if tensor.dim() == 2:
+            stats[f"exp_avg_sq_row/{name}"] = torch.ones(tensor.shape[0])
+            stats[f"exp_avg_sq_col/{name}"] = torch.ones(tensor.shape[1])
+    stats[f"exp_avg_sq_row/{FFN_IN}"] = torch.full((16,), 100.0)
+    sidecar = {"kind": "train", "tasks": {"mrpc": {"label_names": ["a", "b"], "metrics": {}}},
+               "base_model": record}
+    return write_checkpoint(root / "expert", tensors=state, sidecar=sidecar, stats=stats,
+                            extra_files={"config.json": model.config.to_json_string().encode(),
+                                         "vocab.txt": VOCAB.encode()})
+
+
+def test_hand_computed_magnitude_and_curvature_shares(hand_built):
+    keep = 4 / TOTAL_ENTRIES  # exactly four entries: the top of the five non-zero ones
+    report = saliency_breakdown(hand_built, keep=keep)
+    assert report["layers"] == ["embeddings", "0", "pooler"]
+    assert report["entries"] == TOTAL_ENTRIES and report["skipped"] == {}
+    cells = dict(zip(report["modules"], zip(*report["parameters_matrix"])))
+    assert cells["query"] == (0, 64, 0) and cells["embeddings"] == (EMBEDDING_ENTRIES, 0, 0)
+
+    # magnitude T^2: 9, 1 (query); 4, 0.25, 0.16 (ffn_in) -> top four 9, 4, 1, 0.25
+    magnitude = report["scores"]["magnitude"]
+    assert magnitude["threshold"] == pytest.approx(0.25, rel=1e-4)
+    assert magnitude["topk_entries"] == magnitude["target_entries"] == 4
+    assert magnitude["by_module"]["query"]["topk_share"] == 0.5
+    assert magnitude["by_module"]["ffn_in"]["topk_share"] == 0.5
+    assert magnitude["by_module"]["query"]["mass_share"] == pytest.approx(10 / 14.25, rel=1e-4)
+    assert magnitude["by_module"]["ffn_in"]["mass_share"] == pytest.approx(4.25 / 14.25, rel=1e-4)
+
+    # curvature: query 9, 1; ffn_in x10 -> 40, 2.5, 1.6 -> top four 40, 9, 2.5, 1.6
+    curvature = report["scores"]["curvature"]
+    assert curvature["threshold"] == pytest.approx(1.6, rel=1e-4)
+    assert curvature["by_module"]["query"]["topk_share"] == 0.25
+    assert curvature["by_module"]["ffn_in"]["topk_share"] == 0.75
+    assert curvature["by_module"]["query"]["mass_share"] == pytest.approx(9 / 53.1, rel=1e-4)
+    assert curvature["by_module"]["ffn_in"]["mass_share"] == pytest.approx(44.1 / 53.1, rel=1e-4)
+
+    for record in (magnitude, curvature):
+        by_layer = record["by_layer"]
+        assert by_layer["0"]["topk_share"] == by_layer["0"]["mass_share"] == 1.0
+        assert by_layer["embeddings"]["topk"] == by_layer["pooler"]["topk"] == 0
+        assert by_layer["embeddings"]["parameters_share"] == EMBEDDING_ENTRIES / TOTAL_ENTRIES
+        assert by_layer["pooler"]["parameters_share"] == POOLER_ENTRIES / TOTAL_ENTRIES
+        assert record["by_module"]["query"]["parameters"] == 64
+        # the matrix is the mass share per (layer, module) cell
+        row, col = report["layers"].index("0"), report["modules"].index("query")
+        assert record["matrix"][row][col] == record["by_module"]["query"]["mass_share"]
+
+
+def test_shares_sum_to_one_and_match_prune(tmp_path):
+    family = build_family(tmp_path, {"mrpc": 2})
+    expert = family.experts["mrpc"]
+    report = saliency_breakdown(expert, keep=0.1)
+    for score_name, record in report["scores"].items():
+        for grouping in ("by_layer", "by_module"):
+            for share in ("parameters_share", "topk_share", "mass_share"):
+                assert sum(g[share] for g in record[grouping].values()) == pytest.approx(1.0), (grouping, share)
+        assert sum(map(sum, record["matrix"])) == pytest.approx(1.0)
+        assert record["total_entries"] == report["entries"]
+        # the same entries `umtam prune --keep 0.1 --score <score>` keeps
+        _, pruned = prune_checkpoint(expert, keep=0.1, score=score_name)
+        assert record["threshold"] == pruned.threshold
+        assert record["topk_entries"] == pruned.kept_entries
+
+
+# ----------------------------------------------------------------------------- merge and prune lineage
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    family = build_family(tmp_path_factory.mktemp("merge"), {"mrpc": 2, "sst2": 2})
+    checkpoint, _ = merge_checkpoints([family.experts["mrpc"], family.experts["sst2"]],
+                                      family.root / "merged", method="average")
+    return family, checkpoint
+
+
+def test_merged_summary_has_lineage_and_expert_metrics(merged):
+    family, checkpoint = merged
+    summary = summarize(checkpoint)
+    lineage = summary["lineage"]
+    assert lineage["method"] == "average" and lineage["tasks"] == ["mrpc", "sst2"]
+    assert [item["tasks"] for item in lineage["inputs"]] == [["mrpc"], ["sst2"]]
+    for item, task in zip(lineage["inputs"], ("mrpc", "sst2")):
+        expert = family.experts[task]
+        assert item["path"] == str(expert.path.resolve())
+        assert item["sha256"] == expert.sidecar["files"]["model.safetensors"]["sha256"]
+        assert summary["tasks"][task]["expert_metrics"] == expert.tasks[task]["metrics"]
+    assert "saliency" not in summary  # only on request: it needs the base model
+
+
+def test_merged_saliency_skips_curvature_with_a_note(merged):
+    _, checkpoint = merged
+    report = summarize(checkpoint, saliency=True, keep=0.2)["saliency"]
+    assert list(report["scores"]) == ["magnitude"]
+    assert "no stats.safetensors" in report["skipped"]["curvature"]
+
+
+def test_pruned_summary_lineage_names_the_method_and_input(tmp_path):
+    family = build_family(tmp_path, {"mrpc": 2})
+    expert = family.experts["mrpc"]
+    pruned, _ = write_pruned(expert, tmp_path / "pruned", keep=0.2)
+    lineage = summarize(pruned)["lineage"]
+    assert lineage["method"] == "prune"
+    assert lineage["options"] == {"keep": 0.2, "score": "curvature", "scope": "global"}
+    assert lineage["inputs"] == [{"path": str(expert.path.resolve()), "tasks": ["mrpc"],
+                                  "sha256": expert.sidecar["files"]["model.safetensors"]["sha256"]}]
+    assert lineage["kept_fraction"] == pytest.approx(0.2, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- CLI and plot
+
+
+def test_inspect_plot_writes_a_png_and_json_has_the_breakdown(merged, tmp_path):
+    _, checkpoint = merged
+    png = tmp_path / "map.png"
+    code, stdout, stderr = run_cli("inspect", str(checkpoint.path), "--plot", str(png), "--keep", "0.1", "--json")
+    assert code == 0, stderr
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads(stdout)
+    assert summary["plot"] == str(png) and summary["saliency"]["keep"] == 0.1
+    assert summary["saliency"]["scores"]["magnitude"]["by_layer"]["0"]["parameters"] == LAYER_ENTRIES
+
+
+def test_inspect_saliency_tables_and_lineage_rows(merged):
+    _, checkpoint = merged
+    code, stdout, stderr = run_cli("inspect", str(checkpoint.path), "--saliency")
+    assert code == 0, stderr
+    for text in ("lineage", "average", "input 1", "expert", "magnitude saliency", "attention_output",
+                 "mass / params", "curvature saliency skipped"):
+        assert text in stdout, text
+
+
+def test_plot_of_both_scores(hand_built, tmp_path):
+    report = saliency_breakdown(hand_built, keep=0.01)
+    path = plot_breakdown(report, tmp_path / "both.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--keep", "0.1"], "add --saliency or --plot"),
+    (["--saliency", "--keep", "1.5"], "--keep must be a fraction"),
+    (["--plot", "nowhere/map.png"], "does not exist"),
+    (["--plot", "map.notanimage"], "unknown image format"),
+])
+def test_inspect_usage_errors(merged, tmp_path, monkeypatch, extra, message):
+    _, checkpoint = merged
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli("inspect", str(checkpoint.path), *extra)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_plot_without_matplotlib_names_the_extra(merged, tmp_path, monkeypatch):
+    _, checkpoint = merged
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import now fails
+    code, _, stderr = run_cli("inspect", str(checkpoint.path), "--plot", str(tmp_path / "m.png"))
+    assert code == 2 and "install umtam[plot]" in stderr
+    assert not (tmp_path / "m.png").exists()
+    with pytest.raises(ConfigError, match="install umtam"):
+        plot_breakdown({"scores": {}, "layers": [], "modules": [], "keep": 0.1}, tmp_path / "m.png")
