@@ -1,0 +1,208 @@
+"""Train the expert grid once and reuse it everywhere: LR sweep, optimizer quality, rank study.
+
+    python bench/experts.py                                   # mrpc, rte, cola x adamw, umtam x 3 lrs
+    python bench/experts.py --tasks rte,mrpc,cola,sst2,stsb   # issue 5's five experts
+    python bench/experts.py --tasks mrpc --optimizers umtam --ranks 4,16,32 --lrs umtam=2e-4
+    python bench/experts.py --report                          # tables + PNGs from bench/results only
+
+Every run fine-tunes the default model for 3 epochs (batch 32, max length 128,
+seed 42) on the task's training split minus a fixed 10% holdout slice
+(umtam.data.HOLDOUT_SEED). The learning rate of each (task, optimizer) is chosen
+by the holdout score, never by dev; dev is reported for the chosen one. The
+holdout rows stay unseen by every expert, so prune and merge settings can be
+chosen on them later (bench/sweep.py). SST-2's train is subsampled to 8,000
+rows (seeded) and every eval set is capped at 2,000 rows (only SST-2's holdout
+is that large). Runs whose result JSON exists are skipped, so the grid resumes.
+Checkpoints go under --runs-dir (never committed); small JSON results under
+bench/results/experts/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path("bench/results/experts")
+DEFAULT_LRS = {"adamw": [2e-5, 5e-5, 1e-4], "umtam": [1e-4, 2e-4, 5e-4]}
+TRAIN_CAP = {"sst2": 8000}
+EVAL_CAP = 2000
+HOLDOUT = 0.1
+
+
+def run_name(task: str, optimizer: str, rank: int, lr: float) -> str:
+    rank_part = f"-r{rank}" if optimizer in ("umtam", "galore", "mofasgd") else ""
+    return f"{task}-{optimizer}{rank_part}-lr{lr:g}"
+
+
+def train_one(task, optimizer, rank, lr, args) -> dict:
+    import torch
+
+    from umtam.evaluate import task_score
+    from umtam.train import TrainConfig, train
+
+    name = run_name(task, optimizer, rank, lr)
+    config = TrainConfig(task=task, output=str(Path(args.runs_dir) / name), optimizer=optimizer, rank=rank, lr=lr,
+                         epochs=3.0, batch_size=32, max_length=128, seed=args.seed, holdout_fraction=HOLDOUT,
+                         max_train_samples=TRAIN_CAP.get(task), max_eval_samples=EVAL_CAP,
+                         data_dir=args.data_dir, force=True)
+    started = time.perf_counter()
+    sidecar = train(config).sidecar
+    record = sidecar["tasks"][task]
+    curve = sidecar["training"]["loss_curve"]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {
+        "name": name, "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": args.seed,
+        "checkpoint": config.output, "steps": sidecar["steps"], "wall_seconds": time.perf_counter() - started,
+        "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"],
+        "dev": record["metrics"], "dev_score": task_score(task, record["metrics"]),
+        "holdout": record["holdout_metrics"], "holdout_score": task_score(task, {"holdout": record["holdout_metrics"]}),
+        "loss_curve": curve, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_and_record(task, optimizer, rank, lr, args) -> None:
+    path = RESULTS / f"{run_name(task, optimizer, rank, lr)}.json"
+    if path.exists():
+        return
+    row = train_one(task, optimizer, rank, lr, args)
+    path.write_text(json.dumps(row, indent=1) + "\n")
+    print(f"{row['name']}: holdout {row['holdout_score']:.4f} dev {row['dev_score']:.4f} "
+          f"({row['wall_seconds']:.0f} s)", flush=True)
+
+
+def parse_lrs(text: str | None) -> dict[str, list[float]]:
+    grid = {key: list(values) for key, values in DEFAULT_LRS.items()}
+    for part in (text or "").split(";"):
+        if part.strip():
+            optimizer, _, values = part.partition("=")
+            grid[optimizer.strip()] = [float(v) for v in values.split(",")]
+    return grid
+
+
+def load_results() -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+
+
+def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
+    """Best run per (task, optimizer) at ``rank`` by holdout score (ties: lower lr)."""
+    best: dict[tuple[str, str], dict] = {}
+    for row in sorted(results, key=lambda r: r["lr"]):
+        if row["optimizer"] in ("umtam", "galore", "mofasgd") and row["rank"] != rank:
+            continue
+        key = (row["task"], row["optimizer"])
+        if key not in best or row["holdout_score"] > best[key]["holdout_score"]:
+            best[key] = row
+    return best
+
+
+def quality_table(results: list[dict]) -> str:
+    best = chosen(results)
+    tasks = sorted({task for task, _ in best}, key=["rte", "mrpc", "cola", "sst2", "stsb"].index)
+    lines = ["| task | metric | AdamW lr (holdout) | AdamW dev | UMTAM r=8 lr (holdout) | UMTAM dev | UMTAM - AdamW |",
+             "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        adamw, umtam = best.get((task, "adamw")), best.get((task, "umtam"))
+        if not (adamw and umtam):
+            continue
+        metric = " / ".join(adamw["dev"]["validation"])
+        show = lambda row: " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
+        lines.append(f"| {task} | {metric} | {adamw['lr']:g} ({100 * adamw['holdout_score']:.2f}) | {show(adamw)} "
+                     f"| {umtam['lr']:g} ({100 * umtam['holdout_score']:.2f}) | {show(umtam)} "
+                     f"| {100 * (umtam['dev_score'] - adamw['dev_score']):+.2f} |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict]) -> str:
+    lines = ["| run | steps | s/step | holdout score | dev score |", "|---|---|---|---|---|"]
+    for row in sorted(results, key=lambda r: (r["task"], r["optimizer"], r["rank"], r["lr"])):
+        lines.append(f"| {row['name']} | {row['steps']} | {row['seconds_per_step']:.3f} | "
+                     f"{100 * row['holdout_score']:.2f} | {100 * row['dev_score']:.2f} |")
+    return "\n".join(lines)
+
+
+def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Path("bench/results/rank_sweep.png")):
+    best_lr = chosen(results).get((task, "umtam"), {}).get("lr")
+    rows = sorted((r for r in results if r["task"] == task and r["optimizer"] == "umtam" and r["lr"] == best_lr),
+                  key=lambda r: r["rank"])
+    if len(rows) < 2:
+        return ""
+    lines = [f"| rank | lr | holdout score | dev {' / '.join(rows[0]['dev']['validation'])} | final loss |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        dev = " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
+        final = sum(row["loss_curve"][-10:]) / len(row["loss_curve"][-10:])
+        lines.append(f"| {row['rank']} | {row['lr']:g} | {100 * row['holdout_score']:.2f} | {dev} | {final:.4f} |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(lines)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        axis.plot(smooth(row["loss_curve"]), label=f"r={row['rank']}")
+    adamw = chosen(results).get((task, "adamw"))
+    if adamw:
+        axis.plot(smooth(adamw["loss_curve"]), label=f"AdamW lr={adamw['lr']:g}", color="black", linestyle="--")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (moving average, 20 steps)")
+    axis.set_title(f"UMTAM rank sweep on {task.upper()} (lr {best_lr:g})")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    return "\n".join(lines)
+
+
+def smooth(values: list[float], window: int = 20) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="mrpc,rte,cola")
+    parser.add_argument("--optimizers", default="adamw,umtam")
+    parser.add_argument("--ranks", default="8", help="ranks for low-rank optimizers")
+    parser.add_argument("--lrs", help="override grids, e.g. 'umtam=2e-4;adamw=5e-5'")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--runs-dir", default="runs/experts")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--rank-study", metavar="TASK",
+                        help="after the grid, train umtam at ranks 4,16,32 on TASK at its chosen r=8 lr")
+    parser.add_argument("--report", action="store_true", help="only print tables from existing results")
+    args = parser.parse_args()
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        grid = parse_lrs(args.lrs)
+        for task in args.tasks.split(","):
+            for optimizer in args.optimizers.split(","):
+                ranks = [int(r) for r in args.ranks.split(",")] if optimizer != "adamw" else [8]
+                for rank in ranks:
+                    for lr in grid[optimizer]:
+                        run_and_record(task, optimizer, rank, lr, args)
+        if args.rank_study:
+            task = args.rank_study
+            lr = chosen(load_results())[(task, "umtam")]["lr"]
+            for rank in (4, 16, 32):
+                run_and_record(task, "umtam", rank, lr, args)
+    results = load_results()
+    print(sweep_table(results))
+    print()
+    print(quality_table(results))
+    print()
+    print(rank_table_and_plot(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
