@@ -6,7 +6,7 @@ No math lives here beyond calling ``functional``; the classes in ``umtam.py``,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
@@ -103,6 +103,29 @@ class FP32StateOptimizer(Optimizer):
             self.state[p] = {
                 key: _restore(value, p, key) if isinstance(value, Tensor) else value for key, value in saved.items()
             }
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One step: the subclass's matrix update where it applies, AdamW elsewhere."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if self._uses_matrix_step(p, group):
+                    self._matrix_step(p, group)
+                else:
+                    self._adamw_step(p, group)
+        return loss
+
+    def _uses_matrix_step(self, p: Tensor, group: dict[str, Any]) -> bool:
+        return p.dim() >= 2
+
+    def _matrix_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def _adamw_step(self, p: Tensor, group: dict[str, Any]) -> None:
         """AdamW for vectors (and matrices a group keeps dense), in fp32."""

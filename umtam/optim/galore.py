@@ -6,7 +6,7 @@ Projection", https://arxiv.org/abs/2403.03507.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -104,22 +104,6 @@ class GaLoreAdamW(FP32StateOptimizer):
             scale=scale,
         )
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.dim() >= 2:
-                    self._matrix_step(p, group)
-                else:
-                    self._adamw_step(p, group)
-        return loss
 
     def _matrix_step(self, p: Tensor, group: dict[str, Any]) -> None:
         dtype = state_dtype(p)

@@ -8,7 +8,7 @@ https://arxiv.org/abs/1804.04235.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -145,27 +145,10 @@ class UMTAM(FP32StateOptimizer):
         )
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _is_lowrank(p: Tensor, group: dict[str, Any]) -> bool:
+    def _uses_matrix_step(self, p: Tensor, group: dict[str, Any]) -> bool:
         return group["lowrank"] and p.dim() >= 2
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if self._is_lowrank(p, group):
-                    self._lowrank_step(p, group)
-                else:
-                    self._adamw_step(p, group)
-        return loss
-
-    def _lowrank_step(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _matrix_step(self, p: Tensor, group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
         G = grad_matrix(p, dtype)
         m, n = G.shape
@@ -228,7 +211,7 @@ class UMTAM(FP32StateOptimizer):
                 break
         else:
             return None
-        if not self._is_lowrank(p, group):
+        if not self._uses_matrix_step(p, group):
             return None
         state = self.state.get(p)
         if not state:
