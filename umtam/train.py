@@ -272,6 +272,8 @@ def hf_files(model, tokenizer) -> dict[str, bytes]:
     import tempfile
     from pathlib import Path
 
+    # from_pretrained(dir) picks the class from "architectures"; the base's says BertModel
+    model.config.architectures = [type(model).__name__]
     with tempfile.TemporaryDirectory() as scratch:
         model.config.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
