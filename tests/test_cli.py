@@ -131,12 +131,18 @@ def test_transformers_loads_the_checkpoint_and_predicts_the_same(trained, glue_d
         (["train", "--task", "mrpc", "--lr", "-1", "-o", "OUT"], 2, "lr: must be positive"),
         (["train", "--task", "mrpc"], 2, "output: required"),
         (["train", "--task", "mrpc", "--bogus", "-o", "OUT"], 2, "No such option '--bogus'"),
+        (["train", "--task", "mrpc", "--model", "MISSING", "-o", "OUT"], 2, "does not exist"),
+        (["train", "--task", "mrpc", "--model", "no-such-org/no-such-model", "-o", "OUT"], 2,
+         "cannot load model 'no-such-org/no-such-model'"),
+        (["train", "--task", "mrpc", "--data-dir", "MISSING", "-o", "OUT"], 1, "MISSING"),
+        (["train", "--task", "qqp", "--data-dir", "EMPTY", "-o", "OUT"], 1, "no GLUE data for task 'qqp'"),
         (["eval", "MISSING"], 1, "no such checkpoint directory"),
         (["inspect", "MISSING"], 1, "no such checkpoint directory"),
     ],
 )
 def test_bad_input_is_one_line_and_an_exit_code(args, code, message, tmp_path):
-    args = [str(tmp_path / arg) if arg in ("OUT", "MISSING") else arg for arg in args]
+    (tmp_path / "EMPTY").mkdir()
+    args = [str(tmp_path / arg) if arg in ("OUT", "MISSING", "EMPTY") else arg for arg in args]
     got, stdout, stderr = run_cli(*args)
     assert got == code
     assert message in stderr

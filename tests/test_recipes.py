@@ -26,3 +26,11 @@ def test_recipe_validates(recipe):
 def test_recipe_opens_with_its_command(recipe):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# umtam ") and f"--config recipes/{recipe.name}" in first
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    root = Path(__file__).resolve().parents[1]
+    ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = (root / "README.md").read_text()
+    assert ci_command.endswith("python -m pytest -q tests")
+    assert f"\n    {ci_command}\n" in readme
