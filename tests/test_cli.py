@@ -259,3 +259,20 @@ def test_merge_refuses_a_single_checkpoint(trained, tmp_path):
     out, _ = trained
     code, _, stderr = run_cli("merge", str(out), "-o", str(tmp_path / "m"))
     assert code == 2 and "at least two checkpoints" in stderr
+
+
+def test_holdout_slice_is_recorded_and_evaluated_again(tmp_path, tiny_model_dir, glue_dir):
+    out = tmp_path / "rte"
+    code, _, stderr = run_cli(
+        "train", "--task", "rte", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
+        "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
+        "--holdout-fraction", "0.25", "-o", str(out), "--quiet",
+    )
+    assert code == 0, stderr
+    sidecar = json.loads((out / "umtam.json").read_text())
+    assert sidecar["steps"] == 3  # 24 rows, a quarter held out, batch 8
+    held = sidecar["tasks"]["rte"]["holdout_metrics"]
+    code, stdout, stderr = run_cli("eval", str(out), "--data-dir", str(glue_dir), "--max-length", "32",
+                                   "--holdout-fraction", "0.25", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["tasks"]["rte"]["splits"] == {"holdout": held}

@@ -88,9 +88,15 @@ def build_task_model(checkpoint, task: str, tensors: dict):
 
 
 def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, max_eval_samples=None,
-                        max_length: int = 128, batch_size: int = 64, seed: int = 42,
+                        max_length: int = 128, batch_size: int = 64, seed: int = 42, holdout_fraction: float = 0.0,
                         progress: ProgressFn = _no_progress) -> dict[str, Any]:
-    """{task: {"splits": {split: metrics}, "score": float, "normalized": float | None}}."""
+    """{task: {"splits": {split: metrics}, "score": float, "normalized": float | None}}.
+
+    With ``holdout_fraction`` the fixed holdout slice of train is evaluated
+    instead of dev (the slice ``umtam train --holdout-fraction`` kept unseen),
+    so merge and prune settings can be chosen without looking at dev; the
+    normalised score then divides by the expert's own holdout score.
+    """
     from umtam import data, metrics
     from umtam.models import ModelSource, load_tokenizer
 
@@ -100,15 +106,17 @@ def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, m
     results: dict[str, Any] = {}
     for task in tasks:
         task_data = data.load_task(task, data_dir=data_dir, max_eval_samples=max_eval_samples, seed=seed,
-                                   need_train=False)
+                                   need_train=False, holdout_fraction=holdout_fraction)
         model = build_task_model(checkpoint, task, tensors)
+        chosen = {"holdout": task_data.holdout} if holdout_fraction else task_data.eval
         splits = {
             split: evaluate_model(model, data.encode(examples, tokenizer, max_length), task,
                                   pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
-            for split, examples in task_data.eval.items()
+            for split, examples in chosen.items()
         }
+        reference = "expert_holdout_metrics" if holdout_fraction else "expert_metrics"
         results[task] = {"splits": splits, "score": task_score(task, splits),
-                         "normalized": normalized_score(task, splits, checkpoint.tasks[task])}
+                         "normalized": normalized_score(task, splits, checkpoint.tasks[task], reference)}
     return results
 
 
@@ -120,10 +128,12 @@ def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:
     return sum(values) / len(values)
 
 
-def normalized_score(task: str, splits, record: dict[str, Any]) -> float | None:
+def normalized_score(task: str, splits, record: dict[str, Any], reference: str = "expert_metrics") -> float | None:
     """Score divided by the expert's own score on the same task, when the sidecar has it."""
-    expert = record.get("expert_metrics")
+    expert = record.get(reference)
     if not expert:
         return None
+    if reference == "expert_holdout_metrics":
+        expert = {"holdout": expert}
     expert_score = task_score(task, expert)
     return task_score(task, splits) / expert_score if expert_score else None

@@ -11,6 +11,7 @@ Examples:
   umtam eval runs/mrpc --task mrpc
   umtam eval merged/ --task glue            # every task the checkpoint has a head for
   umtam eval merged/ --task glue --json | jq '.tasks.mrpc.score'
+  umtam eval merged/ --holdout-fraction 0.1   # the unseen train slice, for tuning without dev
 """
 
 
@@ -22,8 +23,11 @@ Examples:
 @click.option("--max-length", type=int, default=128, show_default=True, help="Truncate inputs to this many tokens.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed for dev subsampling.")
+@click.option("--holdout-fraction", type=float, default=0.0,
+              help="Evaluate the fixed holdout slice of train (as kept by train --holdout-fraction) instead of dev.")
 @common_output_options
-def command(checkpoint, task, data_dir, max_eval_samples, max_length, batch_size, seed, as_json, quiet, verbose):
+def command(checkpoint, task, data_dir, max_eval_samples, max_length, batch_size, seed, holdout_fraction, as_json,
+            quiet, verbose):
     """Evaluate a checkpoint on GLUE dev sets."""
     from umtam.checkpoint import load_checkpoint
     from umtam.errors import ConfigError
@@ -36,7 +40,8 @@ def command(checkpoint, task, data_dir, max_eval_samples, max_length, batch_size
     ckpt = load_checkpoint(checkpoint)
     with progress_renderer(quiet=quiet, verbose=verbose) as progress:
         results = evaluate_checkpoint(ckpt, task, data_dir=data_dir, max_eval_samples=max_eval_samples,
-                                      max_length=max_length, batch_size=batch_size, seed=seed, progress=progress)
+                                      max_length=max_length, batch_size=batch_size, seed=seed,
+                                      holdout_fraction=holdout_fraction, progress=progress)
     payload = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "tasks": results,
                "average_score": sum(r["score"] for r in results.values()) / len(results)}
     if as_json:
