@@ -28,8 +28,10 @@ def escape(text: str) -> str:
     return "\n".join(lines)
 
 
-def help_text(command: click.Command, path: list[str]) -> str:
-    context = click.Context(command, info_name=" ".join(path), max_content_width=80, terminal_width=80)
+def help_text(command: click.Command, path: list[str], parent: click.Context | None = None) -> str:
+    # Subcommands get the group's context as parent, as when run, so they inherit
+    # its settings (-h as well as --help) exactly as `umtam CMD --help` shows them.
+    context = click.Context(command, info_name=path[-1], parent=parent, max_content_width=80, terminal_width=80)
     return command.get_help(context)
 
 
@@ -50,12 +52,13 @@ def page(name: str, summary: str, body: str, see_also: list[str]) -> str:
 
 
 def render_all() -> dict[str, str]:
-    group_context = click.Context(cli, info_name="umtam")
+    settings = {**cli.context_settings, "max_content_width": 80}
+    group_context = click.Context(cli, info_name="umtam", terminal_width=80, **settings)
     pages = {"umtam.1": page("umtam", "optimizer statistics as a reusable asset for pruning and merging",
-                             help_text(cli, ["umtam"]), [f"umtam-{name}" for name in SUBCOMMANDS])}
+                             group_context.get_help(), [f"umtam-{name}" for name in SUBCOMMANDS])}
     for name, (_, summary) in SUBCOMMANDS.items():
         command = cli.get_command(group_context, name)
-        pages[f"umtam-{name}.1"] = page(f"umtam-{name}", summary, help_text(command, ["umtam", name]), ["umtam"])
+        pages[f"umtam-{name}.1"] = page(f"umtam-{name}", summary, help_text(command, ["umtam", name], group_context), ["umtam"])
     return pages
 
 
