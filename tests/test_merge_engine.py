@@ -213,3 +213,88 @@ def test_existing_output_needs_force(experts, tmp_path):
         merge_checkpoints(experts[:2], tmp_path / "taken", method="average")
     merge_checkpoints(experts[:2], tmp_path / "taken", method="average", force=True)
     assert load_checkpoint(tmp_path / "taken").kind == "merge"
+
+
+# ----------------------------------------------------------------------------- row blocks
+
+BLOCK_CASES = CASES + [
+    ("average", {}),
+    ("task-arithmetic", {"lambda": 0.5}),
+    ("ties", {"scope": "tensor", "agg": "sum"}),
+    ("umtam", {"trim": "magnitude", "weights": "uniform", "elect": False}),
+    ("umtam", {"trim": "second-moment", "keep": 0.5}),
+    ("ota", {"normalise": "mean", "denominator": "kept", "scope": "global"}),
+    ("ota", {"graft": "curvature"}),
+    ("dare", {"drop": 0.3, "seed": 4}),
+    ("dare-ties", {"agg": "sum"}),
+    ("fisher", {"norms": "base"}),
+]
+
+
+@pytest.mark.parametrize("method,options", BLOCK_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(BLOCK_CASES)])
+def test_merging_in_tiny_row_blocks_equals_whole_tensors_bit_for_bit(experts, method, options):
+    # 8 entries per input: one row of every 8-wide weight at a time, so every 2-D
+    # tensor is split and per-tensor thresholds, curvature means and DARE's
+    # random streams must all be the whole tensor's; 24 leaves a ragged last block.
+    whole, whole_report = merge_tensors(experts, method=method, options=options)
+    for block_entries in (8, 24):
+        blocked, report = merge_tensors(experts, method=method, options=options, block_entries=block_entries)
+        assert blocked.keys() == whole.keys()
+        for key, value in whole.items():
+            assert blocked[key].dtype == value.dtype and torch.equal(blocked[key], value), (block_entries, key)
+        assert report.thresholds == whole_report.thresholds
+
+
+def test_block_entries_must_be_a_positive_integer(experts):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="block_entries"):
+            merge_tensors(experts, method="average", block_entries=bad)
+
+
+def test_base_is_read_from_its_safetensors_without_building_a_model(family, experts, monkeypatch):
+    import umtam.models as models
+
+    keys = sorted(encoder_tensors(experts[0].load_tensors()))
+    rebuilt = load_base_encoder(family.base_record)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base should be read from its file, not rebuilt")
+
+    monkeypatch.setattr(models, "load_classifier", no_model)
+    direct = load_base_encoder(family.base_record, keys=keys)
+    assert direct.keys() == rebuilt.keys()
+    assert all(torch.equal(direct[key], rebuilt[key]) for key in keys)
+    merged, _ = merge_tensors(experts, method="ties")  # the whole merge takes the direct path too
+    assert merged
+
+
+def test_base_saved_as_a_bare_encoder_is_read_through_the_model_prefix(family, tmp_path, monkeypatch):
+    import umtam.models as models
+
+    classifier = tiny_model(seed=0)  # the family's base, saved without the "bert." prefix
+    classifier.bert.save_pretrained(tmp_path / "bare")
+    record = {**family.base_record, "reference": str(tmp_path / "bare"), "location": str(tmp_path / "bare")}
+    keys = sorted(family.base_encoder)
+    monkeypatch.setattr(models, "load_classifier", lambda *a, **k: pytest.fail("rebuilt"))
+    direct = load_base_encoder(record, keys=keys)
+    assert all(torch.equal(direct[key], family.base_encoder[key]) for key in keys)
+
+
+def test_base_file_that_does_not_hash_to_the_fingerprint_falls_back_and_is_refused(family, tmp_path):
+    from safetensors.torch import save_file
+
+    changed = {key: value.clone() for key, value in family.base_encoder.items()}
+    changed["bert.pooler.dense.bias"] += 1.0
+    (tmp_path / "other").mkdir()
+    save_file(changed, str(tmp_path / "other" / "model.safetensors"))
+    (tmp_path / "other" / "config.json").write_text((family.base_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="does not match the recorded fingerprint"):
+        load_base_encoder(family.base_record, override=str(tmp_path / "other"), keys=sorted(changed))
+
+
+def test_plan_estimate_covers_the_output_and_one_block(experts):
+    described = plan(experts, method="umtam")
+    output_bytes = sum(t.numel() * t.element_size() for t in merge_tensors(experts, method="umtam")[0].values())
+    assert output_bytes < described.estimated_peak_bytes
+    small = plan(experts, method="umtam", block_entries=8)
+    assert small.estimated_peak_bytes < described.estimated_peak_bytes

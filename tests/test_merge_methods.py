@@ -298,3 +298,23 @@ def test_every_method_names_its_paper_in_its_docstring():
         spec = get_method(name)
         module = importlib.import_module(spec.merge.__module__)
         assert spec.url.startswith("https://arxiv.org/abs/") and spec.url in module.__doc__
+
+
+def test_dare_masks_drawn_block_after_block_equal_the_whole_tensor_mask():
+    # a tensor merged in row blocks draws each block from one stream per task, in order
+    whole = drop_mask(torch.Size([7, 5]), drop=0.4, seed=2, task_id="mrpc", name=NAME)
+    (stream,) = get_method("dare").random_streams(NAME, ("mrpc",), {"seed": 2})
+    rows = [drop_mask(torch.Size([n, 5]), drop=0.4, seed=2, task_id="mrpc", name=NAME, generator=stream)
+            for n in (3, 1, 3)]
+    assert torch.equal(torch.cat(rows), whole)
+
+
+def test_a_row_block_merges_to_the_rows_of_the_whole_tensor():
+    from umtam.saliency import RowBlock
+
+    group = _random_group(3, seed=4)
+    for method, options in [("umtam", {"keep": 1.0}), ("fisher", {}), ("ota", {"keep": 1.0, "normalise": "mean"})]:
+        whole = merge(method, group, **options)
+        block = TensorGroup(NAME, tuple(w[1:4] for w in group.weights), base=group.base[1:4], stats=group.stats,
+                            task_ids=group.task_ids, block=RowBlock(1, 4, 5))
+        assert torch.equal(merge(method, block, **options), whole[1:4]), method

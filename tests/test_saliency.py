@@ -142,3 +142,56 @@ def test_streaming_threshold_spans_many_orders_of_magnitude():
         assert saliency.streaming_thresholds(lambda: ((t,) for t in tensors), keep) == [
             _concatenated_threshold(tensors, keep)
         ]
+
+
+# ----------------------------------------------------------------------------- row blocks
+
+
+def _random_stats(rows, cols, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        f"exp_avg_sq_row/{NAME}": torch.rand(rows, generator=generator) * 1e-4,
+        f"exp_avg_sq_col/{NAME}": torch.rand(cols, generator=generator) * 1e-4,
+        f"fisher/{NAME}": torch.rand(rows * cols, generator=generator),
+    }
+
+
+@pytest.mark.parametrize("name", saliency.available_scores())
+def test_row_block_scores_are_the_rows_of_the_whole_scores_bit_for_bit(name):
+    stats = _random_stats(7, 5, seed=1)
+    vector = torch.randn(7, 5, generator=torch.Generator().manual_seed(2))
+    whole = saliency.score(name, NAME, vector, stats, checkpoint_label="ckpt")
+    for start, stop in ((0, 3), (3, 6), (6, 7)):
+        block = saliency.RowBlock(start, stop, 7)
+        got = saliency.score(name, NAME, vector[start:stop], stats, checkpoint_label="ckpt", block=block)
+        assert torch.equal(got, whole[start:stop])
+
+
+def test_row_block_statistics_are_checked_against_the_whole_weight():
+    stats = _random_stats(7, 5, seed=1)
+    with pytest.raises(CheckpointError, match="7 x 5"):
+        saliency.score("curvature", NAME, torch.ones(2, 5), stats, checkpoint_label="ckpt",
+                       block=saliency.RowBlock(0, 2, 9))
+
+
+def test_means_from_the_factors_equal_the_dense_means():
+    # sqrt(R) = [1, 2, 3], sqrt(C) = [1, 2, 3, 4]: mean of the outer product = 2 * 2.5 = 5
+    assert saliency.curvature_mean(NAME, T.shape, STATS, checkpoint_label="ckpt") == 5.0
+    stats = _random_stats(30, 20, seed=3)
+    shape = torch.Size([30, 20])
+    dense = saliency.curvature(NAME, shape, stats, checkpoint_label="ckpt").double().mean()
+    assert saliency.curvature_mean(NAME, shape, stats, checkpoint_label="ckpt") == pytest.approx(float(dense), rel=1e-6)
+    for power in (1.0, 0.5, 2.0):
+        moment = saliency.second_moment(NAME, shape, stats, checkpoint_label="ckpt").double().pow(power).mean()
+        got = saliency.second_moment_mean(NAME, shape, stats, checkpoint_label="ckpt", power=power)
+        assert got == pytest.approx(float(moment), rel=1e-5)
+    zero = {f"exp_avg_sq_row/{NAME}": torch.zeros(30), f"exp_avg_sq_col/{NAME}": torch.ones(20)}
+    assert saliency.second_moment_mean(NAME, shape, zero, checkpoint_label="ckpt") == 0.0
+
+
+def test_streaming_threshold_treats_negative_zero_as_zero():
+    tensors = [torch.tensor([-0.0, 0.0, 2.0]), torch.tensor([-0.0, 1.0])]
+    for keep in (0.2, 0.6, 1.0):
+        assert saliency.streaming_thresholds(lambda: ((t,) for t in tensors), keep) == [
+            _concatenated_threshold(tensors, keep)
+        ]

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from umtam.errors import ConfigError
 
@@ -143,7 +143,7 @@ def fingerprint(tensors: Mapping[str, Any]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 
@@ -162,21 +162,31 @@ def base_record(source: ModelSource, base_encoder: Mapping[str, Any], init_seed:
     return {**source.as_record(), "fingerprint": fingerprint(base_encoder), "init_seed": init_seed}
 
 
-def load_base_encoder(record: Mapping[str, Any], *, override: str | None = None) -> dict[str, Any]:
+def load_base_encoder(record: Mapping[str, Any], *, override: str | None = None,
+                      keys: Iterable[str] | None = None) -> Mapping[str, Any]:
     """Rebuild the base encoder tensors a checkpoint was fine-tuned from, and verify them.
 
     ``override`` (``--base``) points at another copy of the base; either way the
     tensors must hash to the recorded fingerprint, so a moved or different base
     is caught instead of silently producing wrong task vectors.
+
+    With ``keys``, the encoder tensor names of a checkpoint fine-tuned from this
+    base, a base that is a local directory with a model.safetensors is first read
+    straight from that file (``read_base_file``): memory-mapped, read-only, no
+    model built. It is used only when it hashes to the fingerprint; otherwise
+    (a head or pooler the base file lacks and transformers initialises, legacy
+    names, another dtype) the base is rebuilt through transformers as without
+    ``keys``.
     """
     import torch
 
     from umtam.errors import CheckpointError
 
-    reference = override or record.get("reference") or record.get("location")
-    source = resolve_model(reference)
-    if source.origin == "hub" and record.get("location") and Path(record["location"]).is_dir():
-        source = resolve_model(record["location"])
+    source = _base_source(record, override)
+    if keys is not None:
+        direct = read_base_file(source, keys)
+        if direct is not None and fingerprint(direct) == record["fingerprint"]:
+            return direct
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(record.get("init_seed", 0)))
         model = load_classifier(source, num_labels=2)
@@ -188,3 +198,46 @@ def load_base_encoder(record: Mapping[str, Any], *, override: str | None = None)
             hint="pass the base the checkpoint was trained from with --base",
         )
     return {key: value.detach().clone() for key, value in encoder.items()}
+
+
+def _base_source(record: Mapping[str, Any], override: str | None) -> ModelSource:
+    reference = override or record.get("reference") or record.get("location")
+    source = resolve_model(reference)
+    if source.origin == "hub" and record.get("location") and Path(record["location"]).is_dir():
+        source = resolve_model(record["location"])
+    return source
+
+
+def read_base_file(source: ModelSource, keys: Iterable[str]) -> dict[str, Any] | None:
+    """The tensors ``keys`` straight from a local base's model.safetensors, or None.
+
+    A classifier's encoder names carry the architecture's base-model prefix
+    ("bert.encoder..."), which a base saved as a bare encoder lacks
+    ("encoder..."): the prefix is the first name component shared by every key,
+    and a key missing from the file is looked up without it. None when the base
+    is not a local directory with one safetensors file or a key is not in it.
+    The tensors are read-only views of the memory-mapped file; nothing is
+    checked here (the caller compares the fingerprint).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(source.location) / "model.safetensors"
+    if source.origin == "hub" or not path.is_file():
+        return None
+    keys = list(keys)
+    first_parts = {key.split(".", 1)[0] for key in keys}
+    prefix = f"{first_parts.pop()}." if len(first_parts) == 1 else None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            available = set(handle.keys())
+            names = {}
+            for key in keys:
+                if key in available:
+                    names[key] = key
+                elif prefix and key.startswith(prefix) and key[len(prefix):] in available:
+                    names[key] = key[len(prefix):]
+                else:
+                    return None
+            return {key: handle.get_tensor(name) for key, name in names.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None

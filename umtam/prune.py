@@ -15,7 +15,9 @@ concatenated score vector is built. Every entry scoring >= the threshold is
 kept: ties at the threshold keep all tied entries, so the measured kept
 fraction can slightly exceed ``keep`` (the report and sidecar give the measured
 value). Memory: the input model, the base encoder and the output, one model
-each; scores exist one tensor at a time.
+each (the base memory-mapped straight from its safetensors file when it is a
+local directory, see models.load_base_encoder); scores exist one tensor at a
+time.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ def prune_checkpoint(ckpt: Checkpoint | str | Path, *, keep: float, score: str =
     tensors = checkpoint.load_tensors()
     stats = checkpoint.load_stats()
     names = prunable_names(tensors)
-    base_tensors = load_base_encoder(checkpoint.sidecar["base_model"], override=base) if names else {}
+    encoder_keys = [key for key in tensors if not is_head_key(key) and split_head_key(key) is None]
+    base_tensors = (load_base_encoder(checkpoint.sidecar["base_model"], override=base, keys=encoder_keys)
+                    if names else {})
     label = str(checkpoint.path)
     _check_base_covers(base_tensors, tensors, names, label)
 

@@ -19,6 +19,15 @@ Statistics keys (``<stat>/<parameter name>``): a 2-D weight has
 a 1-D parameter has ``exp_avg_sq/<name>``, used elementwise. Higher-rank weights
 are read as (shape[0], rest).
 
+Row blocks: every score is elementwise given its statistics, so a weight can be
+scored a few rows at a time. ``block=RowBlock(start, stop, rows)`` scores rows
+[start, stop) of a weight with ``rows`` rows: the task vector holds those rows
+only, the statistics stay the whole weight's (R is sliced, per-tensor
+quantities such as mean(R) are taken over all rows), and the result equals
+the same rows of the whole weight's scores bit for bit. Means over a whole
+weight come from the factors (``curvature_mean``, ``second_moment_mean``), so
+no m x n matrix is formed for them either.
+
 Thresholds: ``keep`` is the fraction of entries to keep, ``round(keep * N)`` of
 them (at least one). The threshold is the exact k-th largest score and every
 entry scoring ``>= threshold`` is kept, so ties at the threshold keep all tied
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -77,9 +87,9 @@ def get_score(name: str) -> ScoreFn:
 
 
 def score(method: str, name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
-          checkpoint_label: str) -> Tensor:
-    """Score every entry of one parameter's task vector with the named score function."""
-    return get_score(method)(name, task_vector, stats, checkpoint_label=checkpoint_label)
+          checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    """Score every entry of one parameter's task vector (or of a row block of it) with the named score."""
+    return get_score(method)(name, task_vector, stats, checkpoint_label=checkpoint_label, block=block)
 
 
 def required_stats(method: str, name: str, ndim: int) -> tuple[str, ...]:
@@ -131,9 +141,32 @@ def read_stat(stats: Mapping[str, Tensor], key: str, *, checkpoint_label: str) -
     return value.to(torch.float32)
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, stop) of a weight that has ``rows`` rows in all, scored on their own."""
+
+    start: int
+    stop: int
+    rows: int
+
+    def of(self, tensor: Tensor) -> Tensor:
+        """These rows of a tensor laid out like the whole weight (or its row factor R)."""
+        return tensor[self.start:self.stop]
+
+
+def whole_shape(shape: Sequence[int], block: RowBlock | None) -> torch.Size:
+    """The whole weight's shape, given the shape of one of its row blocks."""
+    return torch.Size(shape) if block is None else torch.Size((block.rows, *shape[1:]))
+
+
 def row_col_factors(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
-                    checkpoint_label: str) -> tuple[Tensor, Tensor]:
-    """R (length shape[0]) and C (length of the rest) for a weight read as 2-D."""
+                    checkpoint_label: str, block: RowBlock | None = None) -> tuple[Tensor, Tensor]:
+    """R (length shape[0]) and C (length of the rest) for a weight read as 2-D.
+
+    ``shape`` is the shape scored (a row block's with ``block``); R is always the
+    whole weight's, so that per-tensor quantities stay per tensor.
+    """
+    shape = whole_shape(shape, block)
     rows, cols = shape[0], math.prod(shape[1:])
     r = read_stat(stats, row_key(name), checkpoint_label=checkpoint_label).reshape(-1)
     c = read_stat(stats, col_key(name), checkpoint_label=checkpoint_label).reshape(-1)
@@ -147,52 +180,94 @@ def row_col_factors(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *
 
 
 def curvature(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
-              checkpoint_label: str) -> Tensor:
-    """sqrt(R_i C_j) for a weight (sqrt(v) for a 1-D parameter), dense for this tensor only."""
+              checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    """sqrt(R_i C_j) for a weight (sqrt(v) for a 1-D parameter), dense for this tensor (or block) only."""
     if len(shape) < 2:
-        return _vector_stat(name, shape, stats, checkpoint_label=checkpoint_label).sqrt()
-    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label)
+        return _vector_stat(name, shape, stats, checkpoint_label=checkpoint_label, block=block).sqrt()
+    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label, block=block)
+    r = r if block is None else block.of(r)
     # Square roots first: R_i * C_j of two small EMAs can underflow float32.
     return torch.outer(r.clamp_min(0).sqrt(), c.clamp_min(0).sqrt()).reshape(shape)
 
 
+def curvature_mean(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+                   checkpoint_label: str) -> float:
+    """The mean of ``curvature`` over the whole weight of ``shape``, from its factors alone.
+
+    mean_ij sqrt(R_i) sqrt(C_j) = mean(sqrt R) * mean(sqrt C), in float64: no m x n
+    matrix is formed, so every row block of a weight is divided by the same mean
+    (equal to the dense float32 mean up to its rounding).
+    """
+    if len(shape) < 2:
+        return _mean(_vector_stat(name, shape, stats, checkpoint_label=checkpoint_label).sqrt())
+    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label)
+    return _mean(r.clamp_min(0).sqrt()) * _mean(c.clamp_min(0).sqrt())
+
+
 def second_moment(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
-                  checkpoint_label: str) -> Tensor:
+                  checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """Adafactor's rank-1 reconstruction R C^T / mean(R) of the diagonal second moment.
 
     It equals the per-entry EMA of G^2 whenever that EMA is rank one, and is the
-    diagonal empirical-Fisher proxy that Fisher and OTA merging weight by.
+    diagonal empirical-Fisher proxy that Fisher and OTA merging weight by. mean(R)
+    is the whole weight's, also for a row block.
     """
     if len(shape) < 2:
-        return _vector_stat(name, shape, stats, checkpoint_label=checkpoint_label).clamp_min(0)
-    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label)
+        return _vector_stat(name, shape, stats, checkpoint_label=checkpoint_label, block=block).clamp_min(0)
+    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label, block=block)
     r, c = r.clamp_min(0), c.clamp_min(0)
     scale = r.mean()
     if scale <= 0:
         return torch.zeros(shape, dtype=torch.float32)
+    r = r if block is None else block.of(r)
     return (torch.outer(r, c) / scale).reshape(shape)
 
 
+def second_moment_mean(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+                       checkpoint_label: str, power: float = 1.0) -> float:
+    """The mean of ``second_moment ** power`` over the whole weight, from its factors alone.
+
+    mean_ij (R_i C_j / mean(R))^p = mean(R^p) * mean(C^p) / mean(R)^p, in float64
+    (see ``curvature_mean``); 0 where the dense second moment is all zeros.
+    """
+    if len(shape) < 2:
+        return _mean(_vector_stat(name, shape, stats, checkpoint_label=checkpoint_label).pow(power))
+    r, c = row_col_factors(name, shape, stats, checkpoint_label=checkpoint_label)
+    r, c = r.clamp_min(0), c.clamp_min(0)
+    scale = r.mean()
+    if scale <= 0:
+        return 0.0
+    return _mean(r.double().pow(power)) * _mean(c.double().pow(power)) / float(scale) ** power
+
+
+def _mean(values: Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else 0.0
+
+
 def full_fisher(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
-                checkpoint_label: str) -> Tensor:
+                checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    whole = whole_shape(shape, block)
     fisher = read_stat(stats, fisher_key(name), checkpoint_label=checkpoint_label)
-    if fisher.numel() != math.prod(shape):
+    if fisher.numel() != math.prod(whole):
         raise CheckpointError(
             f"{checkpoint_label}: statistic {fisher_key(name)!r} has {fisher.numel()} entries, "
-            f"but {name} has {math.prod(shape)}"
+            f"but {name} has {math.prod(whole)}"
         )
-    return fisher.reshape(shape)
+    fisher = fisher.reshape(whole)
+    return fisher if block is None else block.of(fisher)
 
 
 def _vector_stat(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
-                 checkpoint_label: str) -> Tensor:
+                 checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    whole = whole_shape(shape, block)
     value = read_stat(stats, vector_key(name), checkpoint_label=checkpoint_label)
-    if value.numel() != math.prod(shape):
+    if value.numel() != math.prod(whole):
         raise CheckpointError(
             f"{checkpoint_label}: statistic {vector_key(name)!r} has {value.numel()} entries, "
-            f"but {name} has {math.prod(shape)}"
+            f"but {name} has {math.prod(whole)}"
         )
-    return value.reshape(shape).clamp_min(0)
+    value = value.reshape(whole)
+    return (value if block is None else block.of(value)).clamp_min(0)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -208,33 +283,33 @@ def _fisher_stats(name: str, ndim: int) -> tuple[str, ...]:
 
 @register("curvature", needs=second_moment_keys)
 def curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
-                    checkpoint_label: str) -> Tensor:
+                    checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 * sqrt(R_i C_j): the DESIGN section 4 saliency."""
     t = task_vector.to(torch.float32)
-    return t.square() * curvature(name, t.shape, stats, checkpoint_label=checkpoint_label)
+    return t.square() * curvature(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
 
 
 @register("magnitude", needs=_no_stats)
 def magnitude_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
-                    checkpoint_label: str) -> Tensor:
+                    checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 (ranks entries like |T|, the TIES trim)."""
     return task_vector.to(torch.float32).square()
 
 
 @register("fisher", needs=_fisher_stats)
 def fisher_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
-                 checkpoint_label: str) -> Tensor:
+                 checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 * F with F the full Fisher diagonal, when the checkpoint recorded one."""
     t = task_vector.to(torch.float32)
-    return t.square() * full_fisher(name, t.shape, stats, checkpoint_label=checkpoint_label)
+    return t.square() * full_fisher(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
 
 
 @register("second-moment", needs=second_moment_keys)
 def second_moment_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
-                        checkpoint_label: str) -> Tensor:
+                        checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 * R_i C_j / mean(R): Fast Fisher Grafting (arXiv 2509.11167) on compressed moments."""
     t = task_vector.to(torch.float32)
-    return t.square() * second_moment(name, t.shape, stats, checkpoint_label=checkpoint_label)
+    return t.square() * second_moment(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -267,12 +342,13 @@ def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep
     """Exact per-series k-th largest score over many tensors, never concatenating them.
 
     ``batches()`` is called twice and must yield the same sequence each time: for
-    every tensor, a sequence with one score tensor per series (e.g. per task).
-    Scores are non-negative, so their float32 bit patterns order like the
-    values: pass one histograms the high 16 bits to find the bin holding the k-th
-    largest, pass two histograms the low 16 bits inside that bin. Memory is two
-    histograms per series; the result equals ``tensor_threshold`` on the
-    concatenation, bit for bit.
+    every tensor (or row block), a sequence with one score tensor per series (e.g.
+    per task; a stacked (K, ...) tensor will do). Scores are non-negative, so
+    their float32 bit patterns order like the values: pass one histograms the
+    high 16 bits to find the bin holding the k-th largest, pass two histograms
+    the low 16 bits of the entries inside that bin. The bits are read in place as
+    int32 (no widening copy); memory is two histograms per series. The result
+    equals ``tensor_threshold`` on the concatenation, bit for bit.
     """
     high: list[Tensor] = []
     for scores in batches():
@@ -288,7 +364,9 @@ def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep
     for scores in batches():
         for histogram, (bin_index, _), tensor in zip(low, targets, scores):
             bits = _score_bits(tensor)
-            histogram += torch.bincount(bits[(bits >> 16) == bin_index] & 0xFFFF, minlength=_LOW_BINS)
+            inside = bits[(bits >> 16) == bin_index]
+            if inside.numel():
+                histogram += torch.bincount(inside & 0xFFFF, minlength=_LOW_BINS)
     thresholds = []
     for histogram, (bin_index, rank) in zip(low, targets):
         low_index, _ = _locate(histogram, rank)
@@ -297,9 +375,13 @@ def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep
 
 
 def _score_bits(scores: Tensor) -> Tensor:
-    # abs() also turns -0.0 into +0.0, whose bit pattern would sort first otherwise.
-    values = scores.detach().reshape(-1).to(torch.float32).abs().contiguous()
-    return values.view(torch.int32).to(torch.int64)
+    """The float32 bit patterns of |scores| as int32, so that they sort like the values.
+
+    Clearing the sign bit is abs() on the bits: it also turns -0.0 into +0.0,
+    whose pattern would otherwise sort first.
+    """
+    values = scores.detach().reshape(-1).to(torch.float32).contiguous()
+    return values.view(torch.int32) & 0x7FFFFFFF
 
 
 def _locate(histogram: Tensor, k: int) -> tuple[int, int]:

@@ -4,6 +4,13 @@ The engine (engine.py) owns every file; a method only sees a ``TensorGroup``
 (the K inputs' values of one tensor, the base value, each input's statistics)
 and returns the merged tensor. That keeps methods small, testable on
 hand-computed 3x4 tensors, and free of I/O.
+
+A group may also be a row block of a tensor (``group.block``): every method is
+elementwise across the K inputs once its per-tensor quantities are fixed, so
+the engine merges a large tensor a few rows at a time. Per-tensor quantities
+are then passed in (trim thresholds) or derived from the whole tensor's
+statistics (curvature means, mean(R)), never from the block's own entries, and
+the rows merged in blocks equal the rows of the whole-tensor merge bit for bit.
 """
 
 from __future__ import annotations
@@ -11,13 +18,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from umtam.errors import ConfigError
-from umtam.saliency import available_scores, unknown_choice_message
+from umtam.saliency import RowBlock, available_scores, unknown_choice_message, whole_shape
 
 
 @dataclass(frozen=True)
@@ -26,8 +33,15 @@ class TensorGroup:
 
     ``labels`` name the inputs in error messages (checkpoint paths); ``task_ids``
     identify them stably (their task names) so that seeded methods do not depend
-    on input order. ``thresholds`` carries per-input global trim thresholds from
-    the engine's prepare pass (None: the method trims per tensor).
+    on input order. ``thresholds`` carries per-input trim thresholds from the
+    engine: global ones from its prepare pass, or this tensor's own when the
+    engine splits it into row blocks (None: the method trims per tensor itself).
+
+    ``block`` says which rows of the whole tensor the weights hold (None: all of
+    them); statistics are always the whole tensor's. ``streams`` are per-input
+    random generators positioned at this block's first entry, shared by the
+    blocks of one tensor in row order (None: a seeded method starts its own at
+    the tensor's first entry).
     """
 
     name: str
@@ -37,6 +51,8 @@ class TensorGroup:
     labels: tuple[str, ...] = ()
     task_ids: tuple[str, ...] = ()
     thresholds: tuple[float, ...] | None = None
+    block: RowBlock | None = None
+    streams: tuple[torch.Generator, ...] | None = None
 
     def __post_init__(self):
         count = len(self.weights)
@@ -53,7 +69,13 @@ class TensorGroup:
 
     @property
     def shape(self) -> torch.Size:
+        """The shape of the weights held: the row block's, or the whole tensor's."""
         return self.weights[0].shape
+
+    @property
+    def tensor_shape(self) -> torch.Size:
+        """The whole tensor's shape, also for a row block."""
+        return whole_shape(self.shape, self.block)
 
     @cached_property
     def stacked(self) -> Tensor:
@@ -69,7 +91,11 @@ class TensorGroup:
     @cached_property
     def task_vectors(self) -> Tensor:
         """T_t = W_t - W0, stacked (K, *shape)."""
-        return self.stacked - self.base32
+        # Each difference written straight into its slot: one pass, one (K, *shape) buffer.
+        vectors = torch.empty((self.size, *self.shape), dtype=torch.float32)
+        for slot, weight in zip(vectors, self.weights):
+            torch.sub(weight.to(torch.float32), self.base32, out=slot)
+        return vectors
 
 
 # ----------------------------------------------------------------------------- options
@@ -150,18 +176,25 @@ COMMON_OPTIONS: Mapping[str, Option] = {
 
 MergeFn = Callable[[TensorGroup, Mapping[str, Any]], Tensor]
 ScoresFn = Callable[[TensorGroup, Mapping[str, Any]], Tensor]  # (K, *shape) trim scores
+# (tensor name, task ids, options) -> one generator per input, at the tensor's first entry
+StreamsFn = Callable[[str, Sequence[str], Mapping[str, Any]], tuple[torch.Generator, ...]]
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method.
 
-    ``merge`` returns the merged weights of one tensor group. ``trim_scores``,
-    when set, gives each input's trim scores for one group; with option
-    ``scope == "global"`` the engine runs them in a prepare pass over every 2-D
-    tensor and hands the exact per-input thresholds to ``merge``.
-    ``stats_needed(options)`` names the saliency scores whose statistics must be
-    present, so a missing statistic is reported before any work.
+    ``merge`` returns the merged weights of one tensor group (or row block).
+    ``trim_scores``, when set, gives each input's trim scores for one group,
+    ranked with option ``keep``; with option ``scope == "global"`` the engine
+    runs them in a prepare pass over every 2-D tensor and hands the exact
+    per-input thresholds to ``merge``, and it does the same per tensor for a
+    tensor it splits into row blocks, so ``merge`` trims at ``group.thresholds``
+    whenever they are given. ``random_streams``, when set, makes the generators
+    a seeded method draws from for one tensor; the engine passes them to the
+    tensor's row blocks in order (``group.streams``). ``stats_needed(options)``
+    names the saliency scores whose statistics must be present, so a missing
+    statistic is reported before any work.
     """
 
     name: str
@@ -171,6 +204,7 @@ class MergeMethod:
     options: Mapping[str, Option] = field(default_factory=dict)
     needs_base: bool = True
     trim_scores: ScoresFn | None = None
+    random_streams: StreamsFn | None = None
     stats_needed: Callable[[Mapping[str, Any]], tuple[str, ...]] = lambda options: ()
 
     def all_options(self) -> dict[str, Option]:

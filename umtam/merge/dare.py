@@ -7,15 +7,17 @@ survivors are rescaled by 1 / (1 - drop), which keeps the expected task vector;
 then W = W0 + lambda * sum_t T'_t (the paper combines DARE with task
 arithmetic; lambda 1.0 by default). The random mask is seeded by
 (seed, the input's task names, tensor name): reproducible, independent of the
-order tensors are processed in and of the order the inputs are given. Default
-drop 0.5, a conservative rate for small encoders (the paper drops up to 0.9 and
-more on large models).
+order tensors are processed in and of the order the inputs are given. A tensor
+merged in row blocks draws its masks from one generator per input, block after
+block (``drop_streams``), so the masks are those of the whole tensor whatever
+the block size. Default drop 0.5, a conservative rate for small encoders (the
+paper drops up to 0.9 and more on large models).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,19 +25,37 @@ from torch import Tensor
 from umtam.merge.base import MergeMethod, Option, TensorGroup, finite_number, integer, probability_below_one
 
 
-def drop_mask(shape: torch.Size, *, drop: float, seed: int, task_id: str, name: str) -> Tensor:
-    """The entries DARE keeps (True) for one task's tensor, from a private generator."""
+def drop_generator(*, seed: int, task_id: str, name: str) -> torch.Generator:
+    """The private generator of one task's tensor, at its first entry."""
     digest = hashlib.sha256(f"{seed}\x00{task_id}\x00{name}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def drop_mask(shape: torch.Size, *, drop: float, seed: int, task_id: str, name: str,
+              generator: torch.Generator | None = None) -> Tensor:
+    """The entries DARE keeps (True) for one task's tensor, from a private generator.
+
+    ``generator`` continues a tensor's stream for its next row block (one uniform
+    draw per entry, in row-major order); without it the stream starts afresh.
+    """
+    if generator is None:
+        generator = drop_generator(seed=seed, task_id=task_id, name=name)
     return torch.rand(shape, generator=generator) >= drop
+
+
+def drop_streams(name: str, task_ids: Sequence[str], options: Mapping[str, Any]) -> tuple[torch.Generator, ...]:
+    """One generator per input for tensor ``name``, shared by its row blocks in order."""
+    return tuple(drop_generator(seed=options["seed"], task_id=task_id, name=name) for task_id in task_ids)
 
 
 def dropped_and_rescaled(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     """T'_t = T_t * keep_mask_t / (1 - drop), stacked (K, ...)."""
     drop = options["drop"]
+    streams = group.streams or (None,) * group.size
     masks = torch.stack([
-        drop_mask(group.shape, drop=drop, seed=options["seed"], task_id=task_id, name=group.name)
-        for task_id in group.task_ids
+        drop_mask(group.shape, drop=drop, seed=options["seed"], task_id=task_id, name=group.name,
+                  generator=generator)
+        for task_id, generator in zip(group.task_ids, streams)
     ])
     return group.task_vectors * masks / (1.0 - drop)
 
@@ -56,4 +76,5 @@ METHOD = MergeMethod(
     url="https://arxiv.org/abs/2311.03099",
     summary="drop entries with probability p, rescale by 1/(1-p), sum",
     options=DARE_OPTIONS,
+    random_streams=drop_streams,
 )

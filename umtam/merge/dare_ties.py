@@ -15,7 +15,7 @@ from torch import Tensor
 
 from umtam.merge import ops
 from umtam.merge.base import MergeMethod, Option, TensorGroup, one_of
-from umtam.merge.dare import DARE_OPTIONS, dropped_and_rescaled
+from umtam.merge.dare import DARE_OPTIONS, drop_streams, dropped_and_rescaled
 
 
 def dare_ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
@@ -36,4 +36,5 @@ METHOD = MergeMethod(
         **DARE_OPTIONS,
         "agg": Option("mean", one_of("mean", "sum"), "disjoint mean or sum of agreeing entries"),
     },
+    random_streams=drop_streams,
 )

@@ -1,18 +1,51 @@
-"""The merge engine: checks the inputs, streams them tensor by tensor, writes the result.
+"""The merge engine: checks the inputs, streams them row block by row block, writes the result.
 
 Every input's model.safetensors (and stats.safetensors) is memory-mapped with
-``safetensors.safe_open``; the engine reads one tensor name from all K inputs,
-hands that group to the method's pure function, and keeps only the merged
-result. The inputs are therefore never held K times: the working set is about
-K times the largest tensor. Two things are held whole, each one model's worth:
-the base encoder W0 (rebuilt and fingerprint-checked once by
-``models.load_base_encoder``, only when the method or ``norms="base"`` needs
-it) and the merged tensors themselves, because safetensors' ``save_file``
-writes from one dict.
+``safetensors.safe_open``. The engine takes one tensor name from all K inputs
+and hands it to the method's pure function in row blocks of at most
+``block_entries`` entries per input (a tensor that fits is one group, the
+whole tensor); the merged rows are copied into that tensor's output and
+nothing else is kept. Results do not depend on the block size: methods are
+elementwise across the K inputs once a tensor's per-tensor quantities are
+fixed, and those are passed in or derived from the whole tensor's statistics
+(base.py).
+
+Memory model (what the merge adds to the interpreter and torch, on Linux):
+
+    merged output        one model: every merged tensor is held until
+                         ``write_checkpoint``, because safetensors' ``save_file``
+                         writes from one dict (each is allocated before its
+                         block temporaries, so it pins no holes between them)
+    working set          one block's float32 temporaries of K x block_entries
+                         (task vectors, curvature, scores, signs, weights and
+                         their products) plus the allocator's slack: 40 to 70 MiB
+                         for K = 4 at the default block size
+    mapped input pages   each block's pages are handed back once it is merged,
+                         and every page of the files once a tensor is done
+                         (pages.py: madvise on the file mapping; the page cache
+                         keeps them), so about K blocks are resident, not K models
+    base encoder W0      only when the method or ``norms="base"`` needs it: read
+                         straight from the base model's safetensors when it is a
+                         local directory, memory-mapped and fingerprint-checked
+                         (``models.load_base_encoder``), then handed back like the
+                         inputs. Its pages come and go before any output exists,
+                         so they do not add to the peak. A base rebuilt through
+                         transformers (the fallback) is held whole: about two
+                         models more.
+
+So the peak is about one model plus the working set, which alone grows with
+K: 1.3 to 2 models above the import baseline for 4 MiniLM checkpoints
+(bench/merge.py).
+``MergePlan.estimated_peak_bytes`` follows this model. Where pages cannot be
+handed back (not Linux), the mapped inputs and base stay resident as they are
+read: page cache, counted in RSS, reclaimable.
+
+The block loop runs on one torch thread (``_one_torch_thread``): its ops are
+too small for intra-op threads to pay for their synchronisation.
 
 Which tensors go where:
 
-    2-D and higher floating weights (encoder)  -> the method, one group at a time
+    2-D and higher floating weights (encoder)  -> the method, one row block at a time
     1-D floating parameters (biases, LayerNorm) -> option ``norms``: "average" of
                                                   the inputs (provisional default)
                                                   or the "base" W0
@@ -24,7 +57,9 @@ Which tensors go where:
 Methods that trim over all 2-D weights at once (``scope="global"``) get an
 exact per-input threshold from a prepare pass: two extra streaming passes of
 radix selection over the scores (``saliency.streaming_thresholds``), so no
-concatenated score vector is built either.
+concatenated score vector is built either. A per-tensor trim of a tensor split
+into several row blocks gets its exact thresholds the same way, from two extra
+passes over that tensor only.
 """
 
 from __future__ import annotations
@@ -45,18 +80,25 @@ from umtam.checkpoint import (
 from umtam.errors import CheckpointError, ConfigError, MergeError
 from umtam.merge.base import MergeMethod, TensorGroup
 from umtam.merge.methods import DEFAULT_METHOD, get_method
+from umtam.merge.pages import MappedPages
 from umtam.models import is_head_key, load_base_encoder
-from umtam.saliency import missing_stat_error, required_stats, streaming_thresholds
+from umtam.saliency import RowBlock, missing_stat_error, required_stats, streaming_thresholds
 
 Progress = Callable[[int, int, str], None]
 InputLike = Union[str, Path, Checkpoint]
 
 _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _OTHER_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-# Per input a group holds the weight, its task vector, its scores and a mask or
-# weight tensor (float32), plus W0, the delta and the result: a rough bound.
-_WORK_COPIES_PER_INPUT = 4
-_WORK_COPIES_SHARED = 3
+# Entries per input in one row block: 1 MiB of float32 per input, so a block's
+# (K, rows, n) temporaries stay in cache and the working set is a few MiB.
+BLOCK_ENTRIES = 1 << 18
+# Float32 buffers of one block's size in the peak working set, per input (task
+# vectors, curvature, scores, signs, weights, products, the mapped rows and the
+# allocator's slack) and shared (sums, W0 rows, result rows): fitted to the
+# peaks bench/merge.py measures for umtam and ties, the most demanding methods.
+_WORK_COPIES_PER_INPUT = 14
+_WORK_COPIES_SHARED = 8
+_HISTOGRAM_BYTES = ((1 << 15) + (1 << 16)) * 8  # per input, streaming thresholds
 _STATS_HINT = (
     "checkpoints from `umtam train` carry it (every optimizer records curvature); otherwise "
     "choose a method that needs no statistics (average, task-arithmetic, ties, dare, dare-ties) "
@@ -78,9 +120,10 @@ class MergePlan:
     tensor_count: int  # encoder tensors: method weights + 1-D parameters + others
     method_tensors: int  # of which the method merges (2-D and higher floating)
     head_tensors: int
-    passes: int  # streaming passes over the inputs: 1, or 3 with a global trim
+    passes: int  # streaming passes over all inputs: 1, or 3 with a global trim (a per-tensor
+    # trim of a tensor split into row blocks adds two over that tensor alone)
     needs_base: bool
-    estimated_peak_bytes: int
+    estimated_peak_bytes: int  # what the merge adds to the interpreter (module docstring)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -100,34 +143,41 @@ class MergeReport:
 
 
 def plan(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
-         options: Mapping[str, Any] | None = None) -> MergePlan:
+         options: Mapping[str, Any] | None = None, block_entries: int = BLOCK_ENTRIES) -> MergePlan:
     """Validate a merge and estimate its cost without computing it (for --dry-run)."""
     spec, resolved, checkpoints = _prepare(inputs, method, options)
     with _open_inputs(checkpoints) as sources:
         layout = _check_compatible(sources)
         _check_stats(spec, resolved, sources, layout)
-        return _make_plan(spec, resolved, sources, layout)
+        return _make_plan(spec, resolved, sources, layout, block_entries)
 
 
 def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
                   options: Mapping[str, Any] | None = None, base: str | None = None,
-                  progress: Progress | None = None) -> tuple[dict[str, Tensor], MergeReport]:
+                  progress: Progress | None = None,
+                  block_entries: int = BLOCK_ENTRIES) -> tuple[dict[str, Tensor], MergeReport]:
     """Merge the inputs into one state dict (encoder + heads/<task>/...) and the sidecar to write.
 
     ``base`` overrides where the base model is found (``--base``); it must match
-    the inputs' recorded fingerprint.
+    the inputs' recorded fingerprint. ``block_entries`` bounds the entries per
+    input merged at once (memory, not results: any value gives the same bits).
     """
+    if isinstance(block_entries, bool) or not isinstance(block_entries, int) or block_entries < 1:
+        raise ConfigError(f"block_entries must be a positive integer, got {block_entries!r}")
     spec, resolved, checkpoints = _prepare(inputs, method, options)
     with _open_inputs(checkpoints) as sources:
         layout = _check_compatible(sources)
         _check_stats(spec, resolved, sources, layout)
-        merge_plan = _make_plan(spec, resolved, sources, layout)
-        base_tensors = _load_base(spec, resolved, sources[0], layout, base)
+        merge_plan = _make_plan(spec, resolved, sources, layout, block_entries)
+        pages = MappedPages()
+        base_tensors = _load_base(spec, resolved, sources[0], layout, base, pages)
+        stream = _Stream(spec, resolved, sources, layout, base_tensors, pages, block_entries)
         steps = ProgressSteps(progress, _total_steps(merge_plan, layout))
         thresholds = None
-        if spec.uses_global_trim(resolved) and layout.method_keys():
-            thresholds = _global_thresholds(spec, resolved, sources, layout, base_tensors, steps)
-        merged = _merge_encoder(spec, resolved, sources, layout, base_tensors, thresholds, steps)
+        with _one_torch_thread():
+            if spec.uses_global_trim(resolved) and layout.method_keys():
+                thresholds = _global_thresholds(stream, steps)
+            merged = _merge_encoder(stream, thresholds, steps)
         merged.update(_collect_heads(sources))
     threshold_record = None if thresholds is None else dict(zip((s.task_id for s in sources), thresholds))
     sidecar = _merged_sidecar(spec, resolved, sources, threshold_record)
@@ -136,7 +186,8 @@ def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
 
 def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method: str = DEFAULT_METHOD,
                       options: Mapping[str, Any] | None = None, base: str | None = None,
-                      force: bool = False, progress: Progress | None = None) -> tuple[Checkpoint, MergeReport]:
+                      force: bool = False, progress: Progress | None = None,
+                      block_entries: int = BLOCK_ENTRIES) -> tuple[Checkpoint, MergeReport]:
     """Merge checkpoints into a new checkpoint directory at ``output``.
 
     config.json and tokenizer files (every file of the first input other than the
@@ -147,7 +198,8 @@ def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method
     """
     checkpoints = _as_checkpoints(inputs)
     check_output_dir(output, inputs=[c.path for c in checkpoints], force=force)
-    tensors, report = merge_tensors(checkpoints, method=method, options=options, base=base, progress=progress)
+    tensors, report = merge_tensors(checkpoints, method=method, options=options, base=base, progress=progress,
+                                    block_entries=block_entries)
     written = write_checkpoint(
         output, tensors=tensors, sidecar=report.sidecar,
         extra_files=companion_files(checkpoints[0]), force=force,
@@ -165,16 +217,26 @@ def companion_files(checkpoint: Checkpoint) -> dict[str, Path]:
 
 
 class _LazyStats(Mapping):
-    """A checkpoint's statistics, read one tensor at a time from the memory-mapped file."""
+    """A checkpoint's statistics, read one tensor at a time from the memory-mapped file.
+
+    The last few are kept: every row block of a tensor reads the same R and C.
+    """
+
+    _RECENT = 8
 
     def __init__(self, handle: Any | None):
         self._handle = handle
         self._keys = frozenset(handle.keys()) if handle is not None else frozenset()
+        self._recent: dict[str, Tensor] = {}
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._keys:
             raise KeyError(key)
-        return self._handle.get_tensor(key)
+        if key not in self._recent:
+            if len(self._recent) >= self._RECENT:
+                del self._recent[next(iter(self._recent))]
+            self._recent[key] = self._handle.get_tensor(key)
+        return self._recent[key]
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -345,10 +407,11 @@ def _needs_base(spec: MergeMethod, options: Mapping[str, Any]) -> bool:
 
 
 def _load_base(spec: MergeMethod, options: Mapping[str, Any], first: _Source, layout: _Layout,
-               override: str | None) -> dict[str, Tensor] | None:
+               override: str | None, pages: MappedPages) -> Mapping[str, Tensor] | None:
     if not _needs_base(spec, options):
         return None
-    base = load_base_encoder(first.checkpoint.sidecar["base_model"], override=override)
+    base = load_base_encoder(first.checkpoint.sidecar["base_model"], override=override, keys=layout.keys)
+    pages.release(*base.values())  # the fingerprint read every page; blocks fault back what they use
     for key in layout.keys:
         if key not in base:
             raise CheckpointError(f"the base model has no tensor {key!r}, which {first.label} has")
@@ -361,18 +424,31 @@ def _load_base(spec: MergeMethod, options: Mapping[str, Any], first: _Source, la
 
 
 def _make_plan(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
-               layout: _Layout) -> MergePlan:
+               layout: _Layout, block_entries: int = BLOCK_ENTRIES) -> MergePlan:
+    """The plan, with the peak memory of the engine's memory model (module docstring).
+
+    The estimate is what the merge adds to the interpreter: the held output or,
+    before it exists, the base read once for its fingerprint, plus one row
+    block's working set and the threshold histograms. Where mapped pages cannot
+    be handed back, the inputs' and base's files count whole. A base rebuilt
+    through transformers (no local safetensors to read) adds about two models.
+    """
     method_keys = layout.method_keys()
+    count = len(sources)
     numel = {key: math.prod(layout.shapes[key]) for key in layout.keys}
-    largest = max((numel[key] for key in method_keys), default=0)
-    work = (_WORK_COPIES_PER_INPUT * len(sources) + _WORK_COPIES_SHARED) * largest * 4
+    block = max((_block_numel(layout.shapes[key], block_entries) for key in method_keys), default=0)
+    work = (_WORK_COPIES_PER_INPUT * count + _WORK_COPIES_SHARED) * block * 4 + count * _HISTOGRAM_BYTES
     needs_base = _needs_base(spec, options)
-    base_bytes = sum(numel[key] * 4 for key in layout.keys) if needs_base else 0
+    base_bytes = sum(numel[key] * _dtype_size(layout.dtypes[key]) for key in layout.keys) if needs_base else 0
     output_bytes = sum(numel[key] * _dtype_size(layout.dtypes[key]) for key in layout.keys)
     head_count = 0
     for source in sources:
         head_count += len(source.heads)
         output_bytes += sum(math.prod(source.shape(k)) * _dtype_size(source.dtype(k)) for k in source.heads.values())
+    if MappedPages().can_release:
+        held = max(output_bytes, base_bytes)
+    else:
+        held = output_bytes + base_bytes + sum(source.checkpoint.model_file.stat().st_size for source in sources)
     return MergePlan(
         inputs=tuple(source.label for source in sources),
         tasks=tuple(task for source in sources for task in source.checkpoint.tasks),
@@ -383,7 +459,7 @@ def _make_plan(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[
         head_tensors=head_count,
         passes=3 if spec.uses_global_trim(options) else 1,
         needs_base=needs_base,
-        estimated_peak_bytes=work + base_bytes + output_bytes,
+        estimated_peak_bytes=held + work,
     )
 
 
@@ -411,46 +487,126 @@ def _total_steps(merge_plan: MergePlan, layout: _Layout) -> int:
     return prepare + len(layout.keys)
 
 
-def _group(key: str, sources: Sequence[_Source], base: Mapping[str, Tensor] | None,
-           thresholds: Sequence[float] | None = None) -> TensorGroup:
-    return TensorGroup(
-        name=key,
-        weights=tuple(source.tensor(key) for source in sources),
-        base=None if base is None else base[key],
-        stats=tuple(source.stats for source in sources),
-        labels=tuple(source.label for source in sources),
-        task_ids=tuple(source.task_id for source in sources),
-        thresholds=None if thresholds is None else tuple(thresholds),
-    )
+def _row_blocks(shape: Sequence[int], block_entries: int) -> list[RowBlock | None]:
+    """The row blocks a tensor is merged in: [None] (the whole tensor) when it fits in one."""
+    rows = shape[0] if shape else 1
+    step = max(1, block_entries // max(1, math.prod(shape[1:])))
+    if step >= rows:
+        return [None]
+    return [RowBlock(start, min(start + step, rows), rows) for start in range(0, rows, step)]
 
 
-def _global_thresholds(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
-                       layout: _Layout, base: Mapping[str, Tensor] | None, steps: ProgressSteps) -> list[float]:
+def _block_numel(shape: Sequence[int], block_entries: int) -> int:
+    first = _row_blocks(shape, block_entries)[0]
+    return math.prod(shape) if first is None else (first.stop - first.start) * math.prod(shape[1:])
+
+
+class _Stream:
+    """The method tensors of every input, served row block by row block to each pass."""
+
+    def __init__(self, spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
+                 layout: _Layout, base: Mapping[str, Tensor] | None, pages: MappedPages, block_entries: int):
+        self.spec, self.options, self.sources, self.layout = spec, options, sources, layout
+        self.base, self.pages, self.block_entries = base, pages, block_entries
+        self.stats = tuple(source.stats for source in sources)
+        self.labels = tuple(source.label for source in sources)
+        self.task_ids = tuple(source.task_id for source in sources)
+
+    def blocks(self, key: str) -> list[RowBlock | None]:
+        return _row_blocks(self.layout.shapes[key], self.block_entries)
+
+    def groups(self, key: str, thresholds: Sequence[float] | None = None,
+               streams: tuple[torch.Generator, ...] | None = None) -> Iterator[TensorGroup]:
+        """The groups of ``key`` in row order; each block's mapped pages are handed back after use."""
+        weights = [source.tensor(key) for source in self.sources]
+        base = None if self.base is None else self.base[key]
+        for block in self.blocks(key):
+            rows = slice(None) if block is None else slice(block.start, block.stop)
+            group = TensorGroup(
+                name=key,
+                weights=tuple(weight[rows] for weight in weights),
+                base=None if base is None else base[rows],
+                stats=self.stats,
+                labels=self.labels,
+                task_ids=self.task_ids,
+                thresholds=None if thresholds is None else tuple(thresholds),
+                block=block,
+                streams=streams,
+            )
+            yield group
+            self.pages.release(*group.weights, group.base)
+
+    def release_files(self, key: str) -> None:
+        """Hand back every mapped page of the inputs (and base) that hold ``key``."""
+        self.pages.release_files(*(source.tensor(key) for source in self.sources),
+                                 None if self.base is None else self.base[key])
+
+    def trim_scores(self, key: str) -> Iterator[Tensor]:
+        for group in self.groups(key):
+            yield self.spec.trim_scores(group, self.options)
+
+    def merge(self, key: str, thresholds: Sequence[float] | None) -> Tensor:
+        """The merged tensor ``key``, built block by block."""
+        spec, options = self.spec, self.options
+        blocks = self.blocks(key)
+        if thresholds is None and spec.trim_scores is not None and len(blocks) > 1:
+            # A per-tensor trim needs the whole tensor's exact thresholds before any block.
+            thresholds = streaming_thresholds(lambda: self.trim_scores(key), options["keep"])
+        streams = None
+        if spec.random_streams is not None and len(blocks) > 1:
+            streams = spec.random_streams(key, self.task_ids, options)
+        # Allocated before the block's temporaries, so that those are freed from the top
+        # of the heap and the held outputs do not pin holes between them.
+        merged = torch.empty(self.layout.shapes[key], dtype=self.sources[0].tensor(key).dtype)
+        for group, block in zip(self.groups(key, thresholds, streams), blocks):
+            rows = merged if block is None else merged[block.start:block.stop]
+            rows.copy_(spec.merge(group, options))
+        return merged
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the block loop on one intra-op thread, restoring the caller's setting after.
+
+    A block's ops take well under a millisecond, too little for torch's intra-op
+    threads to win back their synchronisation; on a machine whose cores are busy
+    (a training job beside the merge) each op also waits for a descheduled
+    thread, and 1 MiB ops measured 30 to 80 times slower on 2 threads than on 1.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _global_thresholds(stream: _Stream, steps: ProgressSteps) -> list[float]:
     """Each input's exact trim threshold over all its 2-D weights (two streaming passes)."""
 
     def batches():
-        for key in layout.method_keys():
-            scores = spec.trim_scores(_group(key, sources, base), options)
+        for key in stream.layout.method_keys():
+            yield from stream.trim_scores(key)
+            stream.release_files(key)
             steps.advance(f"prepare {key}")
-            yield scores
 
-    return streaming_thresholds(batches, options["keep"])
+    return streaming_thresholds(batches, stream.options["keep"])
 
 
-def _merge_encoder(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
-                   layout: _Layout, base: Mapping[str, Tensor] | None,
-                   thresholds: Sequence[float] | None, steps: ProgressSteps) -> dict[str, Tensor]:
+def _merge_encoder(stream: _Stream, thresholds: Sequence[float] | None,
+                   steps: ProgressSteps) -> dict[str, Tensor]:
     merged: dict[str, Tensor] = {}
+    layout, sources = stream.layout, stream.sources
     method_keys = set(layout.method_keys())
     vector_keys = set(layout.vector_keys())
     for key in layout.keys:
         if key in method_keys:
-            group = _group(key, sources, base, thresholds)
-            merged[key] = spec.merge(group, options).to(group.weights[0].dtype)
+            merged[key] = stream.merge(key, thresholds)
         elif key in vector_keys:
-            merged[key] = _merge_vector(key, sources, base, options["norms"])
+            merged[key] = _merge_vector(key, sources, stream.base, stream.options["norms"])
         else:
             merged[key] = sources[0].tensor(key)  # integer buffers: nothing to merge
+        stream.release_files(key)
         steps.advance(key)
     return merged
 

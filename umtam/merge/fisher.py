@@ -28,7 +28,7 @@ _SOURCES = {"factored": second_moment, "full": full_fisher}
 def fisher_diagonals(group: TensorGroup, source: str) -> Tensor:
     read = _SOURCES[source]
     return torch.stack([
-        read(group.name, group.shape, stats, checkpoint_label=label)
+        read(group.name, group.shape, stats, checkpoint_label=label, block=group.block)
         for stats, label in zip(group.stats, group.labels)
     ])
 

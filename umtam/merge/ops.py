@@ -18,7 +18,7 @@ from umtam.merge.base import TensorGroup
 def saliencies(group: TensorGroup, method: str) -> Tensor:
     """Each input's saliency of its task vector under the named score, stacked (K, ...)."""
     return torch.stack([
-        score(method, group.name, vector, stats, checkpoint_label=label)
+        score(method, group.name, vector, stats, checkpoint_label=label, block=group.block)
         for vector, stats, label in zip(group.task_vectors, group.stats, group.labels)
     ])
 
@@ -41,9 +41,13 @@ def elect_sign(values: Tensor) -> Tensor:
     return torch.sign(values.sum(dim=0))
 
 
-def agreeing(task_vectors: Tensor, masks: Tensor, elected: Tensor) -> Tensor:
-    """Kept entries whose sign matches the elected sign (zeros never agree)."""
-    return masks & (torch.sign(task_vectors) == elected) & (elected != 0)
+def agreeing(task_vectors: Tensor, masks: Tensor, elected: Tensor, signs: Tensor | None = None) -> Tensor:
+    """Kept entries whose sign matches the elected sign (zeros never agree).
+
+    ``signs`` is torch.sign(task_vectors) when the caller already has it.
+    """
+    signs = torch.sign(task_vectors) if signs is None else signs
+    return masks & (signs == elected) & (elected != 0)
 
 
 def disjoint_mean(task_vectors: Tensor, selected: Tensor) -> Tensor:
@@ -73,13 +77,17 @@ def aggregate(task_vectors: Tensor, selected: Tensor, how: str) -> Tensor:
     raise ValueError(f"unknown aggregation {how!r}")
 
 
-def per_input_mean_normalised(values: Tensor) -> Tensor:
-    """Divide each input's tensor by its own mean; an all-zero one becomes all ones.
+def per_input_mean_normalised(values: Tensor, means: Sequence[float]) -> Tensor:
+    """Divide each input's values by its own mean over the whole tensor; a zero mean gives all ones.
 
-    The fallback keeps an input that recorded no curvature for this tensor at
+    The means are passed in (computed from the statistics' factors) rather than
+    taken over ``values``, which may be one row block of the tensor. The
+    fallback keeps an input that recorded no curvature for this tensor at
     uniform weight instead of silently dropping it.
     """
-    means = values.reshape(values.shape[0], -1).mean(dim=1)
-    means = means.reshape(-1, *([1] * (values.dim() - 1)))
-    return torch.where(means > 0, values / torch.where(means > 0, means, torch.ones_like(means)),
-                       torch.ones_like(values))
+    means = torch.tensor(list(means), dtype=values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    positive = means > 0
+    normalised = values / torch.where(positive, means, torch.ones_like(means))
+    if bool(positive.all()):
+        return normalised
+    return torch.where(positive, normalised, torch.ones_like(values))

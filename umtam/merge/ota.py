@@ -15,9 +15,11 @@ mergekit implementation (github.com/pmahdavi/ota-merge): graft, then aggregate.
     W = W0 + delta
 
 ``normalise="mean"`` divides each P_t by its mean over the tensor first (the
-reference's "global" normalisation); the default "none" compares raw
-curvature across tasks, as the reference does. Grafting is per tensor by
-default (``scope="global"`` ranks over all 2-D weights). Default keep 0.2.
+reference's "global" normalisation; the mean, mean(R^p) mean(C^p) / mean(R)^p,
+comes from the factors, so a row block is normalised like its tensor); the
+default "none" compares raw curvature across tasks, as the reference does.
+Grafting is per tensor by default (``scope="global"`` ranks over all 2-D
+weights). Default keep 0.2.
 """
 
 from __future__ import annotations
@@ -31,28 +33,43 @@ from umtam.merge import ops
 from umtam.merge.base import (
     MergeMethod, Option, TensorGroup, fraction, non_negative_number, one_of, positive_number, saliency_name,
 )
-from umtam.saliency import second_moment
+from umtam.saliency import second_moment, second_moment_mean
 
 
 def ota_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     return ops.saliencies(group, options["graft"])
 
 
-def preconditioner_weights(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
-    moments = torch.stack([
-        second_moment(group.name, group.shape, stats, checkpoint_label=label)
+def second_moments(group: TensorGroup) -> Tensor:
+    """v_t = R_t C_t^T / mean(R_t) of every task for this group's rows, stacked (K, ...)."""
+    return torch.stack([
+        second_moment(group.name, group.shape, stats, checkpoint_label=label, block=group.block)
         for stats, label in zip(group.stats, group.labels)
     ])
-    weights = moments.pow(options["power"])
+
+
+def preconditioner_weights(group: TensorGroup, options: Mapping[str, Any], moments: Tensor | None = None) -> Tensor:
+    weights = (second_moments(group) if moments is None else moments).pow(options["power"])
     if options["normalise"] == "mean":
-        weights = ops.per_input_mean_normalised(weights)
+        means = [second_moment_mean(group.name, group.tensor_shape, stats, checkpoint_label=label,
+                                    power=options["power"])
+                 for stats, label in zip(group.stats, group.labels)]
+        weights = ops.per_input_mean_normalised(weights, means)
     return weights + options["eps"]
 
 
 def ota(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     vectors = group.task_vectors
-    masks = ops.top_fraction_masks(ota_trim_scores(group, options), options["keep"], group.thresholds)
-    weights = preconditioner_weights(group, options)
+    moments = second_moments(group)
+    if options["graft"] == "second-moment":
+        # The registry's second-moment score T^2 * v, reusing the dense v the weights need.
+        scores = vectors.square().mul_(moments)
+    else:
+        scores = ota_trim_scores(group, options)
+    masks = ops.top_fraction_masks(scores, options["keep"], group.thresholds)
+    del scores
+    weights = preconditioner_weights(group, options, moments)
+    del moments
     if options["denominator"] == "kept":
         delta = ops.weighted_mean(vectors, weights * masks)
     else:

@@ -15,6 +15,8 @@ For each 2-D weight, with T_t = W_t - W0 and s_t the saliency T_t^2 sqrt(R_i C_j
    task's overall gradient scale does not decide, only where it is curved):
    delta = sum_t a_t c_t T_t / sum_t a_t c_t; ``weights="uniform"`` (ablation)
    uses c_t = 1. A task with no recorded curvature on a tensor gets c_t = 1.
+   The mean is mean(sqrt R) * mean(sqrt C), taken from the factors (equal to
+   the dense mean up to rounding), so a row block is normalised like its tensor.
 4. W = W0 + lambda * delta (lambda 1.0).
 
 Entries where no task survives (trimmed, or disagreeing) stay at W0. Default
@@ -32,33 +34,49 @@ from umtam.merge import ops
 from umtam.merge.base import (
     MergeMethod, Option, TensorGroup, boolean, finite_number, fraction, one_of, saliency_name,
 )
-from umtam.saliency import curvature
+from umtam.saliency import curvature, curvature_mean
 
 
 def umtam_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     return ops.saliencies(group, options["trim"])
 
 
-def curvature_weights(group: TensorGroup) -> Tensor:
-    """c_t = sqrt(R_t C_t^T) / mean, per task, for this tensor."""
-    raw = torch.stack([
-        curvature(group.name, group.shape, stats, checkpoint_label=label)
+def curvatures(group: TensorGroup) -> Tensor:
+    """sqrt(R_t C_t^T) of every task for this group's rows, stacked (K, ...)."""
+    return torch.stack([
+        curvature(group.name, group.shape, stats, checkpoint_label=label, block=group.block)
         for stats, label in zip(group.stats, group.labels)
     ])
-    return ops.per_input_mean_normalised(raw)
+
+
+def curvature_weights(group: TensorGroup, raw: Tensor | None = None) -> Tensor:
+    """c_t = sqrt(R_t C_t^T) / its mean over the whole tensor, per task, for this group's rows."""
+    means = [curvature_mean(group.name, group.tensor_shape, stats, checkpoint_label=label)
+             for stats, label in zip(group.stats, group.labels)]
+    return ops.per_input_mean_normalised(curvatures(group) if raw is None else raw, means)
 
 
 def umtam(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     vectors = group.task_vectors
-    scores = umtam_trim_scores(group, options)
+    uses_curvature = options["weights"] == "curvature"
+    raw = curvatures(group) if uses_curvature else None
+    if options["trim"] == "curvature" and raw is not None:
+        # The registry's curvature score T^2 * sqrt(R_i C_j), reusing the dense curvature
+        # the weights need instead of building it twice.
+        scores = vectors.square().mul_(raw)
+    else:
+        scores = umtam_trim_scores(group, options)
     masks = ops.top_fraction_masks(scores, options["keep"], group.thresholds)
     if options["elect"]:
-        elected = ops.elect_sign(masks * scores * torch.sign(vectors))
-        selected = ops.agreeing(vectors, masks, elected)
+        signs = torch.sign(vectors)
+        elected = ops.elect_sign(masks.to(scores.dtype).mul_(scores).mul_(signs))
+        selected = ops.agreeing(vectors, masks, elected, signs)
+        del signs
     else:
         selected = masks & (vectors != 0)
-    weights = curvature_weights(group) if options["weights"] == "curvature" else torch.ones_like(vectors)
-    delta = ops.weighted_mean(vectors, selected * weights)
+    del scores, masks
+    weights = curvature_weights(group, raw) if uses_curvature else torch.ones_like(vectors)
+    delta = ops.weighted_mean(vectors, weights.mul_(selected.to(weights.dtype)))
     return group.base32 + options["lambda"] * delta
 
 
