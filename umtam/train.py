@@ -144,6 +144,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
         betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
         error_feedback=config.error_feedback,
     )
+    hparams = optimizer_hparams(optimizer)  # before the scheduler rewrites lr step by step
     tracker = CurvatureTracker(model.named_parameters(), beta2=config.beta2, optimizer=optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(total_steps, config.warmup_ratio)
@@ -161,7 +162,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
     holdout_metrics = measure(task_data.holdout) if task_data.holdout else None
     state = {"optimizer_bytes": optimizer_state_bytes(optimizer), "tracker_bytes": tracker.state_bytes()}
     sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics, holdout_metrics,
-                             optimizer_hparams(optimizer), state)
+                             hparams, state)
     progress("status", f"writing {config.output}")
     return checkpoint.write_checkpoint(
         config.output, tensors=model.state_dict(), stats=tracker.stats(), sidecar=sidecar,

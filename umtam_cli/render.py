@@ -31,7 +31,7 @@ def stdout_console():
 
 def format_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4g}"  # metrics read 0.8754, learning rates 0.0002 and eps 1e-08
     return "-" if value is None else str(value)
 
 
