@@ -126,8 +126,8 @@ def test_output_checkpoint_heads_sidecar_and_files(family, experts, tmp_path):
 
 
 def test_one_dimensional_parameters_follow_norms(family, experts):
-    averaged, _ = merge_tensors(experts, method="average")
-    kept_base, _ = merge_tensors(experts, method="average", options={"norms": "base"})
+    averaged, _ = merge_tensors(experts, method="average", options={"norms": "average"})
+    kept_base, _ = merge_tensors(experts, method="average")  # norms="base" is the default
     key = "bert.encoder.layer.0.output.LayerNorm.bias"
     states = [c.load_tensors() for c in experts]
     assert torch.equal(averaged[key], torch.stack([s[key] for s in states]).mean(dim=0))
@@ -202,7 +202,9 @@ def test_plan_describes_the_merge_without_writing(experts, tmp_path):
     assert described.tasks == TASKS
     # three inputs of the largest tensor (40 x 8 word embeddings) are part of the estimate
     assert described.estimated_peak_bytes > 3 * 40 * 8 * 4
-    assert plan(experts, method="average").needs_base is False
+    # a plain average needs no base unless the 1-D parameters are to be reset to it
+    assert plan(experts, method="average", options={"norms": "average"}).needs_base is False
+    assert plan(experts, method="average").needs_base is True
     assert json.dumps(described.as_dict())
     assert list(tmp_path.iterdir()) == []
 

@@ -46,9 +46,9 @@ too small for intra-op threads to pay for their synchronisation.
 Which tensors go where:
 
     2-D and higher floating weights (encoder)  -> the method, one row block at a time
-    1-D floating parameters (biases, LayerNorm) -> option ``norms``: "average" of
-                                                  the inputs (provisional default)
-                                                  or the "base" W0
+    1-D floating parameters (biases, LayerNorm) -> option ``norms``: the "base" W0
+                                                  (default, chosen on holdout scores)
+                                                  or the "average" of the inputs
     non-floating tensors                       -> copied from the first input
     classification heads                       -> kept per task as heads/<task>/<key>,
                                                   never averaged; a merged input's
