@@ -117,8 +117,13 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
     from umtam.optim import build_optimizer, optimizer_hparams, optimizer_state_bytes
     from umtam.optim.tracker import CurvatureTracker
 
+    # Cheap checks first (output, task, model location), so a mistake is reported
+    # before minutes of data loading and tokenisation.
     checkpoint.check_output_dir(config.output, force=config.force)
     spec = data.get_task(config.task)
+    source = models.resolve_model(config.model)
+    progress("status", f"loading model {source.location}")
+    tokenizer = models.load_tokenizer(source)
     seed_everything(config.seed)
     progress("status", f"loading {spec.name} data")
     task_data = data.load_task(
@@ -127,9 +132,6 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
     )
     if not task_data.train:
         raise UmtamError(f"task {spec.name}: the training split is empty ({task_data.source})")
-    source = models.resolve_model(config.model)
-    progress("status", f"loading model {source.location}")
-    tokenizer = models.load_tokenizer(source)
     torch.manual_seed(config.seed)
     model = models.load_classifier(
         source, num_labels=spec.num_labels, label_names=spec.label_names, is_regression=spec.is_regression
