@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from umtam.errors import CheckpointError, ConfigError, UmtamError
+from umtam.errors import CheckpointError, ConfigError, UmtamError, first_line
 
 MODEL_FILE = "model.safetensors"
 STATS_FILE = "stats.safetensors"
@@ -86,12 +86,8 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -120,7 +116,7 @@ def read_sidecar(sidecar_path: Path) -> dict[str, Any]:
     try:
         sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{sidecar_path}: not valid JSON ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{sidecar_path}: not valid JSON ({first_line(exc)})") from exc
     validate_sidecar(sidecar, sidecar_path)
     return sidecar
 

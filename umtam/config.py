@@ -13,7 +13,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
-from umtam.errors import ConfigError
+from umtam.errors import ConfigError, first_line
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -26,8 +26,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     try:
         payload = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"recipe {recipe_path}: not valid YAML ({first})") from exc
+        raise ConfigError(f"recipe {recipe_path}: not valid YAML ({first_line(exc)})") from exc
     if payload is None:
         return {}
     if not isinstance(payload, dict):

@@ -8,6 +8,12 @@ anything else escaping the library is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
 class UmtamError(Exception):
     """Base class: a runtime or data problem (exit code 1)."""
 

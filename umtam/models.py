@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from umtam.errors import ConfigError
+from umtam.errors import ConfigError, first_line
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2")
@@ -108,17 +108,13 @@ def _from_pretrained(factory, source: ModelSource, **kwargs):
     except (OSError, ValueError) as exc:
         where = "directory" if source.origin != "hub" else "hub id"
         raise ConfigError(
-            f"cannot load model {source.reference!r} ({where} {source.location}): {_first_line(exc)}",
+            f"cannot load model {source.reference!r} ({where} {source.location}): {first_line(exc, 300)}",
             hint="pass a local model directory with --model when the hub is unreachable",
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def is_head_key(key: str) -> bool:

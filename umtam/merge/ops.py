@@ -15,6 +15,14 @@ from umtam.saliency import score, tensor_threshold
 from umtam.merge.base import TensorGroup
 
 
+def per_task_stats(group: TensorGroup, dense_stat) -> Tensor:
+    """A dense statistic (saliency.curvature, saliency.second_moment) of every input, stacked (K, ...)."""
+    return torch.stack([
+        dense_stat(group.name, group.shape, stats, checkpoint_label=label, block=group.block)
+        for stats, label in zip(group.stats, group.labels)
+    ])
+
+
 def saliencies(group: TensorGroup, method: str) -> Tensor:
     """Each input's saliency of its task vector under the named score, stacked (K, ...)."""
     return torch.stack([

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
 from umtam.merge import ops
@@ -42,10 +41,7 @@ def ota_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
 
 def second_moments(group: TensorGroup) -> Tensor:
     """v_t = R_t C_t^T / mean(R_t) of every task for this group's rows, stacked (K, ...)."""
-    return torch.stack([
-        second_moment(group.name, group.shape, stats, checkpoint_label=label, block=group.block)
-        for stats, label in zip(group.stats, group.labels)
-    ])
+    return ops.per_task_stats(group, second_moment)
 
 
 def preconditioner_weights(group: TensorGroup, options: Mapping[str, Any], moments: Tensor | None = None) -> Tensor:

@@ -43,10 +43,7 @@ def umtam_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
 
 def curvatures(group: TensorGroup) -> Tensor:
     """sqrt(R_t C_t^T) of every task for this group's rows, stacked (K, ...)."""
-    return torch.stack([
-        curvature(group.name, group.shape, stats, checkpoint_label=label, block=group.block)
-        for stats, label in zip(group.stats, group.labels)
-    ])
+    return ops.per_task_stats(group, curvature)
 
 
 def curvature_weights(group: TensorGroup, raw: Tensor | None = None) -> Tensor:
