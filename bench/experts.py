@@ -5,7 +5,8 @@
     python bench/experts.py --tasks mrpc --optimizers umtam --ranks 4,16,32 --lrs umtam=2e-4
     python bench/experts.py --report                          # tables + PNGs from bench/results only
 
-Every run fine-tunes the default model for 3 epochs (batch 32, max length 128,
+Every run is recipes/paper/expert-<task>-<optimizer>.yaml with the swept lr and
+rank put over it: the default model for 3 epochs (batch 32, max length 128,
 seed 42) on the task's training split minus a fixed 10% holdout slice
 (umtam.data.HOLDOUT_SEED). The learning rate of each (task, optimizer) is chosen
 by the holdout score, never by dev; dev is reported for the chosen one. The
@@ -27,9 +28,7 @@ from pathlib import Path
 
 RESULTS = Path("bench/results/experts")
 DEFAULT_LRS = {"adamw": [2e-5, 5e-5, 1e-4], "umtam": [1e-4, 2e-4, 5e-4]}
-TRAIN_CAP = {"sst2": 8000}
-EVAL_CAP = 2000
-HOLDOUT = 0.1
+RECIPES = Path("recipes/paper")  # expert-<task>-<optimizer>.yaml: epochs, caps, holdout slice
 
 
 def run_name(task: str, optimizer: str, rank: int, lr: float) -> str:
@@ -37,17 +36,23 @@ def run_name(task: str, optimizer: str, rank: int, lr: float) -> str:
     return f"{task}-{optimizer}{rank_part}-lr{lr:g}"
 
 
+def recipe_path(task: str, optimizer: str) -> Path:
+    return RECIPES / f"expert-{task}-{optimizer}.yaml"
+
+
 def train_one(task, optimizer, rank, lr, args) -> dict:
     import torch
 
+    from umtam.config import build_config, load_recipe
     from umtam.evaluate import task_score
     from umtam.train import TrainConfig, train
 
+    # The recipe is the single source of the run's settings; the sweep overrides only lr and rank.
     name = run_name(task, optimizer, rank, lr)
-    config = TrainConfig(task=task, output=str(Path(args.runs_dir) / name), optimizer=optimizer, rank=rank, lr=lr,
-                         epochs=3.0, batch_size=32, max_length=128, seed=args.seed, holdout_fraction=HOLDOUT,
-                         max_train_samples=TRAIN_CAP.get(task), max_eval_samples=EVAL_CAP,
-                         data_dir=args.data_dir, force=True)
+    recipe = recipe_path(task, optimizer)
+    overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": args.seed,
+                 "data_dir": args.data_dir, "force": True}
+    config = build_config(TrainConfig, load_recipe(recipe), overrides, source=str(recipe))
     started = time.perf_counter()
     sidecar = train(config).sidecar
     record = sidecar["tasks"][task]

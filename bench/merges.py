@@ -3,17 +3,25 @@
     python bench/merges.py --experts runs/experts/mrpc-umtam-r8-lr0.0002,runs/experts/rte-umtam-r8-lr0.0002 \\
         --grid "umtam:norms=average;umtam:norms=base" --name norms
     python bench/merges.py --report norms
+    python bench/merges.py --config recipes/paper/merge-sweep.yaml      # the paper's merge table
+    python bench/merges.py --config recipes/paper/merge-sweep.yaml --report
 
-Settings are meant to be chosen on the holdout score (the fixed train slice
-the experts never saw, see bench/experts.py) and dev reported for the chosen
-ones. Each grid entry is "method:key=value,key=value". Merged checkpoints are
-written to a scratch directory and deleted; the small JSON results go to
-bench/results/merges/<name>/ and runs whose JSON exists are skipped.
+Settings are chosen on the holdout score (the fixed train slice the experts
+never saw, see bench/experts.py) and dev is reported for the chosen ones; the
+best-on-dev setting of each method is shown beside it, labelled as such. Each
+--grid entry is "method:key=value,key=value". A --config recipe names the
+experts and a grid per method (lists are swept as a product), and optionally
+`refine`: values swept next around each method's holdout-best setting (e.g.
+lambda once keep is chosen), so a two-stage sweep costs a sum, not a product.
+Merged checkpoints are written to a scratch directory and deleted; the small
+JSON results go to bench/results/merges/<name>/ and runs whose JSON exists are
+skipped, so every sweep resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -80,30 +88,115 @@ def report(name: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", help="comma list of expert checkpoint directories")
-    parser.add_argument("--grid", help="';'-separated method:key=value,... entries")
-    parser.add_argument("--name", default="default", help="results subfolder")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--scratch", default=None, help="where merged checkpoints are written (then deleted)")
-    parser.add_argument("--report", metavar="NAME", help="only print the table of an existing result set")
-    args = parser.parse_args()
-    if args.report:
-        print(report(args.report))
-        return 0
-    out = Path("bench/results/merges") / args.name
+def expand_grid(grid: dict) -> list[tuple[str, dict]]:
+    """{method: {option: value or [values]}} -> every (method, options) of the product, in order."""
+    entries = []
+    for method, options in grid.items():
+        options = options or {}
+        keys = sorted(options)
+        values = [v if isinstance(v, list) else [v] for v in (options[k] for k in keys)]
+        entries += [(method, dict(zip(keys, combo))) for combo in itertools.product(*values)]
+    return entries
+
+
+def load_sweep(path: str) -> dict:
+    from umtam.config import load_recipe
+    from umtam.errors import ConfigError
+    from umtam.merge import get_method
+
+    recipe = load_recipe(path)
+    unknown = sorted(set(recipe) - {"name", "experts", "grid", "refine"})
+    missing = sorted({"name", "experts", "grid"} - set(recipe))
+    if unknown or missing:
+        raise ConfigError(f"{path}: unknown keys {unknown}, missing keys {missing}")
+    recipe = {"refine": {}, **recipe}
+    for method, options in expand_grid(recipe["grid"]):
+        get_method(method).resolve_options(options)  # unknown methods, names and bad values raise
+    return recipe
+
+
+def refine_entries(name: str, grid: dict, refine: dict) -> list[tuple[str, dict]]:
+    """Each refined option's values around the method's holdout-best stage-one setting."""
+    rows = load_rows(name)
+    entries = []
+    for method in grid:
+        stage_one = [r for r in rows if r["method"] == method]
+        spec_options = set(_method_options(method))
+        sweep = {key: values for key, values in refine.items() if key in spec_options}
+        if not stage_one or not sweep:
+            continue
+        best = max(stage_one, key=lambda r: r["holdout_avg"])["options"]
+        for key, values in sweep.items():
+            entries += [(method, {**best, key: value}) for value in values]
+    return entries
+
+
+def _method_options(method: str):
+    from umtam.merge import get_method
+
+    return get_method(method).all_options()
+
+
+def run_entries(experts: list[Path], entries, out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    experts = [Path(p) for p in args.experts.split(",")]
-    for entry in args.grid.split(";"):
-        method, options = parse_entry(entry)
+    for method, options in entries:
         path = out / f"{label(method, options)}.json"
         if path.exists():
             continue
         row = merge_and_score(experts, method, options, args)
         path.write_text(json.dumps(row, indent=1) + "\n")
         print(f"{label(method, options)}: holdout {row['holdout_avg']:.4f} dev {row['dev_avg']:.4f}", flush=True)
-    print(report(args.name))
+
+
+def load_rows(name: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path("bench/results/merges") / name).glob("*.json"))]
+
+
+def chosen_table(name: str) -> str:
+    """Per method: the holdout-chosen setting's dev scores, then the best-on-dev setting, labelled."""
+    rows = load_rows(name)
+    if not rows:
+        return f"no results under bench/results/merges/{name}"
+    tasks = list(rows[0]["dev"])
+    lines = ["| method | chosen by | setting | " + " | ".join(tasks) + " | dev avg | normalised avg |",
+             "|---|---|---|" + "---|" * (len(tasks) + 2)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for by, key in (("holdout", "holdout_avg"), ("dev (oracle)", "dev_avg")):
+        for method in methods:
+            best = max((r for r in rows if r["method"] == method), key=lambda r: r[key])
+            setting = ", ".join(f"{k}={v}" for k, v in sorted(best["options"].items())) or "-"
+            per_task = " | ".join(f"{100 * best['dev'][t]['score']:.2f}" for t in tasks)
+            lines.append(f"| {method} | {by} | {setting} | {per_task} | {100 * best['dev_avg']:.2f} "
+                         f"| {100 * best['dev_norm_avg']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="sweep recipe (name, experts, grid, refine)")
+    parser.add_argument("--experts", help="comma list of expert checkpoint directories")
+    parser.add_argument("--grid", help="';'-separated method:key=value,... entries")
+    parser.add_argument("--name", default="default", help="results subfolder")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--scratch", default=None, help="where merged checkpoints are written (then deleted)")
+    parser.add_argument("--report", nargs="?", const=True, metavar="NAME",
+                        help="only print the tables of an existing result set (NAME, or the --config's)")
+    args = parser.parse_args()
+    sweep = load_sweep(args.config) if args.config else None
+    name = sweep["name"] if sweep else args.name
+    if args.report:
+        name = name if args.report is True else args.report
+        print(report(name) + "\n\n" + chosen_table(name))
+        return 0
+    out = Path("bench/results/merges") / name
+    if sweep:
+        experts = [Path(p) for p in sweep["experts"]]
+        run_entries(experts, expand_grid(sweep["grid"]), out, args)
+        run_entries(experts, refine_entries(name, sweep["grid"], sweep["refine"]), out, args)
+    else:
+        experts = [Path(p) for p in args.experts.split(",")]
+        run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, args)
+    print(report(name) + "\n\n" + chosen_table(name))
     return 0
 
 

@@ -1,7 +1,13 @@
-"""Every recipe under recipes/ validates and opens with the command that runs it."""
+"""Every recipe under recipes/ validates and opens with the command that runs it.
+
+A recipe's first line says what reads it: `umtam train`, `umtam merge`, or a
+sweep script under bench/ (whose own loader validates it).
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,23 +15,48 @@ import pytest
 from umtam.config import build_config, load_recipe
 from umtam.train import TrainConfig
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
-def test_there_are_recipes():
-    assert len(RECIPES) >= 3
+def command_of(recipe: Path) -> str:
+    return recipe.read_text().splitlines()[0]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
-def test_recipe_validates(recipe):
-    config = build_config(TrainConfig, load_recipe(recipe), {"output": "unused"}, source=str(recipe))
-    assert config.task
+def test_there_are_recipes_for_the_paper_runs():
+    names = {path.name for path in RECIPES}
+    experts = {f"expert-{task}-{optimizer}.yaml" for task in ("rte", "mrpc", "cola", "sst2", "stsb")
+               for optimizer in ("adamw", "umtam")}
+    assert experts <= names and {"prune-sweep.yaml", "merge-sweep.yaml"} <= names
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: str(path.relative_to(ROOT / "recipes")))
 def test_recipe_opens_with_its_command(recipe):
-    first = recipe.read_text().splitlines()[0]
-    assert first.startswith("# umtam ") and f"--config recipes/{recipe.name}" in first
+    first = command_of(recipe)
+    relative = recipe.relative_to(ROOT).as_posix()
+    assert first.startswith(("# umtam ", "# python bench/")) and f"--config {relative}" in first
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: str(path.relative_to(ROOT / "recipes")))
+def test_recipe_validates(recipe):
+    first = command_of(recipe)
+    if first.startswith("# umtam train"):
+        config = build_config(TrainConfig, load_recipe(recipe), {"output": "unused"}, source=str(recipe))
+        assert config.task
+    elif first.startswith("# umtam merge"):
+        from umtam.merge import get_method
+
+        options = load_recipe(recipe)
+        spec = get_method(options.pop("method", "umtam"))
+        options.pop("base", None)
+        assert spec.resolve_options(options)  # unknown names and bad values raise ConfigError
+    else:
+        script = first.split("bench/")[1].split(".py")[0]
+        sys.path.insert(0, str(ROOT / "bench"))
+        try:
+            assert importlib.import_module(script).load_sweep(recipe)
+        finally:
+            sys.path.remove(str(ROOT / "bench"))
 
 
 def test_ci_runs_exactly_the_readme_test_command():
