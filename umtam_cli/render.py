@@ -53,13 +53,13 @@ class ProgressRenderer:
     and CI logs stay clean; status lines are logged with --verbose.
     """
 
-    def __init__(self, *, quiet: bool = False, verbose: bool = False):
+    def __init__(self, *, quiet: bool = False, verbose: bool = False, console=None):
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        self.console = console or Console(stderr=True)
         self.quiet = quiet
         self.verbose = verbose
-        self.draw_bars = not quiet and sys.stderr.isatty()
+        self.draw_bars = not quiet and self.console.is_terminal
         self._progress = None
         self._task = None
 
@@ -87,15 +87,19 @@ class ProgressRenderer:
         )
         self._progress.start()
         self._task = self._progress.add_task(payload["what"], total=payload["total"], info="", rate="")
+        self._unit = payload.get("unit", "examples")
 
     def _advance(self, kind: str, payload: Any) -> None:
         task = self._progress.tasks[0]
         if kind == "step":
-            rate = f"{task.speed:.2f} it/s" if task.speed else ""
+            rate = f"{task.speed:.2f} steps/s" if task.speed else ""
             self._progress.update(self._task, completed=payload.step, info=f"loss {payload.loss:.4f}", rate=rate)
         else:
-            rate = f"{task.speed:.0f}/s" if task.speed else ""
-            self._progress.update(self._task, advance=payload, rate=rate)
+            # "advance" carries a count, or (count, label) when there is something to name (a tensor)
+            count, info = payload if isinstance(payload, tuple) else (payload, task.fields["info"])
+            self._progress.update(self._task, advance=count, info=info)
+            rate = f"{task.speed:.1f} {self._unit}/s" if task.speed else ""
+            self._progress.update(self._task, rate=rate)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -118,9 +122,9 @@ def per_tensor_progress(renderer: ProgressRenderer, what: str):
 
     def progress(done: int, total: int, name: str) -> None:
         if not state["started"]:
-            renderer("start", {"total": total, "what": what})
+            renderer("start", {"total": total, "what": what, "unit": "tensors"})
             state["started"] = True
-        renderer("advance", 1)
+        renderer("advance", (1, name))
         if done >= total:
             renderer("end", {"what": what})
             state["started"] = False
