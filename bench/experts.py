@@ -142,34 +142,21 @@ def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Pat
         dev = " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
         final = sum(row["loss_curve"][-10:]) / len(row["loss_curve"][-10:])
         lines.append(f"| {row['rank']} | {row['lr']:g} | {100 * row['holdout_score']:.2f} | {dev} | {final:.4f} |")
-    try:
-        import matplotlib
+    from umtam.errors import ConfigError
+    from umtam.plots import loss_curves_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "\n".join(lines)
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        axis.plot(smooth(row["loss_curve"]), label=f"r={row['rank']}")
+    curves = {f"r={row['rank']}": row["loss_curve"] for row in rows}
+    styles = {}
     adamw = chosen(results).get((task, "adamw"))
     if adamw:
-        axis.plot(smooth(adamw["loss_curve"]), label=f"AdamW lr={adamw['lr']:g}", color="black", linestyle="--")
-    axis.set_xlabel("step")
-    axis.set_ylabel("training loss (moving average, 20 steps)")
-    axis.set_title(f"UMTAM rank sweep on {task.upper()} (lr {best_lr:g})")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out, dpi=110)
+        curves[f"AdamW lr={adamw['lr']:g}"] = adamw["loss_curve"]
+        styles[f"AdamW lr={adamw['lr']:g}"] = {"color": "black", "linestyle": "--"}
+    try:
+        out.write_bytes(loss_curves_png(curves, title=f"UMTAM rank sweep on {task.upper()} (lr {best_lr:g})",
+                                        styles=styles))
+    except ConfigError:  # no matplotlib: the table alone
+        pass
     return "\n".join(lines)
-
-
-def smooth(values: list[float], window: int = 20) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def main() -> int:

@@ -37,6 +37,7 @@ from torch import Tensor
 from umtam.checkpoint import Checkpoint, load_checkpoint
 from umtam.errors import ConfigError, UmtamError
 from umtam.models import load_base_encoder
+from umtam.plots import agg_canvas
 from umtam.prune import _check_base_covers, prunable_names
 from umtam.saliency import (check_keep, get_score, keep_count, required_stats, score as saliency_score,
                             streaming_thresholds)
@@ -250,7 +251,7 @@ def _share(part: float, whole: float) -> float:
 def check_plot_path(path: str | Path) -> Path:
     """Fail before any work when a plot cannot be written: no matplotlib, bad folder or format."""
     target = Path(path)
-    formats = _agg_canvas().get_supported_filetypes()
+    formats = agg_canvas().get_supported_filetypes()
     if not target.parent.is_dir():
         raise ConfigError(f"cannot write plot {target}: folder {target.parent} does not exist")
     suffix = target.suffix.lstrip(".").lower()
@@ -275,23 +276,13 @@ def plot_breakdown(breakdown: Mapping[str, Any], path: str | Path, *, title: str
     return target
 
 
-def _agg_canvas():
-    # Agg through the object API, not pyplot: no global backend switch, no GUI,
-    # safe in a headless process and in a caller that uses another backend.
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib", hint="install umtam[plot]") from None
-    return FigureCanvasAgg
-
-
 def _heatmaps(scored: Mapping[str, Any], layers: Sequence[str], modules: Sequence[str], keep: float,
               parameters: Sequence[Sequence[int]] | None):
     import matplotlib
     import numpy as np
     from matplotlib.figure import Figure
 
-    canvas_class = _agg_canvas()
+    canvas_class = agg_canvas()
     width = max(4.0, 0.8 * len(modules) + 1.5)
     height = max(3.0, 0.45 * len(layers) + 1.5)
     figure = Figure(figsize=(width * len(scored), height), layout="constrained")
