@@ -88,7 +88,8 @@ def load_classifier(source: ModelSource, *, num_labels: int, label_names: tuple[
     """
     from transformers import AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    # safetensors only: DESIGN's "no pickles anywhere" covers the weights umtam reads, too
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "use_safetensors": True}
     if is_regression:
         kwargs["problem_type"] = "regression"
     elif label_names:
@@ -194,6 +195,29 @@ def load_base_encoder(record: Mapping[str, Any], *, override: str | None = None,
             hint="pass the base the checkpoint was trained from with --base",
         )
     return {key: value.detach().clone() for key, value in encoder.items()}
+
+
+def identify_base(reference: str, keys: Iterable[str]) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """The base encoder at ``reference`` and a sidecar record naming it, for inputs that record no base.
+
+    A plain Hugging Face input does not say which weights it was fine-tuned
+    from, so the user names them (``--base``) and this reads them the way
+    ``load_base_encoder`` will read them again from the record: straight from
+    the base's safetensors file when that has every key, otherwise through
+    transformers with init seed 0. The record's fingerprint therefore matches a
+    later ``load_base_encoder(record, keys=keys)``.
+    """
+    import torch
+
+    source = resolve_model(reference)
+    keys = list(keys)
+    encoder = read_base_file(source, keys)
+    if encoder is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = load_classifier(source, num_labels=2)
+        encoder = {key: value.detach().clone() for key, value in encoder_tensors(model.state_dict()).items()}
+    return base_record(source, encoder, 0), encoder
 
 
 def _base_source(record: Mapping[str, Any], override: str | None) -> ModelSource:

@@ -16,6 +16,14 @@ Examples:
   umtam merge runs/* --method umtam --trim magnitude --no-elect --weights uniform -o ablation/
   umtam merge runs/* --method ota --option graft=curvature -o merged-ota/
   umtam merge runs/mrpc runs/sst2 --dry-run --json
+  umtam merge runs/mrpc hf/sst2-finetuned --method ties --base base/ --task-names sst2 -o merged/
+
+\b
+A plain Hugging Face directory (config.json + model.safetensors, no umtam.json)
+may be an input: it needs --base (the model it was fine-tuned from; it must have
+the same tensors and lie close to it), a task name (--task-names, one per plain
+input in order, or its config's finetuning_task) and a method that needs no
+training statistics (average, task-arithmetic, ties, dare, dare-ties).
 
 \b
 Methods: average, task-arithmetic, ties, dare, dare-ties, fisher, ota, umtam.
@@ -42,27 +50,33 @@ FLAG_OPTIONS = ("keep", "lambda_", "scope", "agg", "drop", "seed", "trim", "elec
 @click.option("--weights", type=click.Choice(["curvature", "uniform"]), help="umtam: aggregation weights (ablation).")
 @click.option("--norms", type=click.Choice(["average", "base"]), help="1-D parameters: average inputs or keep base.")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE", help="Any other method option.")
-@click.option("--base", help="Where to find the base model, if not where the sidecars say (checked by sha256).")
+@click.option("--base", help="Where to find the base model, if not where the sidecars say (checked by sha256); "
+                             "required with plain Hugging Face inputs.")
+@click.option("--task-names", metavar="TASK[,TASK...]",
+              help="Task of each plain Hugging Face input, in input order [default: its finetuning_task].")
 @click.option("--output", "-o", help="Checkpoint directory to create.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (inputs, tensors, memory) and write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @common_output_options
-def command(checkpoints, config_file, method, extra, base, output, dry_run, force, as_json, quiet, verbose,
-            **flags):
+def command(checkpoints, config_file, method, extra, base, task_names, output, dry_run, force, as_json, quiet,
+            verbose, **flags):
     """Merge checkpoints fine-tuned from the same base."""
     from umtam.checkpoint import check_output_dir
     from umtam.errors import ConfigError
     from umtam.merge import DEFAULT_METHOD, merge_checkpoints, plan
 
     recipe = _load_merge_recipe(config_file)
-    method = method or recipe.pop("method", DEFAULT_METHOD)
-    base = base or recipe.pop("base", None)
+    method = method or recipe.get("method") or DEFAULT_METHOD  # flags win over the recipe
+    base = base or recipe.get("base")
+    names = _task_name_list(task_names or recipe.get("task_names"))
+    # the rest of the recipe is method options, also when a flag replaced one of these
+    recipe = {key: value for key, value in recipe.items() if key not in ("method", "base", "task_names")}
     options = {**recipe, **_parse_extra(extra),
                **{name.rstrip("_"): value for name, value in flags.items() if value is not None}}
     if len(checkpoints) < 2:
         raise ConfigError(f"merge needs at least two checkpoints, got {len(checkpoints)}")
     if dry_run:
-        payload = plan(list(checkpoints), method=method, options=options).as_dict()
+        payload = plan(list(checkpoints), method=method, options=options, base=base, task_names=names).as_dict()
         emit_json(payload) if as_json else render_plan(payload)
         return
     if not output:
@@ -71,7 +85,8 @@ def command(checkpoints, config_file, method, extra, base, output, dry_run, forc
     with progress_renderer(quiet=quiet, verbose=verbose) as renderer:
         renderer("status", f"merging {len(checkpoints)} checkpoints with {method}")
         written, report = merge_checkpoints(list(checkpoints), output, method=method, options=options, base=base,
-                                            force=force, progress=per_tensor_progress(renderer, "merge"))
+                                            task_names=names, force=force,
+                                            progress=per_tensor_progress(renderer, "merge"))
     payload = {"output": str(written.path), "method": method, "tasks": list(written.tasks),
                "options": report.sidecar["lineage"]["options"], "plan": report.plan.as_dict()}
     if as_json:
@@ -85,6 +100,14 @@ def _load_merge_recipe(config_file: str | None) -> dict:
     from umtam.config import load_recipe
 
     return load_recipe(config_file) if config_file else {}
+
+
+def _task_name_list(value) -> list[str] | None:
+    """--task-names "a,b" (or a recipe's list) as a list; None when not given."""
+    if not value:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    return [str(item).strip() for item in items if str(item).strip()]
 
 
 def _parse_extra(pairs) -> dict:

@@ -8,11 +8,12 @@ function over one tensor group, in its own module, registered in methods.py.
 """
 
 from umtam.merge.base import MergeMethod, Option, TensorGroup
-from umtam.merge.engine import MergePlan, MergeReport, companion_files, merge_checkpoints, merge_tensors, plan
+from umtam.merge.engine import (MergePlan, MergeReport, companion_files, merge_checkpoints, merge_tensors,
+                                merged_companion_files, plan)
 from umtam.merge.methods import DEFAULT_METHOD, available_methods, get_method, register
 
 __all__ = [
     "DEFAULT_METHOD", "MergeMethod", "MergePlan", "MergeReport", "Option", "TensorGroup",
     "available_methods", "companion_files", "get_method", "merge_checkpoints", "merge_tensors",
-    "plan", "register",
+    "merged_companion_files", "plan", "register",
 ]

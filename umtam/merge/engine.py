@@ -54,6 +54,14 @@ Which tensors go where:
                                                   never averaged; a merged input's
                                                   heads/... are carried over
 
+Inputs are umtam checkpoints or plain Hugging Face directories (hf_interop).
+A plain one records neither its base nor statistics, so it needs ``base``
+(``--base``), is checked against that base by keys, shapes and relative
+distance instead of the fingerprint (``_check_plain_against_base``, recorded
+in the lineage), and is refused by methods that read statistics. The output
+carries a config.<task>.json per task, so transformers loads the encoder with
+any one head (``merged_companion_files``).
+
 Methods that trim over all 2-D weights at once (``scope="global"``) get an
 exact per-input threshold from a prepare pass: two extra streaming passes of
 radix selection over the scores (``saliency.streaming_thresholds``), so no
@@ -74,14 +82,16 @@ import torch
 from torch import Tensor
 
 from umtam.checkpoint import (
-    MODEL_FILE, SIDECAR_FILE, STATS_FILE, Checkpoint, check_output_dir, head_key, load_checkpoint,
-    split_head_key, write_checkpoint,
+    MODEL_FILE, SIDECAR_FILE, STATS_FILE, Checkpoint, check_output_dir, head_key, split_head_key,
+    write_checkpoint,
 )
 from umtam.errors import CheckpointError, ConfigError, MergeError
+from umtam.hf_interop import (CONFIG_FILE, TOKENIZER_FILES, is_config_file, is_plain, open_inputs,
+                              task_configs)
 from umtam.merge.base import MergeMethod, TensorGroup
-from umtam.merge.methods import DEFAULT_METHOD, get_method
+from umtam.merge.methods import DEFAULT_METHOD, available_methods, get_method
 from umtam.merge.pages import MappedPages
-from umtam.models import is_head_key, load_base_encoder
+from umtam.models import identify_base, is_head_key, load_base_encoder
 from umtam.saliency import RowBlock, missing_stat_error, required_stats, streaming_thresholds
 
 Progress = Callable[[int, int, str], None]
@@ -99,6 +109,9 @@ BLOCK_ENTRIES = 1 << 18
 _WORK_COPIES_PER_INPUT = 14
 _WORK_COPIES_SHARED = 8
 _HISTOGRAM_BYTES = ((1 << 15) + (1 << 16)) * 8  # per input, streaming thresholds
+# A plain Hugging Face input farther than this from the base, relative to the base's
+# norm, is refused (_check_plain_against_base says why 0.5 separates the cases).
+MAX_PLAIN_DISTANCE = 0.5
 _STATS_HINT = (
     "checkpoints from `umtam train` carry it (every optimizer records curvature); otherwise "
     "choose a method that needs no statistics (average, task-arithmetic, ties, dare, dare-ties) "
@@ -143,9 +156,14 @@ class MergeReport:
 
 
 def plan(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
-         options: Mapping[str, Any] | None = None, block_entries: int = BLOCK_ENTRIES) -> MergePlan:
-    """Validate a merge and estimate its cost without computing it (for --dry-run)."""
-    spec, resolved, checkpoints = _prepare(inputs, method, options)
+         options: Mapping[str, Any] | None = None, base: str | None = None,
+         task_names: Sequence[str] | None = None, block_entries: int = BLOCK_ENTRIES) -> MergePlan:
+    """Validate a merge and estimate its cost without computing it (for --dry-run).
+
+    The base is not read here; ``base`` only has to be given when an input is a
+    plain Hugging Face directory.
+    """
+    spec, resolved, checkpoints = _prepare(inputs, method, options, base, task_names)
     with _open_inputs(checkpoints) as sources:
         layout = _check_compatible(sources)
         _check_stats(spec, resolved, sources, layout)
@@ -154,23 +172,29 @@ def plan(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
 
 def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
                   options: Mapping[str, Any] | None = None, base: str | None = None,
-                  progress: Progress | None = None,
+                  task_names: Sequence[str] | None = None, progress: Progress | None = None,
                   block_entries: int = BLOCK_ENTRIES) -> tuple[dict[str, Tensor], MergeReport]:
     """Merge the inputs into one state dict (encoder + heads/<task>/...) and the sidecar to write.
 
     ``base`` overrides where the base model is found (``--base``); it must match
-    the inputs' recorded fingerprint. ``block_entries`` bounds the entries per
-    input merged at once (memory, not results: any value gives the same bits).
+    the inputs' recorded fingerprint. An input may be a plain Hugging Face
+    directory (hf_interop): then ``base`` is required, the input is checked
+    against it (``_check_plain_against_base``), its task comes from
+    ``task_names`` (one per plain input, in order) or its config's
+    finetuning_task, and only methods that need no statistics accept it.
+    ``block_entries`` bounds the entries per input merged at once (memory, not
+    results: any value gives the same bits).
     """
     if isinstance(block_entries, bool) or not isinstance(block_entries, int) or block_entries < 1:
         raise ConfigError(f"block_entries must be a positive integer, got {block_entries!r}")
-    spec, resolved, checkpoints = _prepare(inputs, method, options)
+    spec, resolved, checkpoints = _prepare(inputs, method, options, base, task_names)
     with _open_inputs(checkpoints) as sources:
         layout = _check_compatible(sources)
         _check_stats(spec, resolved, sources, layout)
         merge_plan = _make_plan(spec, resolved, sources, layout, block_entries)
         pages = MappedPages()
-        base_tensors = _load_base(spec, resolved, sources[0], layout, base, pages)
+        base_record, base_tensors = _load_base(spec, resolved, sources, layout, base, pages)
+        base_checks = _check_plain_against_base(sources, layout, base_tensors, pages)
         stream = _Stream(spec, resolved, sources, layout, base_tensors, pages, block_entries)
         steps = ProgressSteps(progress, _total_steps(merge_plan, layout))
         thresholds = None
@@ -180,29 +204,31 @@ def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
             merged = _merge_encoder(stream, thresholds, steps)
         merged.update(_collect_heads(sources))
     threshold_record = None if thresholds is None else dict(zip((s.task_id for s in sources), thresholds))
-    sidecar = _merged_sidecar(spec, resolved, sources, threshold_record)
+    sidecar = _merged_sidecar(spec, resolved, sources, threshold_record, base_record, base_checks)
     return merged, MergeReport(merge_plan, threshold_record, sidecar)
 
 
 def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method: str = DEFAULT_METHOD,
                       options: Mapping[str, Any] | None = None, base: str | None = None,
-                      force: bool = False, progress: Progress | None = None,
+                      task_names: Sequence[str] | None = None, force: bool = False,
+                      progress: Progress | None = None,
                       block_entries: int = BLOCK_ENTRIES) -> tuple[Checkpoint, MergeReport]:
     """Merge checkpoints into a new checkpoint directory at ``output``.
 
-    config.json and tokenizer files (every file of the first input other than the
-    weights, statistics and sidecar) are copied; the output carries no
-    statistics. The sidecar has kind "merge", the union of the input tasks (each
-    keeping its expert's metrics as "expert_metrics"), the shared base and the
-    lineage: inputs with the sha256 of their model file, method, options.
+    config.json and tokenizer files are copied (``merged_companion_files``) and
+    a config.<task>.json is written per task, so transformers loads the encoder
+    with any one head (hf_interop); the output carries no statistics. The
+    sidecar has kind "merge", the union of the input tasks (each keeping its
+    expert's metrics as "expert_metrics"), the shared base and the lineage:
+    inputs with the sha256 of their model file, method, options.
     """
-    checkpoints = _as_checkpoints(inputs)
+    checkpoints = _as_checkpoints(inputs, task_names)
     check_output_dir(output, inputs=[c.path for c in checkpoints], force=force)
     tensors, report = merge_tensors(checkpoints, method=method, options=options, base=base, progress=progress,
                                     block_entries=block_entries)
     written = write_checkpoint(
         output, tensors=tensors, sidecar=report.sidecar,
-        extra_files=companion_files(checkpoints[0]), force=force,
+        extra_files=merged_companion_files(checkpoints, report.sidecar["tasks"], base), force=force,
     )
     return written, report
 
@@ -211,6 +237,37 @@ def companion_files(checkpoint: Checkpoint) -> dict[str, Path]:
     """config.json, tokenizer files: every listed file but the weights, statistics and sidecar."""
     skip = {MODEL_FILE, STATS_FILE, SIDECAR_FILE}
     return {name: checkpoint.path / name for name in sorted(checkpoint.sidecar["files"]) if name not in skip}
+
+
+def merged_companion_files(checkpoints: Sequence[Checkpoint], tasks: Mapping[str, Any],
+                           base: str | None = None) -> dict[str, Path | bytes]:
+    """The merge's config.json, tokenizer files and one config.<task>.json per task.
+
+    config.json and the tokenizer files each come from the first input that has
+    them; tokenizer files otherwise from a local ``base`` directory, because a
+    plain Hugging Face input is often saved without its tokenizer and
+    ``umtam eval`` needs one.
+    Per-task configs are written anew from the merged task records, never
+    copied from a merged input.
+    """
+    files: dict[str, Path | bytes] = {}
+    config = next((c.path / CONFIG_FILE for c in checkpoints if CONFIG_FILE in c.sidecar["files"]), None)
+    if config is not None:
+        files[CONFIG_FILE] = config
+    files.update(_tokenizer_files(checkpoints, base))
+    if config is not None:
+        files.update(task_configs(config, tasks))
+    return files
+
+
+def _tokenizer_files(checkpoints: Sequence[Checkpoint], base: str | None) -> dict[str, Path]:
+    for checkpoint in checkpoints:
+        found = {name: path for name, path in companion_files(checkpoint).items() if not is_config_file(name)}
+        if found:
+            return found
+    if base is not None and Path(base).is_dir():
+        return {name: Path(base) / name for name in TOKENIZER_FILES if (Path(base) / name).is_file()}
+    return {}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -258,6 +315,11 @@ class _Source:
     encoder_keys: frozenset[str]
     heads: dict[str, str]  # output key -> key in this input
 
+    @property
+    def plain(self) -> bool:
+        """A plain Hugging Face directory: no statistics, no recorded base."""
+        return is_plain(self.checkpoint)
+
     def tensor(self, key: str) -> Tensor:
         return self.model.get_tensor(key)
 
@@ -281,18 +343,50 @@ class _Layout:
         return tuple(k for k in self.keys if self.dtypes[k] in _FLOAT_DTYPES and len(self.shapes[k]) < 2)
 
 
-def _prepare(inputs, method, options) -> tuple[MergeMethod, dict[str, Any], list[Checkpoint]]:
+def _prepare(inputs, method, options, base, task_names) -> tuple[MergeMethod, dict[str, Any], list[Checkpoint]]:
     spec = get_method(method)
     resolved = spec.resolve_options(options)
-    checkpoints = _as_checkpoints(inputs)
+    checkpoints = _as_checkpoints(inputs, task_names)
+    _check_plain_inputs(spec, resolved, checkpoints, base)
     return spec, resolved, checkpoints
 
 
-def _as_checkpoints(inputs: Sequence[InputLike]) -> list[Checkpoint]:
+def _as_checkpoints(inputs: Sequence[InputLike], task_names: Sequence[str] | None = None) -> list[Checkpoint]:
     if isinstance(inputs, (str, Path, Checkpoint)) or len(inputs) < 2:
         count = 1 if isinstance(inputs, (str, Path, Checkpoint)) else len(inputs)
         raise ConfigError(f"merge needs at least 2 checkpoints, got {count}")
-    return [item if isinstance(item, Checkpoint) else load_checkpoint(item) for item in inputs]
+    return open_inputs(inputs, task_names)
+
+
+def _check_plain_inputs(spec: MergeMethod, options: Mapping[str, Any], checkpoints: Sequence[Checkpoint],
+                        base: str | None) -> None:
+    """What a plain Hugging Face input cannot give: statistics, and its base (so --base is required)."""
+    plain = [checkpoint for checkpoint in checkpoints if is_plain(checkpoint)]
+    if not plain:
+        return
+    needed = _scores_reading_stats(spec, options)
+    if needed:
+        raise MergeError(
+            f"{plain[0].path} is a plain Hugging Face directory without the training statistics that "
+            f"merge method {spec.name} needs ({', '.join(needed)} saliency)",
+            hint=f"use a weights-only method: {', '.join(_weights_only_methods())}",
+        )
+    if base is None:
+        raise ConfigError(
+            f"{plain[0].path} is a plain Hugging Face directory, which records no base model",
+            hint="pass --base with the model it was fine-tuned from",
+        )
+
+
+def _scores_reading_stats(spec: MergeMethod, options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The saliency scores the method uses that read training statistics (magnitude does not)."""
+    return tuple(dict.fromkeys(score for score in spec.stats_needed(options) if required_stats(score, "weight", 2)))
+
+
+def _weights_only_methods() -> tuple[str, ...]:
+    """Methods that, with their default options, read no statistics."""
+    return tuple(name for name in available_methods()
+                 if not _scores_reading_stats(get_method(name), get_method(name).resolve_options()))
 
 
 @contextlib.contextmanager
@@ -337,8 +431,10 @@ def _single_task(checkpoint: Checkpoint, key: str) -> str:
 
 def _check_compatible(sources: Sequence[_Source]) -> _Layout:
     first = sources[0]
+    recorded = [source for source in sources if not source.plain]
+    for other in recorded[1:]:
+        _check_same_base(recorded[0], other)
     for other in sources[1:]:
-        _check_same_base(first, other)
         _check_same_keys(first, other)
     _check_distinct_tasks(sources)
     keys = tuple(sorted(first.encoder_keys))
@@ -402,25 +498,79 @@ def _check_stats(spec: MergeMethod, options: Mapping[str, Any], sources: Sequenc
                                               hint=_STATS_HINT)
 
 
-def _needs_base(spec: MergeMethod, options: Mapping[str, Any]) -> bool:
-    return spec.needs_base or options["norms"] == "base"
+def _needs_base(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source]) -> bool:
+    # a plain input is checked against the base, whatever the method
+    return spec.needs_base or options["norms"] == "base" or any(source.plain for source in sources)
 
 
-def _load_base(spec: MergeMethod, options: Mapping[str, Any], first: _Source, layout: _Layout,
-               override: str | None, pages: MappedPages) -> Mapping[str, Tensor] | None:
-    if not _needs_base(spec, options):
-        return None
-    base = load_base_encoder(first.checkpoint.sidecar["base_model"], override=override, keys=layout.keys)
+def _load_base(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source], layout: _Layout,
+               override: str | None, pages: MappedPages) -> tuple[dict[str, Any], Mapping[str, Tensor] | None]:
+    """The merged sidecar's base record, and the base encoder when the merge reads it.
+
+    The record is the one the umtam inputs share (``override`` must then hash
+    to it); when every input is a plain Hugging Face directory it is made from
+    ``override`` (required for them), which is read to fingerprint it.
+    """
+    recorded = [source for source in sources if not source.plain]
+    if not recorded:
+        record, base = identify_base(override, layout.keys)
+    elif _needs_base(spec, options, sources):
+        record = dict(recorded[0].checkpoint.sidecar["base_model"])
+        base = load_base_encoder(record, override=override, keys=layout.keys)
+    else:
+        return dict(recorded[0].checkpoint.sidecar["base_model"]), None
     pages.release(*base.values())  # the fingerprint read every page; blocks fault back what they use
+    label = (recorded or sources)[0].label
     for key in layout.keys:
         if key not in base:
-            raise CheckpointError(f"the base model has no tensor {key!r}, which {first.label} has")
+            raise CheckpointError(f"the base model has no tensor {key!r}, which {label} has")
         if tuple(base[key].shape) != layout.shapes[key]:
             raise CheckpointError(
                 f"tensor {key!r} has shape {list(base[key].shape)} in the base model "
-                f"but {list(layout.shapes[key])} in {first.label}"
+                f"but {list(layout.shapes[key])} in {label}"
             )
-    return base
+    return record, base
+
+
+def _check_plain_against_base(sources: Sequence[_Source], layout: _Layout, base: Mapping[str, Tensor] | None,
+                              pages: MappedPages) -> dict[str, float]:
+    """Refuse a plain input that does not look fine-tuned from the base; its distance per label.
+
+    A plain directory records no base, so the fingerprint check cannot apply.
+    Keys and shapes already match the base (_load_base); a model of the same
+    architecture fine-tuned from other pretrained weights would pass that, so
+    the relative distance ||W - W0|| / ||W0|| over the 2-D weights must stay
+    below MAX_PLAIN_DISTANCE: this project's MiniLM experts (3 epochs, AdamW
+    at 5e-5 to UMTAM at 5e-4) are 0.011 to 0.048 of the base's norm away from
+    it, while unrelated weights of similar scale are about sqrt(2) apart.
+    """
+    distances = {}
+    for source in sources:
+        if not source.plain:
+            continue
+        distance = _relative_distance(source, layout, base, pages)
+        if not distance < MAX_PLAIN_DISTANCE:
+            raise MergeError(
+                f"{source.label} does not look fine-tuned from the base model: its 2-D weights are "
+                f"{distance:.3g} of the base's norm away (at most {MAX_PLAIN_DISTANCE} is accepted)",
+                hint="pass the model it was fine-tuned from with --base",
+            )
+        distances[source.label] = distance
+    return distances
+
+
+def _relative_distance(source: _Source, layout: _Layout, base: Mapping[str, Tensor], pages: MappedPages) -> float:
+    """||W - W0|| / ||W0|| over the method tensors, read in row blocks like the merge itself."""
+    moved = total = 0.0
+    for key in layout.method_keys():
+        weight, start = source.tensor(key), base[key]
+        for block in _row_blocks(layout.shapes[key], BLOCK_ENTRIES):
+            rows = slice(None) if block is None else slice(block.start, block.stop)
+            start32 = start[rows].to(torch.float32)
+            moved += float(torch.sum((weight[rows].to(torch.float32) - start32) ** 2))
+            total += float(torch.sum(start32 ** 2))
+        pages.release_files(weight, start)
+    return math.sqrt(moved / total) if total else (0.0 if moved == 0 else math.inf)
 
 
 def _make_plan(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
@@ -438,7 +588,7 @@ def _make_plan(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[
     numel = {key: math.prod(layout.shapes[key]) for key in layout.keys}
     block = max((_block_numel(layout.shapes[key], block_entries) for key in method_keys), default=0)
     work = (_WORK_COPIES_PER_INPUT * count + _WORK_COPIES_SHARED) * block * 4 + count * _HISTOGRAM_BYTES
-    needs_base = _needs_base(spec, options)
+    needs_base = _needs_base(spec, options, sources)
     base_bytes = sum(numel[key] * _dtype_size(layout.dtypes[key]) for key in layout.keys) if needs_base else 0
     output_bytes = sum(numel[key] * _dtype_size(layout.dtypes[key]) for key in layout.keys)
     head_count = 0
@@ -629,20 +779,14 @@ def _collect_heads(sources: Sequence[_Source]) -> dict[str, Tensor]:
 
 
 def _merged_sidecar(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[_Source],
-                    thresholds: dict[str, float] | None) -> dict[str, Any]:
+                    thresholds: dict[str, float] | None, base_record: Mapping[str, Any],
+                    base_checks: Mapping[str, float]) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     for source in sources:
         for task, record in source.checkpoint.tasks.items():
             tasks[task] = _merged_task_record(record)
     lineage: dict[str, Any] = {
-        "inputs": [
-            {
-                "path": str(source.checkpoint.path.resolve()),
-                "sha256": source.checkpoint.sidecar["files"][MODEL_FILE]["sha256"],
-                "tasks": list(source.checkpoint.tasks),
-            }
-            for source in sources
-        ],
+        "inputs": [_lineage_input(source, base_checks) for source in sources],
         "method": spec.name,
         "method_url": spec.url,
         "options": dict(options),
@@ -652,9 +796,23 @@ def _merged_sidecar(spec: MergeMethod, options: Mapping[str, Any], sources: Sequ
     return {
         "kind": "merge",
         "tasks": tasks,
-        "base_model": dict(sources[0].checkpoint.sidecar["base_model"]),
+        "base_model": dict(base_record),
         "lineage": lineage,
     }
+
+
+def _lineage_input(source: _Source, base_checks: Mapping[str, float]) -> dict[str, Any]:
+    """An input as the lineage records it; a plain one says how its base was checked."""
+    item: dict[str, Any] = {
+        "path": str(source.checkpoint.path.resolve()),
+        "sha256": source.checkpoint.sidecar["files"][MODEL_FILE]["sha256"],
+        "tasks": list(source.checkpoint.tasks),
+    }
+    if source.plain:
+        item["format"] = source.checkpoint.sidecar["format"]
+        item["base_check"] = {"fingerprint": False, "keys_and_shapes": True,
+                              "relative_distance": base_checks[source.label]}
+    return item
 
 
 def _merged_task_record(record: Mapping[str, Any]) -> dict[str, Any]:

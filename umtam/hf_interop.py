@@ -1,0 +1,215 @@
+"""Hugging Face interop: plain transformers directories in, per-task configs out.
+
+In: a plain Hugging Face directory (config.json + model.safetensors, no
+umtam.json), such as a model fine-tuned with the Trainer, can be a merge input.
+``open_input`` wraps it as a Checkpoint whose sidecar is made up in memory and
+marked ``"format": "huggingface"``: one task, no statistics, no metrics, and no
+base fingerprint, because nothing in the directory records which weights it
+was fine-tuned from. The merge engine therefore asks for ``--base`` and checks
+the input against that base itself (engine._check_plain_against_base). Weights
+are read from safetensors only: a directory holding pytorch_model.bin or
+another pickle is refused, never unpickled.
+
+Out: a merged checkpoint holds one encoder and one head per task under
+``heads/<task>/``. Beside config.json (the first input's) it carries
+``config.<task>.json``, the sequence-classification config of each task, so
+that transformers alone (4.50 or newer, for ``key_mapping``) loads the encoder
+with one task's head:
+
+    config = AutoConfig.from_pretrained("merged/config.mnli.json")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        "merged/", config=config, key_mapping={"^heads/mnli/": ""})
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from umtam.checkpoint import MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Checkpoint, load_checkpoint, sha256_file
+from umtam.errors import CheckpointError, ConfigError, first_line
+
+PLAIN_FORMAT = "huggingface"
+CONFIG_FILE = "config.json"
+# What save_pretrained writes for the tokenizers of encoder models; only these are
+# carried from a plain directory (not training_args.bin, optimizer.pt and the like).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+)
+# Weight files that are pickles: named in the refusal instead of being read.
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt.index",
+                    "flax_model.msgpack")
+_SHARDED_INDEX = "model.safetensors.index.json"
+# Config fields that describe one task's head; a per-task config sets them anew.
+_TASK_FIELDS = ("id2label", "label2id", "num_labels", "_num_labels", "problem_type", "finetuning_task")
+
+
+# ----------------------------------------------------------------------------- in
+
+
+def is_plain_hf_dir(path: str | Path) -> bool:
+    """A directory with a config.json and no umtam sidecar."""
+    directory = Path(path)
+    return directory.is_dir() and (directory / CONFIG_FILE).is_file() and not (directory / SIDECAR_FILE).exists()
+
+
+def is_plain(checkpoint: Checkpoint) -> bool:
+    return checkpoint.sidecar.get("format") == PLAIN_FORMAT
+
+
+def open_inputs(inputs: Sequence[str | Path | Checkpoint],
+                task_names: Sequence[str] | None = None) -> list[Checkpoint]:
+    """Checkpoints for merge inputs; plain Hugging Face directories take ``task_names`` in order.
+
+    ``task_names`` holds one name per plain input, in the order the inputs are
+    given; without it each plain input's config.json ``finetuning_task`` (which
+    transformers' run_glue.py sets) names its task.
+    """
+    plain = [item for item in inputs if not isinstance(item, Checkpoint) and is_plain_hf_dir(item)]
+    names = list(task_names or [])
+    if names and len(names) != len(plain):
+        listed = ", ".join(str(item) for item in plain) or "none"
+        raise ConfigError(
+            f"{len(names)} task name(s) given for {len(plain)} plain Hugging Face input(s) ({listed})",
+            hint="give one task name per plain input, in input order",
+        )
+    remaining = iter(names)
+    return [_open_one(item, remaining) for item in inputs]
+
+
+def _open_one(item: str | Path | Checkpoint, task_names) -> Checkpoint:
+    if isinstance(item, Checkpoint):
+        return item
+    if is_plain_hf_dir(item):
+        return open_plain_hf(item, next(task_names, None))
+    return load_checkpoint(item)
+
+
+def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
+    """A plain Hugging Face directory as a one-task Checkpoint (sidecar made up, not written)."""
+    directory = Path(path)
+    _check_weights_file(directory)
+    config = read_config(directory / CONFIG_FILE)
+    spec = _task_spec(directory, task or config.get("finetuning_task"))
+    record = {
+        "label_names": _label_names(directory, config, spec),
+        "is_regression": spec.is_regression,
+        "metrics": {},
+    }
+    files = [CONFIG_FILE, MODEL_FILE, *(name for name in TOKENIZER_FILES if (directory / name).is_file())]
+    sidecar = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "train",  # a one-task fine-tuned model, as far as a merge is concerned
+        "format": PLAIN_FORMAT,
+        "tasks": {spec.name: record},
+        # Nothing records the base of a plain directory; the merge checks it against --base.
+        "base_model": {"fingerprint": None},
+        "files": {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+                  for name in files},
+    }
+    return Checkpoint(directory, sidecar)
+
+
+def _check_weights_file(directory: Path) -> None:
+    if (directory / MODEL_FILE).is_file():
+        return
+    if (directory / _SHARDED_INDEX).is_file():
+        raise CheckpointError(
+            f"{directory}: sharded safetensors weights ({_SHARDED_INDEX}) are not supported as a merge input",
+            hint="re-save the model as one file: save_pretrained(dir, max_shard_size='100GB')",
+        )
+    pickled = [name for name in _PICKLED_WEIGHTS if (directory / name).is_file()]
+    found = f"it holds {', '.join(pickled)}, which umtam does not read" if pickled else "no weights found"
+    raise CheckpointError(
+        f"{directory}: a plain Hugging Face directory needs {MODEL_FILE} ({found})",
+        hint="umtam reads safetensors only; re-save it with save_pretrained(dir), "
+             "which writes safetensors by default since transformers 4.35",
+    )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON config ({first_line(exc)})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the config must be a JSON object")
+    return config
+
+
+def _task_spec(directory: Path, task: str | None):
+    from umtam.data import get_task
+
+    if not task:
+        raise ConfigError(
+            f"{directory}: a plain Hugging Face input needs a task name (its config.json has no finetuning_task)",
+            hint="pass --task-names with one GLUE task per plain input, in input order",
+        )
+    try:
+        return get_task(task)
+    except ConfigError as exc:
+        raise ConfigError(f"{directory}: {exc.message}", hint=exc.hint) from exc
+
+
+def _label_names(directory: Path, config: Mapping[str, Any], spec) -> list[str]:
+    """The head's label names, after checking its size against the task's.
+
+    A 2-label config saved by transformers often has no id2label (2 is the
+    default), and generic LABEL_i names say nothing: both get the GLUE names,
+    whose order the GLUE datasets and umtam's metrics share.
+    """
+    id2label = config.get("id2label") or {}
+    count = len(id2label) if id2label else int(config.get("num_labels", config.get("_num_labels", 2)))
+    if count != spec.num_labels:
+        raise ConfigError(
+            f"{directory}: its head has {count} label(s) but task {spec.name} has {spec.num_labels}",
+            hint="name the task the model was fine-tuned on (--task-names)",
+        )
+    if spec.is_regression:
+        return []
+    names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
+    generic = all(name == f"LABEL_{i}" for i, name in enumerate(names))
+    return list(spec.label_names) if generic else names
+
+
+# ----------------------------------------------------------------------------- out
+
+
+def task_config_name(task: str) -> str:
+    return f"config.{task}.json"
+
+
+def is_config_file(name: str) -> bool:
+    """config.json or a per-task config.<task>.json."""
+    return name == CONFIG_FILE or (name.startswith("config.") and name.endswith(".json"))
+
+
+def task_configs(config_path: Path, tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+    """config.<task>.json for each task: the encoder's config with that task's labels and problem type.
+
+    Written as JSON rather than through transformers so that a merge does not
+    import it; the fields are the ones transformers reads (num_labels follows
+    from id2label). An ``architectures`` entry that is not a sequence-classification
+    class is dropped, so the auto classes go by ``model_type``.
+    """
+    encoder = {key: value for key, value in read_config(config_path).items() if key not in _TASK_FIELDS}
+    architectures = [name for name in encoder.pop("architectures", None) or []
+                     if name.endswith("ForSequenceClassification")]
+    if architectures:
+        encoder["architectures"] = architectures
+    return {task_config_name(task): _task_config(encoder, task, record) for task, record in tasks.items()}
+
+
+def _task_config(encoder: Mapping[str, Any], task: str, record: Mapping[str, Any]) -> bytes:
+    regression = bool(record.get("is_regression"))
+    names = ["LABEL_0"] if regression else list(record["label_names"])
+    config = {
+        **encoder,
+        "id2label": {str(index): name for index, name in enumerate(names)},
+        "label2id": {name: index for index, name in enumerate(names)},
+        "problem_type": "regression" if regression else "single_label_classification",
+        "finetuning_task": task,
+    }
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
