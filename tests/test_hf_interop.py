@@ -1,7 +1,7 @@
 """Hugging Face interop on the tiny model: transformers loads what umtam writes, umtam merges what transformers saves.
 
 - trained and pruned checkpoints load with from_pretrained and score what umtam measured;
-- a merged checkpoint loads one task's head with the two lines of docs/huggingface.md;
+- a merged checkpoint loads one task's head with the two lines of README "Hugging Face interop";
 - a plain Hugging Face directory is a merge input under the rule of umtam.hf_interop.
 """
 
@@ -43,7 +43,7 @@ def hf_metrics(task, logits, examples):
 
 
 def load_task_head(directory, task):
-    """The two lines of docs/huggingface.md."""
+    """The two lines of README "Hugging Face interop"."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(f"{directory}/config.{task}.json")
