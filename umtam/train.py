@@ -4,6 +4,8 @@ Every optimizer runs beside a CurvatureTracker, so every checkpoint carries the
 factorized second moments that pruning and merging reuse. The loop is plain
 PyTorch: seeded data order per epoch, linear warmup then linear decay, gradient
 clipping at 1.0 (as the Hugging Face Trainer does), evaluation on dev at the end.
+With ``save_every`` it writes resumable states beside the output (umtam.resume);
+a NaN or inf loss stops the run and names the last good state.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from umtam import __version__
@@ -54,6 +57,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     data_dir: str | None = None
     device: str = "auto"
+    save_every: int | None = None
+    state_dir: str | None = None
     force: bool = False
 
     def validate(self) -> list[str]:
@@ -64,8 +69,10 @@ class TrainConfig:
             problems.append(f"lr: must be positive, got {self.lr}")
         if not self.epochs > 0:
             problems.append(f"epochs: must be positive, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps: must be at least 1, got {self.max_steps}")
+        for name in ("max_steps", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name}: must be at least 1, got {value}")
         for name in ("batch_size", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -108,18 +115,31 @@ def _no_progress(kind: str, payload: Any) -> None:
     return None
 
 
-def train(config: TrainConfig, progress: ProgressFn = _no_progress):
-    """Run one fine-tuning job end to end and return the written Checkpoint."""
+def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_from: str | Path | None = None):
+    """Run one fine-tuning job end to end and return the written Checkpoint.
+
+    With ``config.save_every`` a resumable state is written every that many
+    optimizer steps (umtam.resume describes the layout); ``resume_from`` (a
+    state directory, or one step-N in it) continues such a run, and on CPU the
+    result equals the uninterrupted run's bit for bit. A NaN or inf loss stops
+    the run with an UmtamError naming the last good state; no checkpoint is
+    written then.
+    """
     import torch
 
-    from umtam import checkpoint, data, models
+    from umtam import checkpoint, data, models, resume
     from umtam.evaluate import evaluate_model
     from umtam.optim import build_optimizer, optimizer_hparams, optimizer_state_bytes
     from umtam.optim.tracker import CurvatureTracker
 
-    # Cheap checks first (output, task, model location), so a mistake is reported
-    # before minutes of data loading and tokenisation.
+    # Cheap checks first (output, states, task, model location), so a mistake is
+    # reported before minutes of data loading and tokenisation.
     checkpoint.check_output_dir(config.output, force=config.force)
+    saved = resume.find_state(resume_from) if resume_from is not None else None
+    if saved is not None:
+        resume.check_resumable(saved, config)
+    states = (resume.StateWriter(resume.state_dir_for(config), output=config.output, force=config.force,
+                                 resumed=saved) if config.save_every else None)
     spec = data.get_task(config.task)
     source = models.resolve_model(config.model)
     progress("status", f"loading model {source.location}")
@@ -151,7 +171,14 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(total_steps, config.warmup_ratio)
     )
-    run = _run_loop(model, optimizer, tracker, scheduler, train_features, tokenizer, config, total_steps, progress)
+    parts = resume.Trainables(model, optimizer, tracker, scheduler)
+    run_log = _RunLog(config, resume.Position())
+    if saved is not None or states is not None:
+        run_log.identity = resume.RunIdentity(base["fingerprint"], resume.features_digest(train_features),
+                                              total_steps)
+    if saved is not None:
+        _continue_from(saved, parts, run_log, progress)
+    run = _run_loop(parts, train_features, tokenizer, config, total_steps, progress, run_log, states)
 
     progress("status", "evaluating on dev")
 
@@ -164,7 +191,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress):
     holdout_metrics = measure(task_data.holdout) if task_data.holdout else None
     state = {"optimizer_bytes": optimizer_state_bytes(optimizer), "tracker_bytes": tracker.state_bytes()}
     sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics, holdout_metrics,
-                             hparams, state)
+                             hparams, state, run_log.resumed)
     progress("status", f"writing {config.output}")
     return checkpoint.write_checkpoint(
         config.output, tensors=model.state_dict(), stats=tracker.stats(), sidecar=sidecar,
@@ -219,46 +246,120 @@ class RunRecord:
     peak_gpu_bytes: int | None
 
 
-def _run_loop(model, optimizer, tracker, scheduler, features, tokenizer, config, total_steps, progress) -> RunRecord:
+@dataclass
+class _RunLog:
+    """Where the loop starts, and what a state records about the run besides the trainables."""
+
+    config: TrainConfig
+    position: Any  # umtam.resume.Position
+    identity: Any = None  # umtam.resume.RunIdentity, when states are written or read
+    resumed: list[dict[str, Any]] = field(default_factory=list)
+    earlier_seconds_per_step: float | None = None
+
+    def state_record(self, seconds_per_step: float | None) -> dict[str, Any]:
+        # force is an instruction to this invocation, not part of the run: a resume must ask again
+        return {
+            "config": {key: value for key, value in asdict(self.config).items() if key != "force"},
+            "base_fingerprint": self.identity.base_fingerprint,
+            "train_digest": self.identity.train_digest,
+            "total_steps": self.identity.total_steps,
+            "resumed": self.resumed,
+            "seconds_per_step": seconds_per_step if seconds_per_step is not None else self.earlier_seconds_per_step,
+        }
+
+
+def _continue_from(saved, parts, log: _RunLog, progress: ProgressFn) -> None:
+    """Load a saved state into the freshly built run, so the loop starts where that run stopped."""
+    from umtam import resume
+
+    resume.check_same_run(saved, log.identity)
+    progress("status", f"resuming from {saved.path} (step {saved.step} of {log.identity.total_steps})")
+    lr = log.config.learning_rate
+    log.position = resume.restore(saved, parts, lr=lr)
+    log.resumed = [*saved.record.get("resumed", []), {"step": saved.step, "state": str(saved.path), "lr": lr}]
+    log.earlier_seconds_per_step = saved.record.get("seconds_per_step")
+
+
+class _StepTimer:
+    """Seconds per step in this process, leaving out its first step (which pays one-off warm-up costs)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.steps = 0
+        self.first = 0.0
+
+    def tick(self) -> None:
+        self.steps += 1
+        if self.steps == 1:
+            now = time.perf_counter()
+            self.started, self.first = now, now - self.started
+
+    def seconds_per_step(self) -> float | None:
+        if self.steps <= 1:
+            return self.first if self.steps else None
+        return (time.perf_counter() - self.started) / (self.steps - 1)
+
+
+def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _RunLog, states) -> RunRecord:
     import torch
 
     from umtam import data
 
+    model, optimizer, tracker, scheduler = parts.model, parts.optimizer, parts.tracker, parts.scheduler
     model.train()
     device = next(model.parameters()).device
-    losses: list[float] = []
-    step = 0
+    position = log.position
     progress("start", {"total": total_steps, "what": "train"})
-    started = time.perf_counter()
-    epoch = 0
-    while step < total_steps:
+    timer = _StepTimer()
+    while position.step < total_steps:
         for batch in data.iter_batches(features, config.batch_size, pad_token_id=tokenizer.pad_token_id,
-                                       seed=config.seed, epoch=epoch, shuffle=True):
+                                       seed=config.seed, epoch=position.epoch, shuffle=True,
+                                       start=position.batch):
             loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
             if not torch.isfinite(loss):
-                raise UmtamError(
-                    f"training diverged at step {step + 1}: loss is {loss.item()}",
-                    hint="lower --lr or check the data; no checkpoint was written",
-                )
+                raise _diverged(position.step + 1, f"loss is {loss.item()}", states, config)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if not torch.isfinite(grad_norm):  # the step would write NaN into every weight
+                raise _diverged(position.step + 1, f"gradient norm is {grad_norm.item()}", states, config)
             tracker.update()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss.item())  # also syncs a GPU, so the timing below is honest
-            progress("step", StepEvent(step, total_steps, losses[-1], epoch))
-            if step == 1:  # time from here on: the first step pays one-off warm-up costs
-                started, first_step = time.perf_counter(), time.perf_counter() - started
-            if step >= total_steps:
+            position.advance(loss.item())  # .item() also syncs a GPU, so the timing is honest
+            timer.tick()
+            if states is not None and position.step % config.save_every == 0:
+                _save_state(parts, log, states, timer, progress)
+            progress("step", StepEvent(position.step, total_steps, position.loss_curve[-1], position.epoch))
+            if position.step >= total_steps:
                 break
-        epoch += 1
-    elapsed = time.perf_counter() - started if step > 1 else first_step
+        else:  # the epoch ran out before the planned steps did
+            position.next_epoch()
     progress("end", {"what": "train"})
     gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return RunRecord(step, elapsed / max(step - 1, 1), float(sum(losses[-10:]) / len(losses[-10:])), losses,
-                     peak_rss_bytes(), gpu_peak)
+    losses = position.loss_curve
+    seconds = timer.seconds_per_step()
+    return RunRecord(position.step, seconds if seconds is not None else log.earlier_seconds_per_step or 0.0,
+                     float(sum(losses[-10:]) / len(losses[-10:])), list(losses), peak_rss_bytes(), gpu_peak)
+
+
+def _save_state(parts, log: _RunLog, states, timer: _StepTimer, progress) -> None:
+    from umtam import resume
+
+    # a NaN the loss has not shown yet must not become the "last good" state
+    if not resume.weights_finite(parts.model):
+        raise _diverged(log.position.step, "weights hold NaN or inf", states, log.config)
+    record, tensors = resume.capture(parts, log.position)
+    saved = states.save({**record, **log.state_record(timer.seconds_per_step())}, tensors)
+    progress("status", f"saved training state {saved.path}")
+
+
+def _diverged(step: int, what: str, states, config: TrainConfig) -> UmtamError:
+    from umtam import resume
+
+    latest = states.latest if states is not None else None
+    directory = states.directory if states is not None else None
+    return resume.diverged_error(step, what, latest, directory, config.learning_rate)
 
 
 def peak_rss_bytes() -> int:
@@ -283,8 +384,12 @@ def hf_files(model, tokenizer) -> dict[str, bytes]:
         return {path.name: path.read_bytes() for path in sorted(Path(scratch).iterdir()) if path.is_file()}
 
 
+# Where files go is not part of what was trained (and a resumed run may move them).
+_NOT_RECORDED = ("output", "force", "save_every", "state_dir")
+
+
 def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metrics, holdout_metrics, hparams,
-                   state: dict[str, int]):
+                   state: dict[str, int], resumed: list[dict[str, Any]]):
     return {
         "kind": "train",
         "umtam_version": __version__,
@@ -303,10 +408,11 @@ def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metr
         "optimizer": {"name": config.optimizer, "hyperparameters": hparams,
                       "state_bytes": state["optimizer_bytes"] + state["tracker_bytes"], **state},
         "training": {
-            "config": {**{key: value for key, value in asdict(config).items() if key not in ("output", "force")},
+            "config": {**{key: value for key, value in asdict(config).items() if key not in _NOT_RECORDED},
                        "lr": config.learning_rate},
             "final_loss": run.final_loss,
             "loss_curve": run.loss_curve,
+            **({"resumed": resumed} if resumed else {}),
         },
         "stats": {"beta2": config.beta2, "bias_corrected": True, "tracked_steps": run.steps},
         "steps": run.steps,

@@ -12,6 +12,19 @@ Examples:
   umtam train --task mrpc --optimizer umtam --rank 8 --lr 2e-4 -o runs/mrpc-umtam
   umtam train --task rte --max-steps 50 --max-eval-samples 100 -o /tmp/rte-smoke
   umtam train --config recipes/mrpc-umtam.yaml --seed 1 -o runs/mrpc-seed1
+  umtam train --task mrpc --save-every 100 -o runs/mrpc      # states in runs/mrpc-state/
+  umtam train --resume runs/mrpc-state                        # continue from the newest state
+  umtam train --resume runs/mrpc-state --lr 2e-5              # after a NaN stop: lower the lr
+
+\b
+Training states: --save-every N writes OUTPUT-state/step-<N>/ (or --state-dir)
+every N steps, each atomically (state.safetensors + umtam-state.json: weights,
+optimizer, tracker, scheduler, data position, loss curve, RNG, options); the
+newest two are kept. A state is not a checkpoint; the output is written once,
+at the end. --resume continues bit for bit (on CPU); options given with it must
+match the saved run's, except --output, --state-dir, --save-every, --data-dir,
+--device, --eval-batch-size, --force and --lr. A NaN or inf loss stops the run
+(exit 1), names the last good state and writes no checkpoint.
 
 \b
 Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli.
@@ -44,17 +57,27 @@ GLUE data comes from --data-dir, else $UMTAM_DATA_DIR, else ../shared/data/glue,
               help="Hold out this fixed fraction of train and report metrics on it (for tuning without dev).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="GLUE directory (TSV or parquet layout).")
 @click.option("--device", help="auto, cpu or cuda[:N] [default: auto, CUDA when available].")
-@click.option("--force", is_flag=True, default=None, help="Replace an existing output directory.")
+@click.option("--save-every", type=int, help="Write a resumable training state every N optimizer steps.")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Where --save-every writes states [default: OUTPUT-state beside the output].")
+@click.option("--resume", "resume_from", type=click.Path(file_okay=False),
+              help="Continue the run saved in this state directory (its newest state) or step-N directory.")
+@click.option("--force", is_flag=True, default=None,
+              help="Replace an existing output directory (and another run's states in the state directory).")
 @common_output_options
-def command(config_file, as_json, quiet, verbose, **options):
+def command(config_file, resume_from, as_json, quiet, verbose, **options):
     """Fine-tune a model on a GLUE task, recording curvature statistics."""
     from umtam.config import build_config, load_recipe
+    from umtam.resume import config_for_resume
     from umtam.train import TrainConfig, train
 
     recipe = load_recipe(config_file) if config_file else {}
-    config = build_config(TrainConfig, recipe, options, source=config_file or "options")
+    if resume_from:
+        config = config_for_resume(resume_from, recipe, options)
+    else:
+        config = build_config(TrainConfig, recipe, options, source=config_file or "options")
     with progress_renderer(quiet=quiet, verbose=verbose) as progress:
-        result = train(config, progress=progress)
+        result = train(config, progress=progress, resume_from=resume_from)
     summary = train_summary(result)
     if as_json:
         emit_json(summary)

@@ -1,0 +1,508 @@
+"""Periodic training states and resuming from them (``umtam train --save-every N`` / ``--resume DIR``).
+
+Layout. States go to ``<output>-state/`` beside the output (or ``--state-dir``),
+one directory per saved optimizer step; the newest two are kept, so a state
+damaged after it was written still leaves the previous one to resume from::
+
+    runs/mrpc-state/
+      step-00000200/
+        state.safetensors   every tensor (below), keyed by prefix
+        umtam-state.json    the record and marker, written last
+      step-00000300/ ...
+
+A state is never mistaken for a checkpoint: it has no ``umtam.json``, so
+``umtam.checkpoint.load_checkpoint`` and ``umtam inspect`` refuse it, and it
+lives outside the output directory, which is written once, at the end, exactly
+as without ``--save-every``. Each step directory is built under a temporary
+name (``.step-N.tmp-*``) and renamed into place by umtam.checkpoint's atomic
+write helpers; a directory without ``umtam-state.json`` is not a state, and the
+temporary leftovers of a killed run are removed when the next run starts.
+
+``state.safetensors`` holds ``model/<key>`` (model.state_dict()),
+``optimizer/<param index>/<key>`` (the tensors of optimizer.state_dict()),
+``tracker/<param name>/<key>`` (CurvatureTracker.state_dict()), ``rng/torch``
+(torch's CPU generator state, uint8) and ``rng/cuda/<device>``.
+``umtam-state.json`` holds everything else: ``format`` and ``schema_version``;
+``step``, ``epoch`` and ``batch`` (batches of that epoch already trained on;
+batch order is a pure function of (seed, epoch), see umtam.batching);
+``total_steps`` and the ``loss_curve`` so far; ``config`` (the TrainConfig,
+without ``force``); ``optimizer`` (the class name, ``param_groups`` with their
+hyperparameters, and any numbers kept in per-parameter state, e.g. Adafactor's
+step); ``scheduler`` (LambdaLR.state_dict(); the lambda is rebuilt from the
+config); ``tracker`` (beta2); ``rng`` (python ``random`` and numpy states);
+``base_fingerprint`` and ``train_digest`` (sha256 of the tokenized training
+set), checked on resume so a changed model, tokenizer or data set is refused
+rather than silently continued; ``resumed`` (earlier resumes: step, state, lr);
+``seconds_per_step``; and ``files`` (sha256 and size of state.safetensors).
+No pickles: JSON and safetensors only.
+
+Resuming restores all of it, so on CPU the final weights, statistics and loss
+curve equal an uninterrupted run's bit for bit. Options given with
+``--resume`` must equal the saved run's, except ``RESUMABLE_CHANGES``: where
+files go (output, state_dir, save_every, force), where the same data and
+device live (data_dir, checked by ``train_digest``; device), the evaluation
+batch size, and lr, so that a run that diverged can continue from its last
+good state with a lower learning rate (the schedule keeps its shape, scaled to
+the new peak; such a run is of course no longer bit-identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from umtam import __version__
+from umtam.checkpoint import SIDECAR_FILE, sha256_file
+from umtam.errors import CheckpointError, ConfigError, UmtamError, first_line
+
+STATE_FORMAT = "umtam-train-state"
+STATE_SCHEMA_VERSION = 1
+STATE_MARKER = "umtam-state.json"
+STATE_TENSORS = "state.safetensors"
+KEEP_STATES = 2
+RESUMABLE_CHANGES = ("output", "force", "state_dir", "save_every", "data_dir", "device", "eval_batch_size", "lr")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|old)-")
+_REQUIRED = ("format", "schema_version", "step", "epoch", "batch", "total_steps", "loss_curve", "config",
+             "optimizer", "scheduler", "tracker", "rng", "base_fingerprint", "train_digest", "files")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+# The temp-dir-then-rename protocol has one implementation, in umtam.checkpoint;
+# its helpers are private there, so they are reached through these three names.
+
+
+def _write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
+    from umtam.checkpoint import _write_json_durably as write
+
+    write(path, payload)
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    from umtam.checkpoint import _swap_into_place as swap
+
+    swap(staging, out)
+
+
+def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from umtam.checkpoint import _contiguous
+
+    return _contiguous(tensors)
+
+
+# ----------------------------------------------------------------------------- what a run is
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimizer steps done, the epoch, and batches of that epoch already used."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    loss_curve: list[float] = field(default_factory=list)
+
+    def advance(self, loss: float) -> None:
+        self.step += 1
+        self.batch += 1
+        self.loss_curve.append(loss)
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch = 0
+
+
+@dataclass
+class RunIdentity:
+    """What a state must share with the run that resumes it, beyond the config."""
+
+    base_fingerprint: str
+    train_digest: str
+    total_steps: int
+
+
+@dataclass
+class Trainables:
+    """The objects whose state a training state captures."""
+
+    model: Any
+    optimizer: Any
+    tracker: Any
+    scheduler: Any
+
+
+@dataclass
+class TrainingState:
+    """A complete state directory and its JSON record (tensors are read by ``restore``)."""
+
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.record["step"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record["config"]
+
+
+def features_digest(features: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 of the tokenized training set: a resume must see the same examples, tokens and labels."""
+    digest = hashlib.sha256()
+    for feature in features:
+        for key in sorted(feature):
+            digest.update(f"{key}={feature[key]!r};".encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def default_state_dir(output: str | Path) -> Path:
+    """``<output>-state`` beside the output, so the output directory itself is written only once."""
+    out = Path(output)
+    if out.name in ("", ".", ".."):
+        out = out.resolve()
+    return out.with_name(f"{out.name}-state")
+
+
+def state_dir_for(config) -> Path:
+    return Path(config.state_dir) if config.state_dir else default_state_dir(config.output)
+
+
+# ----------------------------------------------------------------------------- finding and checking states
+
+
+def find_state(path: str | Path) -> TrainingState:
+    """The state at ``path``: a step directory itself, or the newest complete one in a state directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such training-state directory")
+    if (directory / STATE_MARKER).is_file():
+        return read_state(directory)
+    if (directory / SIDECAR_FILE).is_file():
+        raise CheckpointError(f"{directory}: a finished checkpoint, not a training state",
+                              hint="--resume takes the directory --save-every writes, OUTPUT-state/ by default")
+    steps = complete_states(directory)
+    if not steps:
+        raise CheckpointError(f"{directory}: no complete training state (no step-N/{STATE_MARKER})",
+                              hint="states are written by umtam train --save-every N")
+    return read_state(steps[-1])
+
+
+def complete_states(directory: Path) -> list[Path]:
+    """Step directories holding a marker, oldest first (the marker is written last, so these are whole)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in directory.iterdir()
+             if (match := _STEP_DIR.match(path.name)) and (path / STATE_MARKER).is_file()]
+    return [path for _, path in sorted(found)]
+
+
+def read_state(directory: Path) -> TrainingState:
+    marker = directory / STATE_MARKER
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{marker}: not a readable training-state record ({first_line(exc)})") from exc
+    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{marker}: not a umtam training state (format is not {STATE_FORMAT!r})")
+    if record.get("schema_version") != STATE_SCHEMA_VERSION:
+        raise CheckpointError(f"{marker}: schema_version {record.get('schema_version')!r} is not "
+                              f"{STATE_SCHEMA_VERSION}", hint="resume with the umtam version that wrote it")
+    missing = [key for key in _REQUIRED if key not in record]
+    if missing:
+        raise CheckpointError(f"{marker}: missing field(s) {', '.join(missing)}")
+    return TrainingState(directory, record)
+
+
+def config_for_resume(path: str | Path, *layers: Mapping[str, Any]):
+    """The saved run's TrainConfig with ``layers`` (recipe, flags) on top; conflicting values are refused."""
+    from umtam.config import build_config
+    from umtam.train import TrainConfig
+
+    state = find_state(path)
+    config = build_config(TrainConfig, state.config, *layers, source=f"options for --resume {path}")
+    check_resumable(state, config)
+    return config
+
+
+def check_resumable(state: TrainingState, config) -> None:
+    """ConfigError naming every option of ``config`` that differs from the saved run (bar RESUMABLE_CHANGES)."""
+    given = asdict(config)
+    conflicts = [f"{key}={given.get(key)!r} (saved run: {saved!r})" for key, saved in sorted(state.config.items())
+                 if key not in RESUMABLE_CHANGES and given.get(key) != saved]
+    if conflicts:
+        raise ConfigError(f"--resume {state.path}: options differ from the saved run: " + "; ".join(conflicts),
+                          hint=f"only {', '.join(RESUMABLE_CHANGES)} may change on resume; drop the others")
+
+
+def check_same_run(state: TrainingState, identity: RunIdentity) -> None:
+    """Refuse a state whose base weights, training data or step plan differ from this run's."""
+    record = state.record
+    if record["base_fingerprint"] != identity.base_fingerprint:
+        raise CheckpointError(f"{state.path}: the base model's weights differ from the saved run's",
+                              hint="resume with the model the run started from")
+    if record["train_digest"] != identity.train_digest:
+        raise CheckpointError(f"{state.path}: the tokenized training data differ from the saved run's",
+                              hint="resume with the same data files and tokenizer")
+    if record["total_steps"] != identity.total_steps:
+        raise CheckpointError(f"{state.path}: the run planned {record['total_steps']} steps, this one "
+                              f"{identity.total_steps}")
+
+
+# ----------------------------------------------------------------------------- capture and restore
+
+
+def capture(parts: Trainables, position: Position) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON record, tensors) of everything that determines the rest of the run."""
+    tensors = {f"model/{key}": value for key, value in parts.model.state_dict().items()}
+    optimizer_record, optimizer_tensors = split_optimizer_state(parts.optimizer.state_dict())
+    tracker_state = parts.tracker.state_dict()
+    for name, entries in tracker_state["state"].items():
+        tensors.update({f"tracker/{name}/{key}": value for key, value in entries.items()})
+    rng_record, rng_tensors = capture_rng()
+    record = {
+        "step": position.step, "epoch": position.epoch, "batch": position.batch,
+        "loss_curve": list(position.loss_curve),
+        "optimizer": {"class": type(parts.optimizer).__name__, **optimizer_record},
+        "scheduler": parts.scheduler.state_dict(),
+        "tracker": {"beta2": tracker_state["beta2"]},
+        "rng": rng_record,
+    }
+    return record, {**tensors, **optimizer_tensors, **rng_tensors}
+
+
+def restore(state: TrainingState, parts: Trainables, *, lr: float) -> Position:
+    """Load a state into freshly built trainables and return where the run stands.
+
+    The RNG goes last: building the model and reading files must not disturb
+    the stream the next dropout mask draws from.
+    """
+    record = state.record
+    tensors = load_state_tensors(state)
+    if record["optimizer"]["class"] != type(parts.optimizer).__name__:
+        raise CheckpointError(f"{state.path}: saved by {record['optimizer']['class']}, "
+                              f"this run builds {type(parts.optimizer).__name__}")
+    parts.model.load_state_dict(_with_prefix(tensors, "model/"), strict=True)
+    parts.optimizer.load_state_dict(join_optimizer_state(record["optimizer"], _with_prefix(tensors, "optimizer/")))
+    parts.tracker.load_state_dict({"beta2": record["tracker"]["beta2"],
+                                   "state": _nest(_with_prefix(tensors, "tracker/"))})
+    parts.scheduler.load_state_dict(dict(record["scheduler"]))
+    if parts.scheduler.base_lrs != [lr] * len(parts.scheduler.base_lrs):
+        rescale_peak_lr(parts.optimizer, parts.scheduler, lr)
+    restore_rng(record["rng"], _with_prefix(tensors, "rng/"))
+    return Position(record["step"], record["epoch"], record["batch"], list(record["loss_curve"]))
+
+
+def load_state_tensors(state: TrainingState) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = state.path / STATE_TENSORS
+    expected = state.record["files"].get(STATE_TENSORS, {}).get("sha256")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the training state")
+    if sha256_file(path) != expected:
+        raise CheckpointError(f"{path}: sha256 does not match {STATE_MARKER}",
+                              hint="the file was damaged; resume from the previous step-N directory")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
+
+
+def split_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """optimizer.state_dict() as JSON (param_groups, numbers in per-parameter state) plus its tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    numbers: dict[str, dict[str, Any]] = {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                numbers.setdefault(str(index), {})[key] = value
+            else:  # GaLore's projector object is what this refuses (STYLE.md)
+                raise TypeError(f"optimizer state {index}/{key} is a {type(value).__name__}; "
+                                "a training state keeps tensors and numbers only")
+    return {"param_groups": state_dict["param_groups"], "numbers": numbers}, tensors
+
+
+def join_optimizer_state(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Inverse of ``split_optimizer_state`` (``tensors`` keyed ``<index>/<key>``)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in record["numbers"].items():
+        state.setdefault(int(index), {}).update(entries)
+    # JSON turned tuples (betas, Adafactor's eps) into lists; give them back as they were built
+    groups = [{key: value if key == "params" or not isinstance(value, list) else tuple(value)
+               for key, value in group.items()} for group in record["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rescale_peak_lr(optimizer, scheduler, lr: float) -> None:
+    """Continue the same warmup/decay schedule with a new peak learning rate."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Python, numpy, torch CPU and CUDA generator states (JSON record, uint8 tensors)."""
+    import numpy
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = numpy.random.get_state(legacy=True)
+    tensors = {"rng/torch": torch.get_rng_state()}
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors.update({f"rng/cuda/{index}": value for index, value in enumerate(cuda_states)})
+    record = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, [int(key) for key in keys], int(pos), int(has_gauss), float(cached)],
+        "cuda_devices": len(cuda_states),
+    }
+    return record, tensors
+
+
+def restore_rng(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of ``capture_rng`` (``tensors`` keyed ``torch`` and ``cuda/<device>``)."""
+    import numpy
+
+    version, internal, gauss = record["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = record["numpy"]
+    numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if record["cuda_devices"] and torch.cuda.is_available():
+        states = [tensors[f"cuda/{index}"] for index in range(record["cuda_devices"])]
+        # a machine with fewer devices restores those it has
+        for index, value in enumerate(states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(value, index)
+
+
+def weights_finite(model) -> bool:
+    """No NaN or inf in any parameter: only such weights make a state worth resuming from."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def _nest(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"<name>/<key>": T}`` -> ``{name: {key: T}}`` (parameter names hold dots, never slashes)."""
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for path, value in tensors.items():
+        name, key = path.rsplit("/", 1)
+        nested.setdefault(name, {})[key] = value
+    return nested
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class StateWriter:
+    """Writes ``step-N/`` states atomically into one directory and keeps the newest ``KEEP_STATES``.
+
+    Refuses, before any work, a directory that already holds another run's
+    states (unless ``force``, which replaces them as new ones are written), or
+    one that is, or lies inside, the output. Temporary leftovers of a killed
+    write are removed on construction.
+    """
+
+    def __init__(self, directory: str | Path, *, output: str | Path, force: bool = False,
+                 resumed: TrainingState | None = None):
+        self.directory = Path(directory)
+        self._check_location(Path(output))
+        resumed_here = resumed is not None and resumed.path.parent.resolve() == self.directory.resolve()
+        existing = complete_states(self.directory)
+        if existing and not (force or resumed_here):
+            raise ConfigError(
+                f"state directory {self.directory} already holds training states (newest {existing[-1].name})",
+                hint=f"continue that run with --resume {self.directory}, choose another --state-dir, "
+                     "or pass --force to replace them",
+            )
+        self.latest: TrainingState | None = resumed
+        self._kept: list[Path] = [resumed.path] if resumed_here else []
+        self._remove_leftovers()
+
+    def _check_location(self, output: Path) -> None:
+        state_dir, out = self.directory.resolve(), output.resolve()
+        if state_dir == out or out in state_dir.parents:
+            raise ConfigError(f"state directory {self.directory} is inside the output {output}",
+                              hint="the output is replaced at the end; choose another --state-dir")
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(f"state directory {self.directory} exists and is not a directory")
+        if (self.directory / SIDECAR_FILE).is_file():
+            raise ConfigError(f"state directory {self.directory} is a checkpoint",
+                              hint="choose another --state-dir")
+
+    def save(self, record: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> TrainingState:
+        """Write one state (``record`` from ``capture`` plus the run's context) and prune older ones."""
+        from safetensors.torch import save_file
+
+        out = self.directory / f"step-{record['step']:08d}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=self.directory))
+        except OSError as exc:
+            raise UmtamError(f"cannot create training state {out} ({first_line(exc, 200)})") from exc
+        try:
+            save_file(_cpu_contiguous(tensors), str(staging / STATE_TENSORS), metadata={"format": "pt"})
+            path = staging / STATE_TENSORS
+            complete = {**record, "format": STATE_FORMAT, "schema_version": STATE_SCHEMA_VERSION,
+                        "umtam_version": __version__,
+                        "files": {STATE_TENSORS: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}}
+            _write_json_durably(staging / STATE_MARKER, complete)
+            _swap_into_place(staging, out)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):  # a full disk: the user's to fix, as for checkpoints
+                raise UmtamError(f"cannot write training state {out} ({first_line(exc, 200)})") from exc
+            raise
+        self.latest = TrainingState(out, complete)
+        self._kept = [path for path in self._kept if path != out][-(KEEP_STATES - 1):] + [out]
+        self._remove_older_states()
+        return self.latest
+
+    def _remove_older_states(self) -> None:
+        kept = {path.resolve() for path in self._kept}
+        for path in self.directory.iterdir():
+            if _STEP_DIR.match(path.name) and path.resolve() not in kept:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if _STEP_LEFTOVER.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def diverged_error(step: int, what: str, latest: TrainingState | None, state_dir: Path | None,
+                   lr: float) -> UmtamError:
+    """The one-line message for a NaN/inf: which step, and how to go on from the last state saved before it.
+
+    That state had finite weights and losses; whether a lower learning rate
+    rescues it (or an earlier state is needed) only resuming can tell.
+    """
+    if latest is None:
+        return UmtamError(f"training diverged at step {step}: {what}",
+                          hint="lower --lr or check the data; no checkpoint was written")
+    return UmtamError(
+        f"training diverged at step {step}: {what}; the last good state is {latest.path} (step {latest.step})",
+        hint=f"no checkpoint was written; continue with a lower learning rate: "
+             f"umtam train --resume {state_dir or latest.path} --lr {lr / 10:g}",
+    )
