@@ -45,3 +45,54 @@ def test_environment_of_a_launcher():
 def test_a_broken_environment_is_a_config_error(environ):
     with pytest.raises(ConfigError):
         from_environment(environ)
+
+
+def _train_args(tiny_model_dir, glue_dir, out, optimizer):
+    return ["train", "--task", "mrpc", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
+            "--optimizer", optimizer, "--rank", "2", "--lr", "1e-3", "--max-steps", "6",
+            # 7 does not split evenly over 2 ranks (3 + 4), and the epoch's last batch is smaller still
+            "--batch-size", "7", "--max-length", "32", "--seed", "7", "-o", str(out), "--json", "--quiet"]
+
+
+def _run(command, tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+# Weight tolerance per optimizer. The two runs do the same math with the gradients summed in
+# another order (float noise ~1e-7). AdamW passes that noise through almost unchanged; UMTAM's
+# rank-r factors come from an SVD of a 2r x 2r core whose singular vectors turn by more when
+# singular values are close (the tiny model at r=2), so the same noise moves weights by ~1e-4.
+WEIGHT_ATOL = {"adamw": 1e-6, "umtam": 1e-3}
+
+
+@pytest.mark.parametrize("optimizer", ["umtam", "adamw"])
+def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(optimizer, tmp_path, tiny_model_dir,
+                                                                     glue_dir):
+    import json
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "-m", "umtam_cli", *_train_args(tiny_model_dir, glue_dir, single, optimizer)], tmp_path)
+    stdout = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "umtam_cli", *_train_args(tiny_model_dir, glue_dir, ddp, optimizer)], tmp_path)
+    assert json.loads(stdout)["steps"] == 6  # one JSON document: rank 0 alone reports
+    weights, theirs = load_file(single / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert weights.keys() == theirs.keys()
+    for key in weights:
+        torch.testing.assert_close(theirs[key], weights[key], rtol=1e-4, atol=WEIGHT_ATOL[optimizer])
+    # the statistics come straight from the all-reduced gradients: float noise only, for every optimizer
+    stats, their_stats = load_file(single / "stats.safetensors"), load_file(ddp / "stats.safetensors")
+    assert stats.keys() == their_stats.keys()
+    for key in stats:
+        torch.testing.assert_close(their_stats[key], stats[key], rtol=1e-4, atol=1e-6)
+    curves = [json.loads((d / "umtam.json").read_text())["training"]["loss_curve"] for d in (single, ddp)]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)

@@ -103,7 +103,7 @@ def wrap(model, context: Distributed):
 def global_mean(value, context: Distributed) -> float:
     """The global batch's mean loss from each rank's scaled loss (what a single process would log)."""
     if not context.enabled:
-        return float(value)
+        return float(value.detach())
     import torch.distributed as dist
 
     total = value.detach().clone()

@@ -124,10 +124,14 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     result equals the uninterrupted run's bit for bit. A NaN or inf loss stops
     the run with an UmtamError naming the last good state; no checkpoint is
     written then.
+
+    Under torchrun or accelerate launch (umtam.distributed) every rank trains on
+    its shard of each global batch and rank 0 alone evaluates and writes; the
+    other ranks return None.
     """
     import torch
 
-    from umtam import checkpoint, data, models, resume
+    from umtam import checkpoint, data, distributed, models, resume
     from umtam.evaluate import evaluate_model
     from umtam.optim import build_optimizer, optimizer_hparams, optimizer_state_bytes
     from umtam.optim.tracker import CurvatureTracker
@@ -135,11 +139,12 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     # Cheap checks first (output, states, task, model location), so a mistake is
     # reported before minutes of data loading and tokenisation.
     checkpoint.check_output_dir(config.output, force=config.force)
+    context = distributed.from_environment()
     saved = resume.find_state(resume_from) if resume_from is not None else None
     if saved is not None:
         resume.check_resumable(saved, config)
     states = (resume.StateWriter(resume.state_dir_for(config), output=config.output, force=config.force,
-                                 resumed=saved) if config.save_every else None)
+                                 resumed=saved) if config.save_every and context.is_main else None)
     spec = data.get_task(config.task)
     source = models.resolve_model(config.model)
     progress("status", f"loading model {source.location}")
@@ -157,7 +162,9 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
         source, num_labels=spec.num_labels, label_names=spec.label_names, is_regression=spec.is_regression
     )
     base = models.base_record(source, models.encoder_tensors(model.state_dict()), config.seed)
-    model.to(resolve_device(config.device))
+    device = resolve_device(config.device, context.local_rank if context.enabled else None)
+    distributed.setup(context, device.type)
+    model.to(device)
     train_features = data.encode(task_data.train, tokenizer, config.max_length)
     total_steps = planned_steps(len(train_features), config)
 
@@ -178,7 +185,10 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
                                               total_steps)
     if saved is not None:
         _continue_from(saved, parts, run_log, progress)
-    run = _run_loop(parts, train_features, tokenizer, config, total_steps, progress, run_log, states)
+    run = _run_loop(parts, train_features, tokenizer, config, total_steps, progress, run_log, states, context)
+    if not context.is_main:
+        distributed.teardown(context)
+        return None
 
     progress("status", "evaluating on dev")
 
@@ -193,10 +203,12 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics, holdout_metrics,
                              hparams, state, run_log.resumed)
     progress("status", f"writing {config.output}")
-    return checkpoint.write_checkpoint(
+    written = checkpoint.write_checkpoint(
         config.output, tensors=model.state_dict(), stats=tracker.stats(), sidecar=sidecar,
         extra_files=hf_files(model, tokenizer), force=config.force,
     )
+    distributed.teardown(context)
+    return written
 
 
 def seed_everything(seed: int) -> None:
@@ -208,13 +220,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, local_rank: int | None = None):
+    """The torch device for ``--device``; under a launcher, CUDA means this rank's own GPU."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UmtamError(f"device {name} requested but CUDA is not available")
+    if name == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -300,24 +315,30 @@ class _StepTimer:
         return (time.perf_counter() - self.started) / (self.steps - 1)
 
 
-def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _RunLog, states) -> RunRecord:
+def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _RunLog, states,
+              context) -> RunRecord:
     import torch
 
-    from umtam import data
+    from umtam import data, distributed
 
     model, optimizer, tracker, scheduler = parts.model, parts.optimizer, parts.tracker, parts.scheduler
+    forward = distributed.wrap(model, context)  # DDP all-reduces the gradients during backward
     model.train()
     device = next(model.parameters()).device
     position = log.position
     progress("start", {"total": total_steps, "what": "train"})
     timer = _StepTimer()
     while position.step < total_steps:
-        for batch in data.iter_batches(features, config.batch_size, pad_token_id=tokenizer.pad_token_id,
-                                       seed=config.seed, epoch=position.epoch, shuffle=True,
-                                       start=position.batch):
-            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
-            if not torch.isfinite(loss):
-                raise _diverged(position.step + 1, f"loss is {loss.item()}", states, config)
+        order = data.batch_order(len(features), config.batch_size, seed=config.seed, epoch=position.epoch)
+        for indices in order[position.batch:]:
+            shard, factor = context.shard(indices)
+            batch = data.collate([features[i] for i in shard], tokenizer.pad_token_id)
+            loss = forward(**{key: value.to(device) for key, value in batch.items()}).loss
+            if context.enabled:  # weight this rank's mean so DDP's average is the global batch's mean
+                loss = loss * factor
+            batch_loss = distributed.global_mean(loss, context)  # the same on every rank
+            if not math.isfinite(batch_loss):
+                raise _diverged(position.step + 1, f"loss is {batch_loss}", states, config)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             if not torch.isfinite(grad_norm):  # the step would write NaN into every weight
@@ -326,9 +347,9 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            position.advance(loss.item())  # .item() also syncs a GPU, so the timing is honest
+            position.advance(batch_loss)  # a Python float: the GPU has synced, so the timing is honest
             timer.tick()
-            if states is not None and position.step % config.save_every == 0:
+            if states is not None and position.step % config.save_every == 0:  # rank 0 only
                 _save_state(parts, log, states, timer, progress)
             progress("step", StepEvent(position.step, total_steps, position.loss_curve[-1], position.epoch))
             if position.step >= total_steps:

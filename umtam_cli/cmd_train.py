@@ -76,8 +76,13 @@ def command(config_file, resume_from, as_json, quiet, verbose, **options):
         config = config_for_resume(resume_from, recipe, options)
     else:
         config = build_config(TrainConfig, recipe, options, source=config_file or "options")
-    with progress_renderer(quiet=quiet, verbose=verbose) as progress:
+    from umtam.distributed import from_environment
+
+    main_rank = from_environment().is_main  # under torchrun, rank 0 alone reports
+    with progress_renderer(quiet=quiet or not main_rank, verbose=verbose and main_rank) as progress:
         result = train(config, progress=progress, resume_from=resume_from)
+    if result is None:
+        return
     summary = train_summary(result)
     if as_json:
         emit_json(summary)
