@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from umtam.errors import ConfigError
+from umtam.errors import CheckpointError, ConfigError, first_line
 
 ProgressFn = Callable[[str, Any], None]
 
@@ -67,9 +67,14 @@ def build_task_model(checkpoint, task: str, tensors: dict):
     from umtam.models import is_head_key
 
     record = checkpoint.tasks[task]
-    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
-    config.num_labels = 1 if record["is_regression"] else len(record["label_names"])
-    if record["is_regression"]:
+    regression = record.get("is_regression", False)
+    try:
+        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:  # transformers' ways of saying "no usable config.json"
+        raise CheckpointError(f"{checkpoint.path / 'config.json'}: not a usable model config "
+                              f"({first_line(exc, 200)})") from exc
+    config.num_labels = 1 if regression else len(record["label_names"])
+    if regression:
         config.problem_type = "regression"
     else:
         config.id2label = dict(enumerate(record["label_names"]))
@@ -83,8 +88,29 @@ def build_task_model(checkpoint, task: str, tensors: dict):
         elif is_head_key(key) and checkpoint.kind != "merge":
             state[key] = value
     model = AutoModelForSequenceClassification.from_config(config)
-    model.load_state_dict(state, strict=True)
+    _load_weights(model, state, checkpoint, task)
     return model
+
+
+def _load_weights(model, state: dict, checkpoint, task: str) -> None:
+    """Load ``state`` into ``model``, naming the first tensor that is missing, extra or misshapen."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = sorted(key for key in set(expected) & set(state)
+                       if tuple(expected[key].shape) != tuple(state[key].shape))
+    where = f"{checkpoint.model_file} (task {task})"
+    if missing:
+        raise CheckpointError(f"{where}: no tensor {missing[0]!r} ({len(missing)} missing), which config.json's "
+                              f"model needs")
+    if unexpected:
+        raise CheckpointError(f"{where}: tensor {unexpected[0]!r} ({len(unexpected)} unexpected) is not in "
+                              f"config.json's model")
+    if misshapen:
+        key = misshapen[0]
+        raise CheckpointError(f"{where}: tensor {key!r} has shape {list(state[key].shape)} but config.json's "
+                              f"model needs {list(expected[key].shape)}")
+    model.load_state_dict(state, strict=True)
 
 
 def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, max_eval_samples=None,
@@ -101,6 +127,7 @@ def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, m
     from umtam.models import ModelSource, load_tokenizer
 
     tasks = resolve_tasks(checkpoint, requested)
+    _check_model_config(checkpoint)
     tokenizer = load_tokenizer(ModelSource(str(checkpoint.path), str(checkpoint.path), "directory"))
     tensors = checkpoint.load_tensors()
     results: dict[str, Any] = {}
@@ -115,9 +142,28 @@ def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, m
             for split, examples in chosen.items()
         }
         reference = "expert_holdout_metrics" if holdout_fraction else "expert_metrics"
-        results[task] = {"splits": splits, "score": task_score(task, splits),
-                         "normalized": normalized_score(task, splits, checkpoint.tasks[task], reference)}
+        try:
+            normalized = normalized_score(task, splits, checkpoint.tasks[task], reference)
+        except (ValueError, TypeError) as exc:  # the expert's recorded metrics lack this task's metric
+            raise CheckpointError(f"{checkpoint.path / 'umtam.json'}: tasks.{task}.{reference} gives no "
+                                  f"{task} score ({first_line(exc, 200)})") from exc
+        results[task] = {"splits": splits, "score": task_score(task, splits), "normalized": normalized}
     return results
+
+
+def _check_model_config(checkpoint) -> None:
+    """config.json must be a JSON object before transformers reads it (its errors blame the hub)."""
+    import json
+
+    path = checkpoint.path / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing", hint="eval builds the model from the checkpoint's config.json") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({first_line(exc, 200)})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must be a JSON object")
 
 
 def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:

@@ -14,10 +14,10 @@ from typing import Any, Mapping, Sequence
 
 
 def tensor_shapes(path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
+    """Tensor name -> shape, from the validated header (a malformed file is a CheckpointError)."""
+    from umtam.checkpoint import read_safetensors_header
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    return {name: entry.shape for name, entry in read_safetensors_header(path).items()}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -89,7 +89,8 @@ def lineage_summary(checkpoint) -> Any:
         return raw
     tasks = list(checkpoint.tasks)
     if checkpoint.kind == "prune":
-        method, options = "prune", raw.get("method") or {}
+        recorded = raw.get("method")
+        method, options = "prune", recorded if isinstance(recorded, dict) else {}
     else:
         method, options = raw.get("method"), raw.get("options") or {}
     # A prune keeps its input's tasks, so its single input carries all of them.
