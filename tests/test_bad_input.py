@@ -32,7 +32,6 @@ from typing import Callable
 
 import pytest
 from click.testing import CliRunner
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tiny_checkpoints import build_family, make_expert, save_tiny_base
@@ -267,13 +266,6 @@ def expert_metrics_without_f1(env: Env) -> None:
 
 TRAIN = ["train", "--task", "mrpc", "--model", "{model}", "--data-dir", "{glue}", "--quiet"]
 TINY_RUN = ["--max-steps", "1", "--batch-size", "4", "--max-length", "16", "--max-eval-samples", "2"]
-TRAIN_INPUTS_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "umtam/train.py calls check_output_dir(config.output, force=...) without inputs: it should pass "
-    "inputs=[config.data_dir and the local model directory], so an output inside them is refused"))
-PLAIN_HF_XFAIL = pytest.mark.xfail(strict=True, raises=SafetensorError, reason=(
-    "umtam/hf_interop.py open_plain_hf builds a Checkpoint without reading its model.safetensors header, so "
-    "the merge engine's safe_open meets garbage itself (SafetensorError traceback): it should call "
-    "umtam.checkpoint.read_safetensors_header(directory / MODEL_FILE) after _check_weights_file"))
 
 
 def case(case_id: str, args: list[str], code: int, names: list[str], build=None, marks=()):
@@ -297,8 +289,7 @@ CASES = [
     case("train-label-out-of-range", [*TRAIN, "-o", "{out}"], 1, ["{glue}/MRPC/train.tsv:3", "label '7'"],
          data_file("train.tsv", _label_seven)),
     case("train-output-exists", [*TRAIN, "-o", "{out}"], 2, ["{out} already exists", "--force"], existing_output),
-    case("train-output-inside-data-dir", [*TRAIN, *TINY_RUN, "-o", "{glue}/run"], 2, ["inside input"],
-         marks=TRAIN_INPUTS_XFAIL),
+    case("train-output-inside-data-dir", [*TRAIN, *TINY_RUN, "-o", "{glue}/run"], 2, ["inside input"]),
     case("train-read-only-output-location", [*TRAIN, "-o", "{ws}/ro/out"], 1, ["{ws}/ro", "permission denied"],
          readonly_parent),
     case("train-output-under-a-file", [*TRAIN, "-o", "{ws}/afile/out"], 2, ["{ws}/afile is not a directory"],
@@ -369,8 +360,7 @@ CASES = [
          ["{a}/model.safetensors", "not a readable safetensors file"], garbage_weights),
     case("merge-plain-hf-input-garbage-weights",
          ["merge", "{a}", "{ws}/hf-model", "--method", "average", "--base", "{base}", "-o", "{out}"], 1,
-         ["{ws}/hf-model/model.safetensors", "not a readable safetensors file"], plain_model_with_garbage_weights,
-         marks=PLAIN_HF_XFAIL),
+         ["{ws}/hf-model/model.safetensors", "not a readable safetensors file"], plain_model_with_garbage_weights),
     case("merge-output-exists", ["merge", "{a}", "{b}", "-o", "{out}"], 2, ["{out} already exists"], existing_output),
     case("merge-output-inside-input", ["merge", "{a}", "{b}", "-o", "{b}/merged"], 2, ["inside input {b}"]),
     # --- eval

@@ -21,11 +21,13 @@ the file and the field or tensor.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,10 @@ KINDS = ("train", "prune", "merge")
 HEADS_PREFIX = "heads/"
 REQUIRED_FIELDS = ("schema_version", "kind", "tasks", "base_model", "files")
 _HASH_CHUNK = 1 << 20
+# A write stages ".<name>.tmp-<pid>-<random>" beside its target and, where it cannot
+# swap atomically, moves the old output to ".<name>.old-<pid>" for an instant.
+_LEFTOVER = re.compile(r"^\..+\.(?:tmp|old)-")
+_STAGING_PID = re.compile(r"^\..+\.tmp-(\d+)-")
 
 
 def sha256_file(path: Path) -> str:
@@ -263,11 +269,14 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not is_dir:
         raise CheckpointError(f"{directory}: not a directory")
+    if is_write_leftover(directory):
+        raise CheckpointError(f"{directory}: the temporary directory of an interrupted write, not a checkpoint",
+                              hint="delete it; the next write to the same output removes it")
     sidecar_path = directory / SIDECAR_FILE
     if not sidecar_path.is_file():
         raise CheckpointError(
             f"{directory}: not a umtam checkpoint (no {SIDECAR_FILE})",
-            hint="it may be a plain Hugging Face model or an interrupted write",
+            hint=_not_a_checkpoint_hint(directory),
         )
     sidecar = read_sidecar(sidecar_path)
     if verify:
@@ -281,6 +290,18 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
 # A sidecar is metadata: megabytes at most (a long loss curve). Anything far larger is
 # not one, and is refused before it is read into memory.
 MAX_SIDECAR_BYTES = 64 * 1024 * 1024
+
+
+def _not_a_checkpoint_hint(directory: Path) -> str:
+    # "umtam-state.json" marks umtam.resume's training states (named here, not imported: resume imports torch)
+    if (directory / "umtam-state.json").is_file() or any(directory.glob("step-*/umtam-state.json")):
+        return f"it is a training state; continue it with: umtam train --resume {directory}"
+    return "it may be a plain Hugging Face model or an interrupted write"
+
+
+def is_write_leftover(path: str | Path) -> bool:
+    """A staging or retired directory of a write, complete or not: never a checkpoint."""
+    return _LEFTOVER.match(Path(path).name) is not None
 
 
 def read_sidecar(sidecar_path: Path) -> dict[str, Any]:
@@ -565,15 +586,16 @@ def write_checkpoint(
     out = check_output_dir(output, force=force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        remove_dead_leftovers(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as exc:
         raise UmtamError(f"cannot create output {out} ({first_line(exc, 200)})") from exc
     try:
         files = _write_payload(staging, tensors, stats, extra_files or {})
         complete = {**sidecar, "schema_version": SCHEMA_VERSION, "files": files}
         validate_sidecar(complete, staging / SIDECAR_FILE)
-        _write_json_durably(staging / SIDECAR_FILE, complete)
-        _swap_into_place(staging, out)
+        write_json_durably(staging / SIDECAR_FILE, complete)
+        swap_into_place(staging, out)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):  # a full disk or a vanished directory: the user's to fix, not a bug
@@ -582,12 +604,35 @@ def write_checkpoint(
     return Checkpoint(out, complete)
 
 
+def remove_dead_leftovers(out: Path) -> None:
+    """Delete staging directories that killed writes to ``out`` left behind.
+
+    Only those of processes no longer alive: a concurrent write keeps its own.
+    A retired ``.old-`` directory is left alone: after a crash between the two
+    renames of a non-atomic replace it holds the only copy of the old output.
+    """
+    for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        match = _STAGING_PID.match(path.name)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, and someone else's
+        return True
+    return True
+
+
 def _write_payload(staging: Path, tensors, stats, extra_files) -> dict[str, dict[str, Any]]:
     from safetensors.torch import save_file
 
-    save_file(_contiguous(tensors), str(staging / MODEL_FILE), metadata={"format": "pt"})
+    save_file(cpu_contiguous(tensors), str(staging / MODEL_FILE), metadata={"format": "pt"})
     if stats:
-        save_file(_contiguous(stats), str(staging / STATS_FILE), metadata={"format": "pt"})
+        save_file(cpu_contiguous(stats), str(staging / STATS_FILE), metadata={"format": "pt"})
     for name, content in extra_files.items():
         if not is_plain_file_name(name):
             raise ValueError(f"extra file name {name!r} must be a bare file name")
@@ -601,11 +646,11 @@ def _write_payload(staging: Path, tensors, stats, extra_files) -> dict[str, dict
     }
 
 
-def _contiguous(tensors: Mapping[str, Any]) -> dict:
+def cpu_contiguous(tensors: Mapping[str, Any]) -> dict:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
 
 
-def _write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
+def write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -613,22 +658,45 @@ def _write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename staging to out; an existing out (only with --force) is moved aside first.
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Rename staging to out; an existing out (only with --force) is replaced.
 
-    Two renames are not one atomic step, so for the instant between them
-    neither exists; the old directory is removed only after the new one is in place.
+    On Linux the two directories trade places in one atomic step, so out always
+    holds the old or the new checkpoint, then the old one (now at the staging
+    name) is removed. Elsewhere the old one is moved aside first, and for the
+    instant between the two renames neither exists.
     """
     for path in staging.iterdir():
         _fsync_file(path)
-    if out.exists():
+    if not out.exists():
+        os.rename(staging, out)
+    elif _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # the staging name now holds the old output
+    else:
         retired = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, retired)
         os.rename(staging, out)
         shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, out)
     _fsync_dir(out.parent)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    # non-zero: a kernel or filesystem without exchange (ENOSYS, EINVAL); the caller falls back
+    return renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0
 
 
 def _fsync_file(path: Path) -> None:

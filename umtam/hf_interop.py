@@ -27,7 +27,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from umtam.checkpoint import MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Checkpoint, load_checkpoint, sha256_file
+from umtam.checkpoint import (MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Checkpoint, load_checkpoint,
+                              read_safetensors_header, sha256_file)
 from umtam.errors import CheckpointError, ConfigError, first_line
 
 PLAIN_FORMAT = "huggingface"
@@ -91,6 +92,7 @@ def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
     """A plain Hugging Face directory as a one-task Checkpoint (sidecar made up, not written)."""
     directory = Path(path)
     _check_weights_file(directory)
+    read_safetensors_header(directory / MODEL_FILE)  # garbage is a CheckpointError, not a traceback
     config = read_config(directory / CONFIG_FILE)
     spec = _task_spec(directory, task or config.get("finetuning_task"))
     record = {

@@ -39,7 +39,7 @@ No pickles: JSON and safetensors only.
 Resuming restores all of it, so on CPU the final weights, statistics and loss
 curve equal an uninterrupted run's bit for bit. Options given with
 ``--resume`` must equal the saved run's, except ``RESUMABLE_CHANGES``: where
-files go (output, state_dir, save_every, force), where the same data and
+files go (output, state_dir, save_every, force, plot_loss), where the same data and
 device live (data_dir, checked by ``train_digest``; device), the evaluation
 batch size, and lr, so that a run that diverged can continue from its last
 good state with a lower learning rate (the schedule keeps its shape, scaled to
@@ -61,7 +61,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from umtam import __version__
-from umtam.checkpoint import SIDECAR_FILE, sha256_file
+# the temp-dir-then-rename protocol has one implementation, in umtam.checkpoint
+from umtam.checkpoint import SIDECAR_FILE, cpu_contiguous, sha256_file, swap_into_place, write_json_durably
 from umtam.errors import CheckpointError, ConfigError, UmtamError, first_line
 
 STATE_FORMAT = "umtam-train-state"
@@ -69,34 +70,12 @@ STATE_SCHEMA_VERSION = 1
 STATE_MARKER = "umtam-state.json"
 STATE_TENSORS = "state.safetensors"
 KEEP_STATES = 2
-RESUMABLE_CHANGES = ("output", "force", "state_dir", "save_every", "data_dir", "device", "eval_batch_size", "lr")
+RESUMABLE_CHANGES = ("output", "force", "state_dir", "save_every", "data_dir", "device", "eval_batch_size", "lr",
+                     "plot_loss")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STEP_LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|old)-")
 _REQUIRED = ("format", "schema_version", "step", "epoch", "batch", "total_steps", "loss_curve", "config",
              "optimizer", "scheduler", "tracker", "rng", "base_fingerprint", "train_digest", "files")
-
-
-# ----------------------------------------------------------------------------- atomic writes
-# The temp-dir-then-rename protocol has one implementation, in umtam.checkpoint;
-# its helpers are private there, so they are reached through these three names.
-
-
-def _write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
-    from umtam.checkpoint import _write_json_durably as write
-
-    write(path, payload)
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    from umtam.checkpoint import _swap_into_place as swap
-
-    swap(staging, out)
-
-
-def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from umtam.checkpoint import _contiguous
-
-    return _contiguous(tensors)
 
 
 # ----------------------------------------------------------------------------- what a run is
@@ -460,13 +439,13 @@ class StateWriter:
         except OSError as exc:
             raise UmtamError(f"cannot create training state {out} ({first_line(exc, 200)})") from exc
         try:
-            save_file(_cpu_contiguous(tensors), str(staging / STATE_TENSORS), metadata={"format": "pt"})
+            save_file(cpu_contiguous(tensors), str(staging / STATE_TENSORS), metadata={"format": "pt"})
             path = staging / STATE_TENSORS
             complete = {**record, "format": STATE_FORMAT, "schema_version": STATE_SCHEMA_VERSION,
                         "umtam_version": __version__,
                         "files": {STATE_TENSORS: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}}
-            _write_json_durably(staging / STATE_MARKER, complete)
-            _swap_into_place(staging, out)
+            write_json_durably(staging / STATE_MARKER, complete)
+            swap_into_place(staging, out)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(exc, OSError):  # a full disk: the user's to fix, as for checkpoints
