@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     save_every: int | None = None
     state_dir: str | None = None
+    plot_loss: bool = False
     force: bool = False
 
     def validate(self) -> list[str]:
@@ -138,7 +139,12 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
 
     # Cheap checks first (output, states, task, model location), so a mistake is
     # reported before minutes of data loading and tokenisation.
-    checkpoint.check_output_dir(config.output, force=config.force)
+    # an output inside the data or model directory would write there (and --force would delete them)
+    checkpoint.check_output_dir(config.output, inputs=[p for p in (config.data_dir,) if p], force=config.force)
+    if config.plot_loss:
+        from umtam.plots import agg_canvas
+
+        agg_canvas()  # no matplotlib: say so now, not after the training
     context = distributed.from_environment()
     saved = resume.find_state(resume_from) if resume_from is not None else None
     if saved is not None:
@@ -147,6 +153,8 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
                                  resumed=saved) if config.save_every and context.is_main else None)
     spec = data.get_task(config.task)
     source = models.resolve_model(config.model)
+    if source.origin == "directory":
+        checkpoint.check_output_dir(config.output, inputs=[source.location], force=config.force)
     progress("status", f"loading model {source.location}")
     tokenizer = models.load_tokenizer(source)
     seed_everything(config.seed)
@@ -203,9 +211,12 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics, holdout_metrics,
                              hparams, state, run_log.resumed)
     progress("status", f"writing {config.output}")
+    extra_files = hf_files(model, tokenizer)
+    if config.plot_loss:
+        extra_files[LOSS_PLOT_FILE] = loss_plot(run.loss_curve, config)
     written = checkpoint.write_checkpoint(
         config.output, tensors=model.state_dict(), stats=tracker.stats(), sidecar=sidecar,
-        extra_files=hf_files(model, tokenizer), force=config.force,
+        extra_files=extra_files, force=config.force,
     )
     distributed.teardown(context)
     return written
@@ -392,6 +403,18 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+LOSS_PLOT_FILE = "loss_curve.png"
+
+
+def loss_plot(loss_curve: list[float], config: TrainConfig) -> bytes:
+    """The per-step training loss and its moving average, as PNG bytes (written with the checkpoint)."""
+    from umtam.plots import loss_curves_png
+
+    label = f"{config.optimizer}" + (f" r={config.rank}" if config.optimizer != "adamw" else "")
+    return loss_curves_png({f"{label}, lr {config.learning_rate:g}": loss_curve},
+                           title=f"{config.task}: training loss")
+
+
 def hf_files(model, tokenizer) -> dict[str, bytes]:
     """config.json and tokenizer files, so transformers' from_pretrained(dir) loads the checkpoint."""
     import tempfile
@@ -406,7 +429,7 @@ def hf_files(model, tokenizer) -> dict[str, bytes]:
 
 
 # Where files go is not part of what was trained (and a resumed run may move them).
-_NOT_RECORDED = ("output", "force", "save_every", "state_dir")
+_NOT_RECORDED = ("output", "force", "save_every", "state_dir", "plot_loss")
 
 
 def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metrics, holdout_metrics, hparams,

@@ -62,6 +62,8 @@ GLUE data comes from --data-dir, else $UMTAM_DATA_DIR, else ../shared/data/glue,
               help="Where --save-every writes states [default: OUTPUT-state beside the output].")
 @click.option("--resume", "resume_from", type=click.Path(file_okay=False),
               help="Continue the run saved in this state directory (its newest state) or step-N directory.")
+@click.option("--plot-loss", is_flag=True, default=None,
+              help="Also write loss_curve.png (per-step loss and its moving average) into the checkpoint.")
 @click.option("--force", is_flag=True, default=None,
               help="Replace an existing output directory (and another run's states in the state directory).")
 @common_output_options
