@@ -1,0 +1,43 @@
+"""evaluate_model's length-sorted batches against a slow reference: one example at a time, no padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from umtam import data, metrics
+from umtam.evaluate import evaluate_model
+
+
+def one_at_a_time(model, features, task):
+    """The obviously-correct path: every example alone, so nothing is padded or regrouped."""
+    predictions = []
+    with torch.inference_mode():
+        for feature in features:
+            batch = data.collate([feature], pad_token_id=0)
+            batch.pop("labels")
+            logits = model.eval()(**batch).logits.float()
+            predictions.append(logits.squeeze(-1).item() if logits.shape[-1] == 1 else logits.argmax(-1).item())
+    return metrics.compute_metrics(task, predictions, [f["labels"] for f in features]), predictions
+
+
+@pytest.mark.parametrize("task, num_labels", [("mrpc", 2), ("stsb", 1)])
+def test_sorted_batches_score_what_single_examples_score(task, num_labels, tiny_model_dir, glue_dir):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=num_labels)
+    examples = data.load_task(task, data_dir=glue_dir).train
+    # the fixture's sentences are all about as long: cut them to many lengths, so batches really pad
+    features = [{key: value[:4 + (7 * i) % 12] if isinstance(value, list) else value for key, value in f.items()}
+                for i, f in enumerate(data.encode(examples, tokenizer, max_length=32))]
+    lengths = [len(f["input_ids"]) for f in features]
+    assert len(set(lengths)) > 3 and lengths != sorted(lengths, reverse=True)  # sorting really regroups
+    expected, predictions = one_at_a_time(model, features, task)
+    got = evaluate_model(model, features, task, pad_token_id=tokenizer.pad_token_id, batch_size=5)
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert got[name] == pytest.approx(expected[name], abs=1e-6)
+    if num_labels == 1:  # regression: the scores are not saturated, so a reordering bug would show
+        assert len(set(round(p, 6) for p in predictions)) > 3
