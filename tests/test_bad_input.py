@@ -31,25 +31,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from cli_runner import run_cli
 from tiny_checkpoints import build_family, make_expert, save_tiny_base
 from umtam.checkpoint import load_checkpoint, write_checkpoint
-from umtam_cli.main import main
 
 # ----------------------------------------------------------------------------- running and checking
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """The real entry point in-process; an exception it lets through fails the test with its traceback."""
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-    return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

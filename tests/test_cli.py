@@ -9,18 +9,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from umtam_cli.main import cli, main
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """Invoke the real entry point (with its error boundary) in-process."""
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-    return code, out.getvalue().decode(), err.getvalue().decode()
+from cli_runner import run_cli
+from umtam_cli.main import cli
 
 
 @pytest.fixture(scope="module")

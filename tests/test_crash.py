@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import run_cli
+from cli_runner import run_cli
 from tiny_checkpoints import build_family
 from umtam import checkpoint, resume
 from umtam.checkpoint import Checkpoint, load_checkpoint

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from test_cli import run_cli
+from cli_runner import run_cli
 from test_merge_engine import in_memory_merge
 from umtam import data, metrics
 from umtam.checkpoint import load_checkpoint

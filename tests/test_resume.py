@@ -15,7 +15,7 @@ import numpy
 import pytest
 import torch
 
-from test_cli import run_cli
+from cli_runner import run_cli
 from umtam import resume
 from umtam.checkpoint import Checkpoint, load_checkpoint
 from umtam.errors import CheckpointError

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from test_cli import run_cli
+from cli_runner import run_cli
 from tiny_checkpoints import VOCAB, build_family, save_tiny_base, tiny_model
 from umtam.checkpoint import write_checkpoint
 from umtam.errors import ConfigError
