@@ -15,6 +15,7 @@ Examples:
   umtam train --task mrpc --save-every 100 -o runs/mrpc      # states in runs/mrpc-state/
   umtam train --resume runs/mrpc-state                        # continue from the newest state
   umtam train --resume runs/mrpc-state --lr 2e-5              # after a NaN stop: lower the lr
+  torchrun --standalone --nproc_per_node 2 -m umtam_cli train --task mrpc -o runs/mrpc-ddp
 
 \b
 Training states: --save-every N writes OUTPUT-state/step-<N>/ (or --state-dir)
