@@ -12,7 +12,9 @@ best-on-dev setting of each method is shown beside it, labelled as such. Each
 --grid entry is "method:key=value,key=value". A --config recipe names the
 experts and a grid per method (lists are swept as a product), and optionally
 `refine`: values swept next around each method's holdout-best setting (e.g.
-lambda once keep is chosen), so a two-stage sweep costs a sum, not a product.
+lambda once keep is chosen), so a two-stage sweep costs a sum, not a product;
+or `chosen_from: <result set>`: each entry starts from its method's
+holdout-chosen setting there (the ablation, the AdamW-statistics merge).
 Merged checkpoints are written to a scratch directory and deleted; the small
 JSON results go to bench/results/merges/<name>/ and runs whose JSON exists are
 skipped, so every sweep resumes.
@@ -89,14 +91,30 @@ def report(name: str) -> str:
 
 
 def expand_grid(grid: dict) -> list[tuple[str, dict]]:
-    """{method: {option: value or [values]}} -> every (method, options) of the product, in order."""
+    """{method: {option: value or [values]}} -> every (method, options) of the product, in order.
+
+    A method may also map to a list of such mappings (e.g. one per ablation),
+    each expanded on its own.
+    """
     entries = []
-    for method, options in grid.items():
-        options = options or {}
-        keys = sorted(options)
-        values = [v if isinstance(v, list) else [v] for v in (options[k] for k in keys)]
-        entries += [(method, dict(zip(keys, combo))) for combo in itertools.product(*values)]
+    for method, blocks in grid.items():
+        for options in blocks if isinstance(blocks, list) else [blocks]:
+            options = options or {}
+            keys = sorted(options)
+            values = [v if isinstance(v, list) else [v] for v in (options[k] for k in keys)]
+            entries += [(method, dict(zip(keys, combo))) for combo in itertools.product(*values)]
     return entries
+
+
+def on_chosen(entries, results_name: str) -> list[tuple[str, dict]]:
+    """Each entry's options laid over its method's holdout-chosen setting in another result set."""
+    rows = load_rows(results_name)
+    out = []
+    for method, options in entries:
+        stage = [r for r in rows if r["method"] == method]
+        chosen = max(stage, key=lambda r: r["holdout_avg"])["options"] if stage else {}
+        out.append((method, {**chosen, **options}))
+    return out
 
 
 def load_sweep(path: str) -> dict:
@@ -105,7 +123,7 @@ def load_sweep(path: str) -> dict:
     from umtam.merge import get_method
 
     recipe = load_recipe(path)
-    unknown = sorted(set(recipe) - {"name", "experts", "grid", "refine"})
+    unknown = sorted(set(recipe) - {"name", "experts", "grid", "refine", "chosen_from"})
     missing = sorted({"name", "experts", "grid"} - set(recipe))
     if unknown or missing:
         raise ConfigError(f"{path}: unknown keys {unknown}, missing keys {missing}")
@@ -191,7 +209,10 @@ def main() -> int:
     out = Path("bench/results/merges") / name
     if sweep:
         experts = [Path(p) for p in sweep["experts"]]
-        run_entries(experts, expand_grid(sweep["grid"]), out, args)
+        entries = expand_grid(sweep["grid"])
+        if sweep.get("chosen_from"):  # settings chosen once, on another sweep's holdout scores
+            entries = on_chosen(entries, sweep["chosen_from"])
+        run_entries(experts, entries, out, args)
         run_entries(experts, refine_entries(name, sweep["grid"], sweep["refine"]), out, args)
     else:
         experts = [Path(p) for p in args.experts.split(",")]
