@@ -41,6 +41,16 @@ def test_environment_of_a_launcher():
     assert from_environment({}) == Distributed()
 
 
+@pytest.mark.parametrize("environ, expected", [
+    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, Distributed(rank=1, world_size=2, local_rank=1)),  # mpirun (MPICH)
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+     Distributed(rank=3, world_size=4, local_rank=1)),  # Open MPI
+    ({"RANK": "0", "WORLD_SIZE": "2", "PMI_RANK": "1", "PMI_SIZE": "2"}, Distributed(rank=0, world_size=2)),
+])
+def test_mpi_launchers_are_read_as_accelerate_reads_them(environ, expected):
+    assert from_environment(environ) == expected
+
+
 @pytest.mark.parametrize("environ", [{"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}])
 def test_a_broken_environment_is_a_config_error(environ):
     with pytest.raises(ConfigError):
@@ -96,3 +106,34 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(optimizer, 
         torch.testing.assert_close(their_stats[key], stats[key], rtol=1e-4, atol=1e-6)
     curves = [json.loads((d / "umtam.json").read_text())["training"]["loss_curve"] for d in (single, ddp)]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def test_accelerate_launch_through_mpirun_on_cpu(tmp_path, tiny_model_dir, glue_dir):
+    """accelerate's multi-CPU mode starts ranks with mpirun (MPI variables, not torchrun's).
+
+    Needs `accelerate` and an MPI (`pip install accelerate mpich`); neither is a
+    dependency, so this skips where they are missing.
+    """
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    pytest.importorskip("accelerate")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not (accelerate.exists() and shutil.which("mpirun")):
+        pytest.skip("accelerate's CLI or mpirun is not installed")
+    (tmp_path / "hosts").write_text("localhost\n")
+    single, launched = tmp_path / "single", tmp_path / "accelerate"
+    _run([sys.executable, "-m", "umtam_cli", *_train_args(tiny_model_dir, glue_dir, single, "adamw")], tmp_path)
+    _run([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+          "no", "--dynamo_backend", "no", "--mpirun_hostfile", str(tmp_path / "hosts"), "-m", "umtam_cli",
+          *_train_args(tiny_model_dir, glue_dir, launched, "adamw")], tmp_path)
+    assert json.loads((launched / "umtam.json").read_text())["steps"] == 6
+    ours, theirs = load_file(single / "model.safetensors"), load_file(launched / "model.safetensors")
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours)  # two ranks really ran: float noise shows
+    for key in ours:
+        torch.testing.assert_close(theirs[key], ours[key], rtol=1e-4, atol=WEIGHT_ATOL["adamw"])

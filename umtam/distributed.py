@@ -1,8 +1,12 @@
 """Data-parallel training under `torchrun` or `accelerate launch`, on torch's DistributedDataParallel.
 
-Both launchers start one process per rank and set RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT; that environment is all umtam reads. The process
-group uses gloo on CPU and nccl on CUDA.
+The launchers start one process per rank and describe it in the environment:
+torchrun (and accelerate on GPUs, which goes through it) sets RANK, WORLD_SIZE
+and LOCAL_RANK; accelerate's multi-CPU mode starts ranks with `mpirun`, whose
+MPI sets PMI_* (MPICH, Intel MPI), OMPI_COMM_WORLD_* (Open MPI) or MV2_*
+(MVAPICH) instead. Both set MASTER_ADDR and MASTER_PORT. That environment is all
+umtam reads, in the same order accelerate does. The process group uses gloo on
+CPU and nccl on CUDA.
 
 Every optimizer step consumes one *global* batch of ``--batch-size`` examples,
 the same batch a single process would take (batch order is a pure function of
@@ -61,14 +65,27 @@ class Distributed:
         return list(indices[start:stop]), self.world_size * (stop - start) / total
 
 
+# the first variable set wins: torchrun's, then MPICH / Intel MPI, Open MPI, MVAPICH (as accelerate reads them)
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _first_int(environ, names: Sequence[str], default: int) -> int:
+    for name in names:
+        if environ.get(name, "") != "":
+            try:
+                return int(environ[name])
+            except ValueError:
+                raise ConfigError(f"{name} must be an integer, got {environ[name]!r}") from None
+    return default
+
+
 def from_environment(environ=os.environ) -> Distributed:
-    """The rank layout torchrun / accelerate launch exported, or a single process."""
-    try:
-        world_size = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
-        local_rank = int(environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as exc:
-        raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({exc})") from exc
+    """The rank layout torchrun / accelerate launch / mpirun exported, or a single process."""
+    world_size = _first_int(environ, WORLD_SIZE_VARIABLES, 1)
+    rank = _first_int(environ, RANK_VARIABLES, 0)
+    local_rank = _first_int(environ, LOCAL_RANK_VARIABLES, rank)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"RANK={rank} must lie in [0, WORLD_SIZE={world_size})")
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
@@ -79,7 +96,9 @@ def setup(context: Distributed, device_type: str) -> None:
     import torch.distributed as dist
 
     if context.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # rank and size passed explicitly: under mpirun they are not in RANK / WORLD_SIZE
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", init_method="env://",
+                                rank=context.rank, world_size=context.world_size)
 
 
 def teardown(context: Distributed) -> None:
