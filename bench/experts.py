@@ -13,7 +13,9 @@ by the holdout score, never by dev; dev is reported for the chosen one. The
 holdout rows stay unseen by every expert, so prune and merge settings can be
 chosen on them later (bench/sweep.py). SST-2's train is subsampled to 8,000
 rows (seeded) and every eval set is capped at 2,000 rows (only SST-2's holdout
-is that large). Runs whose result JSON exists are skipped, so the grid resumes.
+is that large). Runs whose result JSON exists are skipped, so the grid resumes;
+with --rebuild-missing, a run whose JSON exists but whose checkpoint is gone
+(a new machine) is trained again, for the sweeps that read the checkpoints.
 Checkpoints go under --runs-dir (never committed); small JSON results under
 bench/results/experts/.
 """
@@ -71,8 +73,12 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
 
 
 def run_and_record(task, optimizer, rank, lr, args) -> None:
-    path = RESULTS / f"{run_name(task, optimizer, rank, lr)}.json"
-    if path.exists():
+    name = run_name(task, optimizer, rank, lr)
+    path = RESULTS / f"{name}.json"
+    checkpoint_written = (Path(args.runs_dir) / name / "umtam.json").is_file()
+    # the committed JSON is the result; the checkpoint (never committed) is rebuilt only when
+    # asked, e.g. on a new machine before the prune and merge sweeps, which read it
+    if path.exists() and (checkpoint_written or not args.rebuild_missing):
         return
     row = train_one(task, optimizer, rank, lr, args)
     path.write_text(json.dumps(row, indent=1) + "\n")
@@ -171,6 +177,8 @@ def main() -> int:
     parser.add_argument("--rank-study", metavar="TASK",
                         help="after the grid, train umtam at ranks 4,16,32 on TASK at its chosen r=8 lr")
     parser.add_argument("--report", action="store_true", help="only print tables from existing results")
+    parser.add_argument("--rebuild-missing", action="store_true",
+                        help="retrain runs whose result JSON exists but whose checkpoint is missing")
     args = parser.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
