@@ -137,10 +137,14 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     from umtam.optim import build_optimizer, optimizer_hparams, optimizer_state_bytes
     from umtam.optim.tracker import CurvatureTracker
 
-    # Cheap checks first (output, states, task, model location), so a mistake is
+    # Cheap checks first (task, model location, output, states), so a mistake is
     # reported before minutes of data loading and tokenisation.
+    spec = data.get_task(config.task)
+    source = models.resolve_model(config.model)  # a local lookup, no network
     # an output inside the data or model directory would write there (and --force would delete them)
-    checkpoint.check_output_dir(config.output, inputs=[p for p in (config.data_dir,) if p], force=config.force)
+    model_dir = source.location if source.origin == "directory" else None
+    checkpoint.check_output_dir(config.output, inputs=[p for p in (config.data_dir, model_dir) if p],
+                                force=config.force)
     if config.plot_loss:
         from umtam.plots import agg_canvas
 
@@ -151,10 +155,6 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
         resume.check_resumable(saved, config)
     states = (resume.StateWriter(resume.state_dir_for(config), output=config.output, force=config.force,
                                  resumed=saved) if config.save_every and context.is_main else None)
-    spec = data.get_task(config.task)
-    source = models.resolve_model(config.model)
-    if source.origin == "directory":
-        checkpoint.check_output_dir(config.output, inputs=[source.location], force=config.force)
     progress("status", f"loading model {source.location}")
     tokenizer = models.load_tokenizer(source)
     seed_everything(config.seed)

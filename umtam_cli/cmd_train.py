@@ -24,7 +24,7 @@ optimizer, tracker, scheduler, data position, loss curve, RNG, options); the
 newest two are kept. A state is not a checkpoint; the output is written once,
 at the end. --resume continues bit for bit (on CPU); options given with it must
 match the saved run's, except --output, --state-dir, --save-every, --data-dir,
---device, --eval-batch-size, --force and --lr. A NaN or inf loss stops the run
+--device, --eval-batch-size, --plot-loss, --force and --lr. A NaN or inf loss stops the run
 (exit 1), names the last good state and writes no checkpoint.
 
 \b
