@@ -118,18 +118,22 @@ def report(sweep: dict) -> str:
 
 
 def plot(sweep: dict, out: Path = PLOT) -> Path | None:
-    try:
-        import matplotlib
+    from umtam.errors import ConfigError
+    from umtam.plots import agg_canvas
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        canvas_class = agg_canvas()
+    except ConfigError:  # no matplotlib: the tables alone
         return None
+    from matplotlib.figure import Figure
+
     points = load_points(sweep)
     tasks = sorted({rows[0]["task"] for rows in points.values()})
     if not tasks:
         return None
-    figure, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    figure = Figure(figsize=(3.6 * len(tasks), 3.4), layout="tight")
+    canvas_class(figure)
+    axes = figure.subplots(1, len(tasks), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         for expert, rows in points.items():
             if rows[0]["task"] != task:
@@ -145,7 +149,6 @@ def plot(sweep: dict, out: Path = PLOT) -> Path | None:
         axis.set_xlabel("keep (%)")
     axes[0][0].set_ylabel("dev score")
     axes[0][-1].legend(fontsize=7)
-    figure.tight_layout()
     figure.savefig(out, dpi=110)
     return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -62,6 +61,7 @@ class ProgressRenderer:
         self.draw_bars = not quiet and self.console.is_terminal
         self._progress = None
         self._task = None
+        self._unit = "examples"  # what "advance" counts; a bar's start may name another
 
     def __call__(self, kind: str, payload: Any) -> None:
         if kind == "status":
