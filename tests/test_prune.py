@@ -107,7 +107,10 @@ def test_written_checkpoint_sidecar_lineage_and_files(expert, tmp_path):
     written, report = write_pruned(expert, tmp_path / "pruned", keep=0.2, scope="tensor")
     reloaded = load_checkpoint(written.path)
     assert reloaded.kind == "prune"
-    assert reloaded.tasks == expert.tasks
+    # The expert's scores describe the unpruned weights: kept as expert_metrics, metrics left for eval.
+    (task, record), = expert.tasks.items()
+    assert reloaded.tasks[task] == {**{k: v for k, v in record.items() if k != "metrics"},
+                                    "metrics": {}, "expert_metrics": record["metrics"]}
     assert reloaded.sidecar["base_model"] == expert.sidecar["base_model"]
     assert reloaded.sidecar["optimizer"] == expert.sidecar["optimizer"]
     lineage = reloaded.sidecar["lineage"]
@@ -122,3 +125,10 @@ def test_written_checkpoint_sidecar_lineage_and_files(expert, tmp_path):
     assert all(torch.equal(stats[k], original_stats[k]) for k in stats)
     with pytest.raises(ConfigError, match="already exists"):
         write_pruned(expert, tmp_path / "pruned", keep=0.2)
+
+
+def test_pruning_a_pruned_checkpoint_keeps_the_original_experts_scores(expert, tmp_path):
+    once, _ = write_pruned(expert, tmp_path / "once", keep=0.5)
+    twice, _ = write_pruned(once, tmp_path / "twice", keep=0.2)
+    (task, record), = expert.tasks.items()
+    assert load_checkpoint(twice.path).tasks[task]["expert_metrics"] == record["metrics"]

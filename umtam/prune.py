@@ -33,7 +33,7 @@ from umtam.checkpoint import (
     MODEL_FILE, Checkpoint, check_output_dir, load_checkpoint, split_head_key, write_checkpoint,
 )
 from umtam.errors import CheckpointError, ConfigError
-from umtam.merge.engine import ProgressSteps, companion_files
+from umtam.merge.engine import ProgressSteps, companion_files, unevaluated_task_record
 from umtam.models import is_head_key, load_base_encoder
 from umtam.saliency import check_keep, get_score, score as saliency_score, streaming_thresholds, tensor_threshold
 
@@ -120,7 +120,8 @@ def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, keep: flo
     """Prune ``ckpt`` into a new checkpoint directory at ``output``.
 
     Statistics, config.json and tokenizer files are copied through; the sidecar
-    keeps the input's tasks, base and free fields, with kind "prune" and lineage
+    keeps the input's tasks (their scores moved to expert_metrics, since they
+    describe the unpruned weights), base and free fields, with kind "prune" and lineage
     {inputs: [{path, sha256}], method: {keep, score, scope}, threshold,
     kept_fraction (measured)}.
     """
@@ -141,8 +142,12 @@ def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, keep: flo
 
 def pruned_sidecar(checkpoint: Checkpoint, report: PruneReport) -> dict[str, Any]:
     inherited = {key: value for key, value in checkpoint.sidecar.items() if key not in _REPLACED_FIELDS}
+    # The input's scores describe the unpruned weights: they move to expert_metrics
+    # (the normaliser eval reports against), and metrics waits for `umtam eval`.
+    tasks = {task: unevaluated_task_record(record) for task, record in checkpoint.tasks.items()}
     return {
         **inherited,
+        "tasks": tasks,
         "kind": "prune",
         "lineage": {
             "inputs": [{"path": str(checkpoint.path.resolve()),

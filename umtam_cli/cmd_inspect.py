@@ -82,7 +82,7 @@ def render_summary(summary: dict) -> None:
     params = summary["parameters"]
     table.add_row("parameters", f"{params['total']:,} ({params['encoder']:,} encoder, {params['tensors']} tensors)")
     for task, record in summary["tasks"].items():
-        table.add_row(f"task {task}", _task_line(record))
+        table.add_row(f"task {task}", _task_line(record, summary["kind"]))
     stats = ", ".join(f"{name} x{count}" for name, count in summary["stats"].items()) or "none"
     table.add_row("stats", stats)
     optimizer = summary.get("optimizer") or {}
@@ -101,12 +101,13 @@ def render_summary(summary: dict) -> None:
     stdout_console().print(table)
 
 
-def _task_line(record: dict) -> str:
+def _task_line(record: dict, kind: str) -> str:
     labels = f"{len(record['labels']) or 'regression'} labels"
     if "expert_metrics" not in record:
         return f"{labels}; {_metrics_line(record['metrics'])}"
-    # A merged task: what its expert scored before merging, and the merge's own scores once evaluated.
-    return f"{labels}; expert {_metrics_line(record['expert_metrics'])}; merged {_metrics_line(record['metrics'])}"
+    # A merged or pruned task: what its expert scored, and this model's own scores once evaluated.
+    this_model = {"merge": "merged", "prune": "pruned"}.get(kind, "this model")
+    return f"{labels}; expert {_metrics_line(record['expert_metrics'])}; {this_model} {_metrics_line(record['metrics'])}"
 
 
 def _metrics_line(metrics: dict) -> str:

@@ -784,7 +784,7 @@ def _merged_sidecar(spec: MergeMethod, options: Mapping[str, Any], sources: Sequ
     tasks: dict[str, Any] = {}
     for source in sources:
         for task, record in source.checkpoint.tasks.items():
-            tasks[task] = _merged_task_record(record)
+            tasks[task] = unevaluated_task_record(record)
     lineage: dict[str, Any] = {
         "inputs": [_lineage_input(source, base_checks) for source in sources],
         "method": spec.name,
@@ -815,20 +815,20 @@ def _lineage_input(source: _Source, base_checks: Mapping[str, float]) -> dict[st
     return item
 
 
-def _merged_task_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The task as the merged model has it: not evaluated yet, its expert's scores kept.
+def unevaluated_task_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The task as a merged or pruned model has it: not evaluated yet, its expert's scores kept.
 
     Every "...metrics" field of the expert becomes "expert_...metrics" (so
     "metrics" -> "expert_metrics", the normaliser of merged scores); a merged
-    input's expert_ fields stay as they are, so scores are always normalised by
-    the original expert's.
+    or pruned input's expert_ fields stay as they are, so scores are always
+    normalised by the original expert's.
     """
-    merged: dict[str, Any] = {}
+    unevaluated: dict[str, Any] = {}
     for key, value in record.items():
         if key.startswith("expert_") or not key.endswith("metrics"):
-            merged[key] = value
+            unevaluated[key] = value
         elif f"expert_{key}" not in record:
-            merged[f"expert_{key}"] = value
-    merged["metrics"] = {}
-    merged.setdefault("expert_metrics", {})
-    return merged
+            unevaluated[f"expert_{key}"] = value
+    unevaluated["metrics"] = {}
+    unevaluated.setdefault("expert_metrics", {})
+    return unevaluated
