@@ -179,6 +179,19 @@ def edited_config(env: Env) -> None:
     rehash(env.a, "config.json")
 
 
+def no_tokenizer_files(env: Env) -> None:
+    """A checkpoint whose writer did not copy the tokenizer: its files gone, and gone from the sidecar."""
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (env.a / name).exists():
+            (env.a / name).unlink()
+            edit_sidecar(env.a, lambda s: s["files"].pop(name))
+
+
+def model_without_vocabulary(env: Env) -> None:
+    """A model directory with config.json and weights but no tokenizer files."""
+    shutil.copytree(env.model, env.path("no-vocab-model"), ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*"))
+
+
 def second_input(name: str):
     def build(env: Env) -> None:
         shutil.rmtree(env.b)
@@ -267,6 +280,9 @@ CASES = [
     case("train-rank-0", [*TRAIN, "--rank", "0", "-o", "{out}"], 2, ["rank", "got 0"]),
     case("train-negative-lr", [*TRAIN, "--lr", "-0.1", "-o", "{out}"], 2, ["lr", "-0.1"]),
     case("train-model-does-not-exist", [*TRAIN[:3], "--model", "{ws}/no-model", "-o", "{out}"], 2, ["{ws}/no-model"]),
+    case("train-model-without-tokenizer-files", [*TRAIN[:3], "--model", "{ws}/no-vocab-model", "-o", "{out}"], 2,
+         ["'{ws}/no-vocab-model'", "no vocabulary beyond its", "config.json, safetensors weights, tokenizer files"],
+         model_without_vocabulary),
     case("train-data-dir-does-not-exist", [*TRAIN[:5], "--data-dir", "{ws}/no-data", "-o", "{out}"], 1,
          ["{ws}/no-data"]),
     case("train-empty-data-file", [*TRAIN, "-o", "{out}"], 1, ["{glue}/MRPC/train.tsv is empty"],
@@ -367,6 +383,10 @@ CASES = [
          ["{a}/model.safetensors", "'classifier.bias'"], weights_without("classifier.bias")),
     case("eval-config-not-json", ["eval", "{a}", "--data-dir", "{glue}"], 1, ["{a}/config.json", "not valid JSON"],
          edited_config),
+    case("eval-tokenizer-files-missing", ["eval", "{a}", "--data-dir", "{glue}"], 1,
+         ["cannot load model '{a}'", "no vocabulary beyond its", "tokenizer files missing from {a}",
+          "copies config.json and the tokenizer files into every checkpoint"],
+         no_tokenizer_files),
     case("eval-expert-metrics-lack-f1", ["eval", "{a}", "--data-dir", "{glue}"], 1,
          ["{a}/umtam.json", "tasks.mrpc.expert_metrics", "lack f1"], expert_metrics_without_f1),
 ]

@@ -137,7 +137,7 @@ def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, m
 
     tasks = resolve_tasks(checkpoint, requested)
     _check_model_config(checkpoint)
-    tokenizer = load_tokenizer(ModelSource(str(checkpoint.path), str(checkpoint.path), "directory"))
+    tokenizer = load_tokenizer(ModelSource(str(checkpoint.path), str(checkpoint.path), "checkpoint"))
     tensors = checkpoint.load_tensors()
     results: dict[str, Any] = {}
     for task in tasks:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from umtam.errors import ConfigError, first_line
+from umtam.errors import CheckpointError, ConfigError, first_line
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2")
@@ -29,7 +29,7 @@ class ModelSource:
 
     reference: str
     location: str  # a local directory, or the hub id itself
-    origin: str  # "directory", "package", "shared", "hub"
+    origin: str  # "directory", "package", "shared", "hub", or "checkpoint" (eval reads one's own files)
 
     def as_record(self) -> dict[str, str]:
         return {"reference": self.reference, "location": self.location, "origin": self.origin}
@@ -76,7 +76,16 @@ def _local_default_model() -> tuple[Path, str] | None:
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, source)
+    tokenizer = _from_pretrained(AutoTokenizer, source)
+    # transformers 5 builds a BERT tokenizer from config.json alone when the vocabulary
+    # files are missing: it loads, and maps every word to [UNK]. Refuse it here.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise _load_error(source)(
+            f"cannot load model {source.reference!r}: its tokenizer has no vocabulary beyond its "
+            f"{len(tokenizer)} special tokens (tokenizer files missing from {source.location}?)",
+            hint=_LOAD_HINTS.get(source.origin, _LOAD_HINTS["directory"]),
+        )
+    return tokenizer
 
 
 def load_classifier(source: ModelSource, *, num_labels: int, label_names: tuple[str, ...] = (),
@@ -98,6 +107,19 @@ def load_classifier(source: ModelSource, *, num_labels: int, label_names: tuple[
     return _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
 
 
+_LOAD_HINTS = {
+    "hub": "pass a local model directory with --model when the hub is unreachable",
+    "checkpoint": "umtam copies config.json and the tokenizer files into every checkpoint it writes; "
+                  "copy them back from the base model directory",
+    "directory": "the directory must hold a Hugging Face model: config.json, safetensors weights, tokenizer files",
+}
+
+
+def _load_error(source: ModelSource) -> type[ConfigError | CheckpointError]:
+    # A bad --model is a usage error (exit 2); a damaged checkpoint is a data error (exit 1).
+    return CheckpointError if source.origin == "checkpoint" else ConfigError
+
+
 def _from_pretrained(factory, source: ModelSource, **kwargs):
     from transformers.utils import logging as hf_logging
 
@@ -108,9 +130,9 @@ def _from_pretrained(factory, source: ModelSource, **kwargs):
         return factory.from_pretrained(source.location, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         where = "directory" if source.origin != "hub" else "hub id"
-        raise ConfigError(
+        raise _load_error(source)(
             f"cannot load model {source.reference!r} ({where} {source.location}): {first_line(exc, 300)}",
-            hint="pass a local model directory with --model when the hub is unreachable",
+            hint=_LOAD_HINTS.get(source.origin, _LOAD_HINTS["directory"]),
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
