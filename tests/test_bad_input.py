@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from cli_runner import run_cli
@@ -162,6 +163,15 @@ def stats_with_unknown_dtype(env: Env) -> None:
     header[first]["dtype"] = "C64"
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + length:])
+    rehash(env.a, "stats.safetensors")
+
+
+def stats_with_nan(env: Env) -> None:
+    """Statistics as a diverged run leaves them: one column factor all NaN."""
+    stats = load_file(env.a / "stats.safetensors")
+    key = sorted(k for k in stats if k.startswith("exp_avg_sq_col/bert.encoder"))[0]
+    stats[key] = torch.full_like(stats[key], float("nan"))
+    save_file(stats, env.a / "stats.safetensors")
     rehash(env.a, "stats.safetensors")
 
 
@@ -330,6 +340,8 @@ CASES = [
          ["'curvy'", "curvature"]),
     case("prune-curvature-without-stats", ["prune", "{a}", "--keep", "0.5", "-o", "{out}"], 1,
          ["{a}", "no stats.safetensors", "exp_avg_sq_row/"], no_stats),
+    case("prune-stats-with-nan", ["prune", "{a}", "--keep", "0.5", "-o", "{out}"], 1,
+         ["{a}", "statistic 'exp_avg_sq_col/bert.encoder.", "NaN or infinite"], stats_with_nan),
     case("prune-path-does-not-exist", ["prune", "{ws}/nothing", "--keep", "0.5", "-o", "{out}"], 1,
          ["{ws}/nothing"]),
     case("prune-garbage-weights", ["prune", "{a}", "--keep", "0.5", "-o", "{out}"], 1,
@@ -360,6 +372,8 @@ CASES = [
          ["'avrage'", "did you mean 'average'"]),
     case("merge-curvature-without-stats", ["merge", "{a}", "{b}", "-o", "{out}"], 1,
          ["{a}", "no stats.safetensors", "exp_avg_sq_row/", "merge method umtam"], no_stats),
+    case("merge-stats-with-nan", ["merge", "{a}", "{b}", "-o", "{out}"], 1,
+         ["{a}", "statistic 'exp_avg_sq_col/bert.encoder.", "NaN or infinite"], stats_with_nan),
     case("merge-garbage-weights", ["merge", "{a}", "{b}", "-o", "{out}"], 1,
          ["{a}/model.safetensors", "not a readable safetensors file"], garbage_weights),
     case("merge-plain-hf-input-garbage-weights",

@@ -81,6 +81,14 @@ def test_statistic_of_the_wrong_length_is_refused():
         saliency.score("curvature", NAME, T, stats, checkpoint_label="ckpt")
 
 
+@pytest.mark.parametrize("score_name", ["curvature", "second-moment"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_statistics_with_nan_or_inf_are_refused_by_name(score_name, bad):
+    stats = {**STATS, f"exp_avg_sq_col/{NAME}": torch.tensor([1.0, bad, 9.0, bad])}
+    with pytest.raises(CheckpointError, match=rf"runs/x: statistic 'exp_avg_sq_col/{NAME}' holds 2 NaN or inf"):
+        saliency.score(score_name, NAME, T, stats, checkpoint_label="runs/x")
+
+
 def test_unknown_score_suggests_the_close_match():
     with pytest.raises(ConfigError, match="did you mean 'curvature'"):
         saliency.get_score("curvatur")

@@ -138,7 +138,14 @@ def read_stat(stats: Mapping[str, Tensor], key: str, *, checkpoint_label: str) -
         value = stats[key]
     except KeyError:
         raise missing_stat_error(checkpoint_label, key, stats) from None
-    return value.to(torch.float32)
+    value = value.to(torch.float32)
+    # A NaN second moment would silently decide every comparison it enters (it never
+    # passes a threshold), so statistics from a diverged run are refused, not used.
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise CheckpointError(f"{checkpoint_label}: statistic {key!r} holds {bad} NaN or infinite value(s)",
+                              hint="the run that wrote it diverged; use a state from before it did")
+    return value
 
 
 @dataclass(frozen=True)
