@@ -289,6 +289,13 @@ CASES = [
     case("train-unknown-optimizer", [*TRAIN, "--optimizer", "adamx", "-o", "{out}"], 2, ["'adamx'", "adamw"]),
     case("train-rank-0", [*TRAIN, "--rank", "0", "-o", "{out}"], 2, ["rank", "got 0"]),
     case("train-negative-lr", [*TRAIN, "--lr", "-0.1", "-o", "{out}"], 2, ["lr", "-0.1"]),
+    # torch turns lr / bias correction into a float32 scalar: 1e38 / 0.1 overflows inside AdamW's step
+    case("train-lr-overflows-float32", [*TRAIN, *TINY_RUN, "--lr", "1e38", "-o", "{out}"], 1,
+         ["diverged at step 1", "the update overflowed float32", "no checkpoint was written"]),
+    # Adafactor's clipped update times 1e38 leaves inf weights after the last step, which no loss has seen yet
+    case("train-last-step-leaves-inf-weights",
+         [*TRAIN, *TINY_RUN, "--optimizer", "adafactor", "--lr", "1e38", "-o", "{out}"], 1,
+         ["diverged at step 1", "weights hold NaN or inf", "no checkpoint was written"]),
     case("train-model-does-not-exist", [*TRAIN[:3], "--model", "{ws}/no-model", "-o", "{out}"], 2, ["{ws}/no-model"]),
     case("train-model-without-tokenizer-files", [*TRAIN[:3], "--model", "{ws}/no-vocab-model", "-o", "{out}"], 2,
          ["'{ws}/no-vocab-model'", "no vocabulary beyond its", "config.json, safetensors weights, tokenizer files"],

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from umtam import __version__
-from umtam.errors import UmtamError
+from umtam.errors import UmtamError, first_line
 
 # Learning rates used when --lr is not given. AdamW's is the usual BERT
 # fine-tuning rate; UMTAM's is 4x higher, which DESIGN.md's MRPC probe found
@@ -330,7 +330,7 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
               context) -> RunRecord:
     import torch
 
-    from umtam import data, distributed
+    from umtam import data, distributed, resume
 
     model, optimizer, tracker, scheduler = parts.model, parts.optimizer, parts.tracker, parts.scheduler
     forward = distributed.wrap(model, context)  # DDP all-reduces the gradients during backward
@@ -355,7 +355,7 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
             if not torch.isfinite(grad_norm):  # the step would write NaN into every weight
                 raise _diverged(position.step + 1, f"gradient norm is {grad_norm.item()}", states, config)
             tracker.update()
-            optimizer.step()
+            _optimizer_step(optimizer, position.step + 1, states, config)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             position.advance(batch_loss)  # a Python float: the GPU has synced, so the timing is honest
@@ -368,11 +368,24 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
         else:  # the epoch ran out before the planned steps did
             position.next_epoch()
     progress("end", {"what": "train"})
+    if not resume.weights_finite(model):  # the last step's update has met no loss that would show it
+        raise _diverged(position.step, "weights hold NaN or inf", states, config)
     gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     losses = position.loss_curve
     seconds = timer.seconds_per_step()
     return RunRecord(position.step, seconds if seconds is not None else log.earlier_seconds_per_step or 0.0,
                      float(sum(losses[-10:]) / len(losses[-10:])), list(losses), peak_rss_bytes(), gpu_peak)
+
+
+def _optimizer_step(optimizer, step: int, states, config: TrainConfig) -> None:
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        # torch's optimizers turn lr / bias correction into a float32 scalar: a huge --lr
+        # overflows there ("value cannot be converted to type float without overflow").
+        if "overflow" not in str(exc):
+            raise
+        raise _diverged(step, f"the update overflowed float32 ({first_line(exc, 120)})", states, config) from exc
 
 
 def _save_state(parts, log: _RunLog, states, timer: _StepTimer, progress) -> None:
