@@ -167,6 +167,22 @@ def test_every_subcommand_help_has_examples():
         assert result.exit_code == 0 and "Examples:" in result.output
 
 
+def test_train_help_lists_exactly_what_the_code_allows():
+    """The epilog is prose written by hand (importing torch for --help is slow): pin it to the code."""
+    import re
+
+    from umtam.data import TASKS
+    from umtam.optim import OPTIMIZERS
+    from umtam.resume import RESUMABLE_CHANGES
+    from umtam_cli.cmd_train import EPILOG
+
+    prose = " ".join(EPILOG.split())
+    changes = re.search(r"must match the saved run's, except (.+?)\. ", prose).group(1)
+    assert set(re.findall(r"--[a-z-]+", changes)) == {"--" + key.replace("_", "-") for key in RESUMABLE_CHANGES}
+    assert re.search(r"Tasks: ([a-z0-9 ]+)\.", prose).group(1).split() == list(TASKS)
+    assert re.search(r"Optimizers: ([a-z ]+)\.", prose).group(1).split() == list(OPTIMIZERS)
+
+
 @pytest.fixture(scope="module")
 def second_expert(tmp_path_factory, tiny_model_dir, glue_dir):
     out = tmp_path_factory.mktemp("runs") / "sst2"
