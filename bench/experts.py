@@ -33,9 +33,10 @@ DEFAULT_LRS = {"adamw": [2e-5, 5e-5, 1e-4], "umtam": [1e-4, 2e-4, 5e-4]}
 RECIPES = Path("recipes/paper")  # expert-<task>-<optimizer>.yaml: epochs, caps, holdout slice
 
 
-def run_name(task: str, optimizer: str, rank: int, lr: float) -> str:
+def run_name(task: str, optimizer: str, rank: int, lr: float, error_feedback: bool = False) -> str:
     rank_part = f"-r{rank}" if optimizer in ("umtam", "galore", "mofasgd") else ""
-    return f"{task}-{optimizer}{rank_part}-lr{lr:g}"
+    feedback_part = "-ef" if error_feedback else ""
+    return f"{task}-{optimizer}{rank_part}{feedback_part}-lr{lr:g}"
 
 
 def recipe_path(task: str, optimizer: str) -> Path:
@@ -50,10 +51,12 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
     from umtam.train import TrainConfig, train
 
     # The recipe is the single source of the run's settings; the sweep overrides only lr and rank.
-    name = run_name(task, optimizer, rank, lr)
+    name = run_name(task, optimizer, rank, lr, args.error_feedback)
     recipe = recipe_path(task, optimizer)
     overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": args.seed,
                  "data_dir": args.data_dir, "force": True}
+    if args.error_feedback:
+        overrides["error_feedback"] = True
     config = build_config(TrainConfig, load_recipe(recipe), overrides, source=str(recipe))
     started = time.perf_counter()
     sidecar = train(config).sidecar
@@ -63,6 +66,7 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
         torch.cuda.empty_cache()
     return {
         "name": name, "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": args.seed,
+        "error_feedback": args.error_feedback,
         "checkpoint": config.output, "steps": sidecar["steps"], "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"],
         "dev": record["metrics"], "dev_score": task_score(task, record["metrics"]),
@@ -73,7 +77,7 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
 
 
 def run_and_record(task, optimizer, rank, lr, args) -> None:
-    name = run_name(task, optimizer, rank, lr)
+    name = run_name(task, optimizer, rank, lr, args.error_feedback)
     path = RESULTS / f"{name}.json"
     checkpoint_written = (Path(args.runs_dir) / name / "umtam.json").is_file()
     # the committed JSON is the result; the checkpoint (never committed) is rebuilt only when
@@ -100,10 +104,16 @@ def load_results() -> list[dict]:
 
 
 def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
-    """Best run per (task, optimizer) at ``rank`` by holdout score (ties: lower lr)."""
+    """Best run per (task, optimizer) at ``rank`` by holdout score (ties: lower lr).
+
+    Error-feedback runs are a variant, not a candidate: their dense buffer costs
+    AdamW-sized state, which the low-rank optimizer exists to avoid.
+    """
     best: dict[tuple[str, str], dict] = {}
     for row in sorted(results, key=lambda r: r["lr"]):
         if row["optimizer"] in ("umtam", "galore", "mofasgd") and row["rank"] != rank:
+            continue
+        if row.get("error_feedback"):
             continue
         key = (row["task"], row["optimizer"])
         if key not in best or row["holdout_score"] > best[key]["holdout_score"]:
@@ -137,9 +147,15 @@ def sweep_table(results: list[dict]) -> str:
 
 
 def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Path("bench/results/rank_sweep.png")):
-    best_lr = chosen(results).get((task, "umtam"), {}).get("lr")
-    rows = sorted((r for r in results if r["task"] == task and r["optimizer"] == "umtam" and r["lr"] == best_lr),
-                  key=lambda r: r["rank"])
+    runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and not r.get("error_feedback")]
+    if not runs:
+        return ""
+    # The study runs at one lr (the r=8 choice when it ran); later lr sweeps add r=8 runs
+    # at other rates, so read it at the lr with the most ranks, the chosen one on a tie.
+    chosen_lr = chosen(results).get((task, "umtam"), {}).get("lr")
+    best_lr = max({r["lr"] for r in runs},
+                  key=lambda lr: (len({r["rank"] for r in runs if r["lr"] == lr}), lr == chosen_lr))
+    rows = sorted((r for r in runs if r["lr"] == best_lr), key=lambda r: r["rank"])
     if len(rows) < 2:
         return ""
     lines = [f"| rank | lr | holdout score | dev {' / '.join(rows[0]['dev']['validation'])} | final loss |",
@@ -176,6 +192,8 @@ def main() -> int:
     parser.add_argument("--data-dir")
     parser.add_argument("--rank-study", metavar="TASK",
                         help="after the grid, train umtam at ranks 4,16,32 on TASK at its chosen r=8 lr")
+    parser.add_argument("--error-feedback", action="store_true",
+                        help="train umtam with its dense error-feedback buffer (runs named -ef; never chosen)")
     parser.add_argument("--report", action="store_true", help="only print tables from existing results")
     parser.add_argument("--rebuild-missing", action="store_true",
                         help="retrain runs whose result JSON exists but whose checkpoint is missing")
