@@ -147,38 +147,42 @@ def sweep_table(results: list[dict]) -> str:
 
 
 def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Path("bench/results/rank_sweep.png")):
+    """Every learning rate the rank study ran at (two ranks or more) as one table; the PNG at one of them."""
     runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and not r.get("error_feedback")]
-    if not runs:
+    studied = {lr: sorted((r for r in runs if r["lr"] == lr), key=lambda r: r["rank"]) for lr in {r["lr"] for r in runs}}
+    studied = {lr: rows for lr, rows in sorted(studied.items()) if len(rows) >= 2}
+    if not studied:
         return ""
-    # The study runs at one lr (the r=8 choice when it ran); later lr sweeps add r=8 runs
-    # at other rates, so read it at the lr with the most ranks, the chosen one on a tie.
+    first = next(iter(studied.values()))[0]
+    lines = [f"| rank | lr | holdout score | dev {' / '.join(first['dev']['validation'])} | dev score | final loss |",
+             "|---|---|---|---|---|---|"]
+    for lr, rows in studied.items():
+        for row in rows:
+            dev = " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
+            final = sum(row["loss_curve"][-10:]) / len(row["loss_curve"][-10:])
+            lines.append(f"| {row['rank']} | {lr:g} | {100 * row['holdout_score']:.2f} | {dev} "
+                         f"| {100 * row['dev_score']:.2f} | {final:.4f} |")
+    # The picture: the lr with the most ranks, the r=8 holdout choice on a tie.
     chosen_lr = chosen(results).get((task, "umtam"), {}).get("lr")
-    best_lr = max({r["lr"] for r in runs},
-                  key=lambda lr: (len({r["rank"] for r in runs if r["lr"] == lr}), lr == chosen_lr))
-    rows = sorted((r for r in runs if r["lr"] == best_lr), key=lambda r: r["rank"])
-    if len(rows) < 2:
-        return ""
-    lines = [f"| rank | lr | holdout score | dev {' / '.join(rows[0]['dev']['validation'])} | final loss |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        dev = " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
-        final = sum(row["loss_curve"][-10:]) / len(row["loss_curve"][-10:])
-        lines.append(f"| {row['rank']} | {row['lr']:g} | {100 * row['holdout_score']:.2f} | {dev} | {final:.4f} |")
+    plot_lr = max(studied, key=lambda lr: (len(studied[lr]), lr == chosen_lr))
+    _rank_plot(studied[plot_lr], plot_lr, chosen(results).get((task, "adamw")), task, out)
+    return "\n".join(lines)
+
+
+def _rank_plot(rows: list[dict], lr: float, adamw: dict | None, task: str, out: Path) -> None:
     from umtam.errors import ConfigError
     from umtam.plots import loss_curves_png
 
     curves = {f"r={row['rank']}": row["loss_curve"] for row in rows}
     styles = {}
-    adamw = chosen(results).get((task, "adamw"))
     if adamw:
         curves[f"AdamW lr={adamw['lr']:g}"] = adamw["loss_curve"]
         styles[f"AdamW lr={adamw['lr']:g}"] = {"color": "black", "linestyle": "--"}
     try:
-        out.write_bytes(loss_curves_png(curves, title=f"UMTAM rank sweep on {task.upper()} (lr {best_lr:g})",
+        out.write_bytes(loss_curves_png(curves, title=f"UMTAM rank sweep on {task.upper()} (lr {lr:g})",
                                         styles=styles))
     except ConfigError:  # no matplotlib: the table alone
         pass
-    return "\n".join(lines)
 
 
 def main() -> int:
