@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path("bench/results/experts")
+TASK_ORDER = ["rte", "mrpc", "cola", "sst2", "stsb"]  # the order of every table
 DEFAULT_LRS = {"adamw": [2e-5, 5e-5, 1e-4], "umtam": [1e-4, 2e-4, 5e-4]}
 RECIPES = Path("recipes/paper")  # expert-<task>-<optimizer>.yaml: epochs, caps, holdout slice
 
@@ -123,7 +124,7 @@ def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
 
 def quality_table(results: list[dict]) -> str:
     best = chosen(results)
-    tasks = sorted({task for task, _ in best}, key=["rte", "mrpc", "cola", "sst2", "stsb"].index)
+    tasks = sorted({task for task, _ in best}, key=TASK_ORDER.index)
     lines = ["| task | metric | AdamW lr (holdout) | AdamW dev | UMTAM r=8 lr (holdout) | UMTAM dev | UMTAM - AdamW |",
              "|---|---|---|---|---|---|---|"]
     for task in tasks:
@@ -132,9 +133,35 @@ def quality_table(results: list[dict]) -> str:
             continue
         metric = " / ".join(adamw["dev"]["validation"])
         show = lambda row: " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
-        lines.append(f"| {task} | {metric} | {adamw['lr']:g} ({100 * adamw['holdout_score']:.2f}) | {show(adamw)} "
-                     f"| {umtam['lr']:g} ({100 * umtam['holdout_score']:.2f}) | {show(umtam)} "
+        lines.append(f"| {task} | {metric} | {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) | {show(adamw)} "
+                     f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) | {show(umtam)} "
                      f"| {100 * (umtam['dev_score'] - adamw['dev_score']):+.2f} |")
+    return "\n".join(lines)
+
+
+def short_lr(lr: float) -> str:
+    """1e-4, 5e-5, 2e-4: the way the sweep is written, not 0.0001."""
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}" if float(f"{lr:.0e}") == lr else f"{lr:g}"
+
+
+def lr_grid_table(results: list[dict]) -> str:
+    """The learning-rate sweep as a grid: holdout / dev score per task and (optimizer, lr); bold = chosen."""
+    best = chosen(results)
+    candidates = [r for r in results if r["optimizer"] == "adamw"
+                  or (r["optimizer"] == "umtam" and r["rank"] == 8 and not r.get("error_feedback"))]
+    columns = sorted({(r["optimizer"], r["lr"]) for r in candidates})
+    tasks = sorted({r["task"] for r in candidates}, key=TASK_ORDER.index)
+    label = {"adamw": "AdamW", "umtam": "UMTAM r=8"}
+    lines = ["| task | " + " | ".join(f"{label[o]} {short_lr(lr)}" for o, lr in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for task in tasks:
+        cells = []
+        for optimizer, lr in columns:
+            row = next((r for r in candidates if (r["task"], r["optimizer"], r["lr"]) == (task, optimizer, lr)), None)
+            text = "-" if row is None else f"{100 * row['holdout_score']:.2f} / {100 * row['dev_score']:.2f}"
+            cells.append(f"**{text}**" if row is not None and best.get((task, optimizer)) is row else text)
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -219,6 +246,8 @@ def main() -> int:
                 run_and_record(task, "umtam", rank, lr, args)
     results = load_results()
     print(sweep_table(results))
+    print()
+    print(lr_grid_table(results))
     print()
     print(quality_table(results))
     print()
