@@ -34,10 +34,17 @@ DEFAULT_LRS = {"adamw": [2e-5, 5e-5, 1e-4], "umtam": [1e-4, 2e-4, 5e-4]}
 RECIPES = Path("recipes/paper")  # expert-<task>-<optimizer>.yaml: epochs, caps, holdout slice
 
 
-def run_name(task: str, optimizer: str, rank: int, lr: float, error_feedback: bool = False) -> str:
+VARIANTS = {"error_feedback": "ef", "dense_embeddings": "de"}  # umtam options a run may add, and their name tags
+
+
+def run_name(task: str, optimizer: str, rank: int, lr: float, variants: tuple[str, ...] = ()) -> str:
     rank_part = f"-r{rank}" if optimizer in ("umtam", "galore", "mofasgd") else ""
-    feedback_part = "-ef" if error_feedback else ""
-    return f"{task}-{optimizer}{rank_part}{feedback_part}-lr{lr:g}"
+    variant_part = "".join(f"-{VARIANTS[v]}" for v in variants)
+    return f"{task}-{optimizer}{rank_part}{variant_part}-lr{lr:g}"
+
+
+def variants_of(args) -> tuple[str, ...]:
+    return tuple(v for v in VARIANTS if getattr(args, v, False))
 
 
 def recipe_path(task: str, optimizer: str) -> Path:
@@ -52,12 +59,10 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
     from umtam.train import TrainConfig, train
 
     # The recipe is the single source of the run's settings; the sweep overrides only lr and rank.
-    name = run_name(task, optimizer, rank, lr, args.error_feedback)
+    name = run_name(task, optimizer, rank, lr, variants_of(args))
     recipe = recipe_path(task, optimizer)
     overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": args.seed,
-                 "data_dir": args.data_dir, "force": True}
-    if args.error_feedback:
-        overrides["error_feedback"] = True
+                 "data_dir": args.data_dir, "force": True, **{v: True for v in variants_of(args)}}
     config = build_config(TrainConfig, load_recipe(recipe), overrides, source=str(recipe))
     started = time.perf_counter()
     sidecar = train(config).sidecar
@@ -67,7 +72,7 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
         torch.cuda.empty_cache()
     return {
         "name": name, "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": args.seed,
-        "error_feedback": args.error_feedback,
+        **{v: True for v in variants_of(args)},
         "checkpoint": config.output, "steps": sidecar["steps"], "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"],
         "dev": record["metrics"], "dev_score": task_score(task, record["metrics"]),
@@ -78,7 +83,7 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
 
 
 def run_and_record(task, optimizer, rank, lr, args) -> None:
-    name = run_name(task, optimizer, rank, lr, args.error_feedback)
+    name = run_name(task, optimizer, rank, lr, variants_of(args))
     path = RESULTS / f"{name}.json"
     checkpoint_written = (Path(args.runs_dir) / name / "umtam.json").is_file()
     # the committed JSON is the result; the checkpoint (never committed) is rebuilt only when
@@ -107,19 +112,23 @@ def load_results() -> list[dict]:
 def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
     """Best run per (task, optimizer) at ``rank`` by holdout score (ties: lower lr).
 
-    Error-feedback runs are a variant, not a candidate: their dense buffer costs
-    AdamW-sized state, which the low-rank optimizer exists to avoid.
+    Variant runs (error feedback, dense embeddings) are not candidates: their
+    dense state is what the low-rank optimizer exists to avoid.
     """
     best: dict[tuple[str, str], dict] = {}
     for row in sorted(results, key=lambda r: r["lr"]):
         if row["optimizer"] in ("umtam", "galore", "mofasgd") and row["rank"] != rank:
             continue
-        if row.get("error_feedback"):
+        if is_variant(row):
             continue
         key = (row["task"], row["optimizer"])
         if key not in best or row["holdout_score"] > best[key]["holdout_score"]:
             best[key] = row
     return best
+
+
+def is_variant(row: dict) -> bool:
+    return any(row.get(v) for v in VARIANTS)
 
 
 def quality_table(results: list[dict]) -> str:
@@ -149,7 +158,7 @@ def lr_grid_table(results: list[dict]) -> str:
     """The learning-rate sweep as a grid: holdout / dev score per task and (optimizer, lr); bold = chosen."""
     best = chosen(results)
     candidates = [r for r in results if r["optimizer"] == "adamw"
-                  or (r["optimizer"] == "umtam" and r["rank"] == 8 and not r.get("error_feedback"))]
+                  or (r["optimizer"] == "umtam" and r["rank"] == 8 and not is_variant(r))]
     columns = sorted({(r["optimizer"], r["lr"]) for r in candidates})
     tasks = sorted({r["task"] for r in candidates}, key=TASK_ORDER.index)
     label = {"adamw": "AdamW", "umtam": "UMTAM r=8"}
@@ -175,7 +184,7 @@ def sweep_table(results: list[dict]) -> str:
 
 def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Path("bench/results/rank_sweep.png")):
     """Every learning rate the rank study ran at (two ranks or more) as one table; the PNG at one of them."""
-    runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and not r.get("error_feedback")]
+    runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and not is_variant(r)]
     studied = {lr: sorted((r for r in runs if r["lr"] == lr), key=lambda r: r["rank"]) for lr in {r["lr"] for r in runs}}
     studied = {lr: rows for lr, rows in sorted(studied.items()) if len(rows) >= 2}
     if not studied:
@@ -225,6 +234,8 @@ def main() -> int:
                         help="after the grid, train umtam at ranks 4,16,32 on TASK at its chosen r=8 lr")
     parser.add_argument("--error-feedback", action="store_true",
                         help="train umtam with its dense error-feedback buffer (runs named -ef; never chosen)")
+    parser.add_argument("--dense-embeddings", action="store_true",
+                        help="train umtam with dense AdamW state for the embeddings (runs named -de; never chosen)")
     parser.add_argument("--report", action="store_true", help="only print tables from existing results")
     parser.add_argument("--rebuild-missing", action="store_true",
                         help="retrain runs whose result JSON exists but whose checkpoint is missing")

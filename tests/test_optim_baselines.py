@@ -197,6 +197,24 @@ def test_builds_the_umtam_classes_with_options():
     assert isinstance(build_optimizer("mofasgd", named, lr=1e-3), MoFaSGD)
 
 
+def test_dense_embeddings_gives_the_embedding_matrices_dense_adamw_state():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"embeddings": torch.nn.ModuleDict({"word": torch.nn.Embedding(20, 6)}),
+                                 "dense": torch.nn.Linear(6, 3)})
+    embedding, dense = model["embeddings"]["word"].weight, model["dense"].weight
+    opt = build_optimizer("umtam", list(model.named_parameters()), lr=1e-3, rank=2, weight_decay=0.1,
+                          dense_embeddings=True)
+    assert [(len(g["params"]), g["weight_decay"], g["lowrank"]) for g in opt.param_groups] == [
+        (1, 0.1, True), (1, 0.0, True), (1, 0.1, False)]
+    assert opt.param_groups[0]["params"] == [dense] and opt.param_groups[2]["params"] == [embedding]
+    model["dense"](model["embeddings"]["word"](torch.tensor([1, 2, 3]))).square().mean().backward()
+    opt.step()
+    assert "U" in opt.state[dense] and "U" not in opt.state[embedding]
+    assert any(value.shape == embedding.shape for value in opt.state[embedding].values())  # a dense moment
+    lowrank = build_optimizer("umtam", list(model.named_parameters()), lr=1e-3, rank=2)
+    assert all(group["lowrank"] for group in lowrank.param_groups)
+
+
 def test_unknown_optimizer_lists_choices_and_suggests():
     with pytest.raises(ConfigError) as info:
         build_optimizer("adamv", [], lr=1e-3)
@@ -209,6 +227,8 @@ def test_options_an_optimizer_lacks_and_bad_values_are_config_errors():
     _, named = _named_model()
     with pytest.raises(ConfigError, match="error_feedback"):
         build_optimizer("adamw", named, lr=1e-3, error_feedback=True)
+    with pytest.raises(ConfigError, match="dense_embeddings is an option of the umtam optimizer, not 'galore'"):
+        build_optimizer("galore", named, lr=1e-3, dense_embeddings=True)
     with pytest.raises(ConfigError, match="learning rate"):
         build_optimizer("umtam", named, lr=-1.0)
 

@@ -50,6 +50,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     error_feedback: bool = False
+    dense_embeddings: bool = False
     max_grad_norm: float = 1.0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -179,7 +180,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     optimizer = build_optimizer(
         config.optimizer, list(model.named_parameters()), lr=config.learning_rate, rank=config.rank,
         betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
-        error_feedback=config.error_feedback,
+        error_feedback=config.error_feedback, dense_embeddings=config.dense_embeddings,
     )
     hparams = optimizer_hparams(optimizer)  # before the scheduler rewrites lr step by step
     tracker = CurvatureTracker(model.named_parameters(), beta2=config.beta2, optimizer=optimizer)

@@ -52,6 +52,8 @@ GLUE data comes from --data-dir, else $UMTAM_DATA_DIR, else ../shared/data/glue,
 @click.option("--beta2", type=float, help="Second-moment decay, also the tracker's [default: 0.999].")
 @click.option("--warmup-ratio", type=float, help="Fraction of steps for linear warmup [default: 0.06].")
 @click.option("--error-feedback/--no-error-feedback", default=None, help="UMTAM's dense error-feedback buffer [default: off].")
+@click.option("--dense-embeddings/--lowrank-embeddings", default=None,
+              help="UMTAM: dense AdamW state for the embedding matrices instead of low-rank [default: low-rank].")
 @click.option("--max-train-samples", type=int, help="Subsample the training set (seeded).")
 @click.option("--max-eval-samples", type=int, help="Subsample the dev set (seeded).")
 @click.option("--holdout-fraction", type=float,

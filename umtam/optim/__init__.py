@@ -55,6 +55,15 @@ def _decay_groups(named_parameters: Iterable[tuple[str, Parameter]], weight_deca
     return [g for g in groups if g["params"]]
 
 
+def _embeddings_apart(groups: list[dict[str, Any]], named_parameters) -> list[dict[str, Any]]:
+    """Move the embedding matrices out of their group into one of their own with ``lowrank=False``."""
+    embeddings = [p for name, p in named_parameters if p.requires_grad and p.dim() >= 2 and "embeddings." in name]
+    moved = {id(p) for p in embeddings}
+    kept = [{**group, "params": [p for p in group["params"] if id(p) not in moved]} for group in groups]
+    dense = {"params": embeddings, "weight_decay": groups[0]["weight_decay"], "lowrank": False}
+    return [group for group in (*kept, dense) if group["params"]]
+
+
 def build_optimizer(
     name: str,
     named_parameters: Iterable[tuple[str, Parameter]],
@@ -65,6 +74,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     eps: float | None = None,
     error_feedback: bool = False,
+    dense_embeddings: bool = False,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over the trainable parameters.
 
@@ -74,7 +84,8 @@ def build_optimizer(
     relative_step=False, warmup_init=False`` with the given lr and weight
     decay, and its own (eps1, eps2) = (1e-30, 1e-3), no momentum and the
     1 - t^-0.8 second-moment schedule, so ``betas`` and ``eps`` do not apply
-    to it. ``error_feedback`` exists only for umtam.
+    to it. ``error_feedback`` and ``dense_embeddings`` (the embedding matrices
+    in a ``lowrank=False`` group: dense AdamW state for them) exist only for umtam.
 
     Raises:
         ConfigError: unknown name (listing the choices), an option the
@@ -87,7 +98,12 @@ def build_optimizer(
         raise ConfigError(f"unknown optimizer {name!r}", hint=hint)
     if error_feedback and key != "umtam":
         raise ConfigError(f"error_feedback is an option of the umtam optimizer, not {key!r}")
+    if dense_embeddings and key != "umtam":
+        raise ConfigError(f"dense_embeddings is an option of the umtam optimizer, not {key!r}")
+    named_parameters = list(named_parameters)
     groups = _decay_groups(named_parameters, weight_decay)
+    if dense_embeddings:
+        groups = _embeddings_apart(groups, named_parameters)
     adam_kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
     if eps is not None:
         adam_kwargs["eps"] = eps
