@@ -80,11 +80,9 @@ def load_tokenizer(source: ModelSource):
     # transformers 5 builds a BERT tokenizer from config.json alone when the vocabulary
     # files are missing: it loads, and maps every word to [UNK]. Refuse it here.
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
-        raise _load_error(source)(
-            f"cannot load model {source.reference!r}: its tokenizer has no vocabulary beyond its "
-            f"{len(tokenizer)} special tokens (tokenizer files missing from {source.location}?)",
-            hint=_LOAD_HINTS.get(source.origin, _LOAD_HINTS["directory"]),
-        )
+        raise _load_error(
+            source, f"cannot load model {source.reference!r}: its tokenizer has no vocabulary beyond its "
+                    f"{len(tokenizer)} special tokens (tokenizer files missing from {source.location}?)")
     return tokenizer
 
 
@@ -115,9 +113,11 @@ _LOAD_HINTS = {
 }
 
 
-def _load_error(source: ModelSource) -> type[ConfigError | CheckpointError]:
+def _load_error(source: ModelSource, message: str) -> ConfigError | CheckpointError:
+    """The error for a model that will not load, with the hint that fits where it came from."""
     # A bad --model is a usage error (exit 2); a damaged checkpoint is a data error (exit 1).
-    return CheckpointError if source.origin == "checkpoint" else ConfigError
+    error = CheckpointError if source.origin == "checkpoint" else ConfigError
+    return error(message, hint=_LOAD_HINTS.get(source.origin, _LOAD_HINTS["directory"]))
 
 
 def _from_pretrained(factory, source: ModelSource, **kwargs):
@@ -130,9 +130,8 @@ def _from_pretrained(factory, source: ModelSource, **kwargs):
         return factory.from_pretrained(source.location, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         where = "directory" if source.origin != "hub" else "hub id"
-        raise _load_error(source)(
-            f"cannot load model {source.reference!r} ({where} {source.location}): {first_line(exc, 300)}",
-            hint=_LOAD_HINTS.get(source.origin, _LOAD_HINTS["directory"]),
+        raise _load_error(
+            source, f"cannot load model {source.reference!r} ({where} {source.location}): {first_line(exc, 300)}"
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -331,7 +331,7 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
               context) -> RunRecord:
     import torch
 
-    from umtam import data, distributed, resume
+    from umtam import data, distributed
 
     model, optimizer, tracker, scheduler = parts.model, parts.optimizer, parts.tracker, parts.scheduler
     forward = distributed.wrap(model, context)  # DDP all-reduces the gradients during backward
@@ -369,8 +369,7 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
         else:  # the epoch ran out before the planned steps did
             position.next_epoch()
     progress("end", {"what": "train"})
-    if not resume.weights_finite(model):  # the last step's update has met no loss that would show it
-        raise _diverged(position.step, "weights hold NaN or inf", states, config)
+    _check_weights_finite(model, position.step, states, config)  # the last update has met no loss yet
     gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     losses = position.loss_curve
     seconds = timer.seconds_per_step()
@@ -389,12 +388,19 @@ def _optimizer_step(optimizer, step: int, states, config: TrainConfig) -> None:
         raise _diverged(step, f"the update overflowed float32 ({first_line(exc, 120)})", states, config) from exc
 
 
+def _check_weights_finite(model, step: int, states, config: TrainConfig) -> None:
+    """Weights a loss has not been computed on yet can hold NaN or inf unseen: stop as a divergence."""
+    from umtam import resume
+
+    if not resume.weights_finite(model):
+        raise _diverged(step, "weights hold NaN or inf", states, config)
+
+
 def _save_state(parts, log: _RunLog, states, timer: _StepTimer, progress) -> None:
     from umtam import resume
 
     # a NaN the loss has not shown yet must not become the "last good" state
-    if not resume.weights_finite(parts.model):
-        raise _diverged(log.position.step, "weights hold NaN or inf", states, log.config)
+    _check_weights_finite(parts.model, log.position.step, states, log.config)
     record, tensors = resume.capture(parts, log.position)
     saved = states.save({**record, **log.state_record(timer.seconds_per_step())}, tensors)
     progress("status", f"saved training state {saved.path}")
