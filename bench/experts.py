@@ -117,9 +117,7 @@ def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
     """
     best: dict[tuple[str, str], dict] = {}
     for row in sorted(results, key=lambda r: r["lr"]):
-        if row["optimizer"] in ("umtam", "galore", "mofasgd") and row["rank"] != rank:
-            continue
-        if is_variant(row):
+        if not is_candidate(row, rank):
             continue
         key = (row["task"], row["optimizer"])
         if key not in best or row["holdout_score"] > best[key]["holdout_score"]:
@@ -129,6 +127,16 @@ def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
 
 def is_variant(row: dict) -> bool:
     return any(row.get(v) for v in VARIANTS)
+
+
+def is_candidate(row: dict, rank: int = 8) -> bool:
+    """A run the lr choice may pick: not a variant, and at ``rank`` if the optimizer has one."""
+    return not is_variant(row) and (row["optimizer"] not in ("umtam", "galore", "mofasgd") or row["rank"] == rank)
+
+
+def dev_cells(row: dict) -> str:
+    """The dev metrics of a run, in points: '86.16 / 80.39'."""
+    return " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
 
 
 def quality_table(results: list[dict]) -> str:
@@ -141,9 +149,8 @@ def quality_table(results: list[dict]) -> str:
         if not (adamw and umtam):
             continue
         metric = " / ".join(adamw["dev"]["validation"])
-        show = lambda row: " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
-        lines.append(f"| {task} | {metric} | {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) | {show(adamw)} "
-                     f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) | {show(umtam)} "
+        lines.append(f"| {task} | {metric} | {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) | {dev_cells(adamw)} "
+                     f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) | {dev_cells(umtam)} "
                      f"| {100 * (umtam['dev_score'] - adamw['dev_score']):+.2f} |")
     return "\n".join(lines)
 
@@ -157,8 +164,7 @@ def short_lr(lr: float) -> str:
 def lr_grid_table(results: list[dict]) -> str:
     """The learning-rate sweep as a grid: holdout / dev score per task and (optimizer, lr); bold = chosen."""
     best = chosen(results)
-    candidates = [r for r in results if r["optimizer"] == "adamw"
-                  or (r["optimizer"] == "umtam" and r["rank"] == 8 and not is_variant(r))]
+    candidates = [r for r in results if r["optimizer"] in ("adamw", "umtam") and is_candidate(r)]
     columns = sorted({(r["optimizer"], r["lr"]) for r in candidates})
     tasks = sorted({r["task"] for r in candidates}, key=TASK_ORDER.index)
     label = {"adamw": "AdamW", "umtam": "UMTAM r=8"}
@@ -194,14 +200,14 @@ def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Pat
              "|---|---|---|---|---|---|"]
     for lr, rows in studied.items():
         for row in rows:
-            dev = " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
             final = sum(row["loss_curve"][-10:]) / len(row["loss_curve"][-10:])
-            lines.append(f"| {row['rank']} | {lr:g} | {100 * row['holdout_score']:.2f} | {dev} "
+            lines.append(f"| {row['rank']} | {lr:g} | {100 * row['holdout_score']:.2f} | {dev_cells(row)} "
                          f"| {100 * row['dev_score']:.2f} | {final:.4f} |")
     # The picture: the lr with the most ranks, the r=8 holdout choice on a tie.
-    chosen_lr = chosen(results).get((task, "umtam"), {}).get("lr")
+    best = chosen(results)
+    chosen_lr = best.get((task, "umtam"), {}).get("lr")
     plot_lr = max(studied, key=lambda lr: (len(studied[lr]), lr == chosen_lr))
-    _rank_plot(studied[plot_lr], plot_lr, chosen(results).get((task, "adamw")), task, out)
+    _rank_plot(studied[plot_lr], plot_lr, best.get((task, "adamw")), task, out)
     return "\n".join(lines)
 
 
