@@ -117,8 +117,11 @@ def worker_build(spec: dict) -> dict:
     """Write the synthetic input checkpoints (or keep cached ones built from the same recipe)."""
     import torch
 
-    from umtam import __version__, checkpoint, data, models
-    from umtam.train import hf_files
+    from umtam import __version__, checkpoint, models
+    from umtam.base_model import base_record
+    from umtam.heads import encoder_tensors
+    from umtam.hf_interop import hf_files
+    from umtam.tasks import get_task
 
     source = models.resolve_model(spec["model"])
     recipe = {"model": source.location, "init_seed": spec["init_seed"], "std": spec["std"],
@@ -131,7 +134,7 @@ def worker_build(spec: dict) -> dict:
     torch.manual_seed(spec["init_seed"])
     model = models.load_classifier(source, num_labels=2)
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    base = models.base_record(source, models.encoder_tensors(state), init_seed=spec["init_seed"])
+    base = base_record(source, encoder_tensors(state), init_seed=spec["init_seed"])
     parameters = dict(model.named_parameters())
     extra_files = hf_files(model, tokenizer)
     for index, (task, path) in enumerate(paths.items()):
@@ -142,7 +145,7 @@ def worker_build(spec: dict) -> dict:
         sidecar = {
             "kind": "train",
             "umtam_version": __version__,
-            "tasks": {task: {"label_names": list(data.get_task(task).label_names), "is_regression": False,
+            "tasks": {task: {"label_names": list(get_task(task).label_names), "is_regression": False,
                              "metrics": {}}},
             "base_model": base,
             "stats": {"beta2": 0.999, "bias_corrected": True, "tracked_steps": 0},
@@ -162,7 +165,7 @@ def _cached(path: Path, recipe: dict) -> bool:
         found = load_checkpoint(path, verify=True)
     except UmtamError:
         return False
-    synthetic = dict(found.sidecar.get("synthetic", {}))
+    synthetic = dict(found.sidecar.as_json().get("synthetic", {}))
     synthetic.pop("note", None)
     return synthetic == recipe
 
@@ -171,7 +174,7 @@ def _perturbed(key, value, std, density, generator):
     """W0 + T for encoder floating tensors (T Gaussian, a `density` fraction nonzero); heads and buffers as is."""
     import torch
 
-    from umtam.models import is_head_key
+    from umtam.heads import is_head_key
 
     if is_head_key(key) or not value.is_floating_point():
         return value
@@ -276,10 +279,10 @@ def worker_base_rebuild(spec: dict) -> dict:
     import torch  # noqa: F401
 
     import umtam.merge  # noqa: F401
+    from umtam.base_model import load_base_encoder
     from umtam.checkpoint import load_checkpoint
-    from umtam.models import load_base_encoder
 
-    record = load_checkpoint(spec["inputs"][0], verify=False).sidecar["base_model"]
+    record = load_checkpoint(spec["inputs"][0], verify=False).sidecar.base_model
     start = time.perf_counter()
     base = load_base_encoder(record)
     seconds = time.perf_counter() - start

@@ -60,8 +60,8 @@ def merge_and_score(experts, method, options, args) -> dict:
         merge_seconds = time.perf_counter() - started
         ckpt = load_checkpoint(merged.path)
         common = dict(data_dir=args.data_dir, max_eval_samples=EVAL_CAP, seed=42)
-        holdout = evaluate_checkpoint(ckpt, "glue", holdout_fraction=HOLDOUT, **common)
-        dev = evaluate_checkpoint(ckpt, "glue", **common)
+        holdout = evaluate_checkpoint(ckpt, task="glue", holdout_fraction=HOLDOUT, **common)
+        dev = evaluate_checkpoint(ckpt, task="glue", **common)
     return {"method": method, "options": options, "experts": [str(e) for e in experts],
             "merge_seconds": merge_seconds, "holdout": holdout, "dev": dev,
             "holdout_avg": mean(r["score"] for r in holdout.values()),
@@ -118,19 +118,24 @@ def on_chosen(entries, results_name: str) -> list[tuple[str, dict]]:
 
 
 def load_sweep(path: str) -> dict:
-    from umtam.config import load_recipe
-    from umtam.errors import ConfigError
+    """The sweep recipe through umtam's loader (unknown keys, types), every grid point's options checked."""
+    from typing import Any
+
+    from umtam.config import Schema, build_config, load_recipe, option
     from umtam.merge import get_method
 
-    recipe = load_recipe(path)
-    unknown = sorted(set(recipe) - {"name", "experts", "grid", "refine", "chosen_from"})
-    missing = sorted({"name", "experts", "grid"} - set(recipe))
-    if unknown or missing:
-        raise ConfigError(f"{path}: unknown keys {unknown}, missing keys {missing}")
-    recipe = {"refine": {}, **recipe}
-    for method, options in expand_grid(recipe["grid"]):
+    class MergeSweep(Schema):
+        name: str = option(help="Results subfolder under bench/results/merges/.")
+        experts: list[str] = option(help="Expert checkpoint directories.")
+        grid: dict[str, Any] = option(help="method -> {option: value or [values]} (or a list of such).")
+        refine: dict[str, list[Any]] = option(default_factory=dict, help="option -> values swept next "
+                                                                          "around each method's holdout-best.")
+        chosen_from: str | None = option(None, help="Start each entry from its method's choice in this set.")
+
+    sweep = build_config(MergeSweep, load_recipe(path), source=str(path)).model_dump()
+    for method, options in expand_grid(sweep["grid"]):
         get_method(method).resolve_options(options)  # unknown methods, names and bad values raise
-    return recipe
+    return sweep
 
 
 def refine_entries(name: str, grid: dict, refine: dict) -> list[tuple[str, dict]]:
@@ -152,7 +157,7 @@ def refine_entries(name: str, grid: dict, refine: dict) -> list[tuple[str, dict]
 def _method_options(method: str):
     from umtam.merge import get_method
 
-    return get_method(method).all_options()
+    return [info.key for info in get_method(method).options.options().values()]
 
 
 def run_entries(experts: list[Path], entries, out: Path, args) -> None:

@@ -121,18 +121,19 @@ def interleaved_step_times(rows, args) -> dict[str, float]:
 
     import torch
 
-    from umtam import data, models
-    from umtam.optim import build_optimizer
+    from umtam import batching, data, models
+    from umtam.optim import OPTIMIZERS, build_optimizer
     from umtam.optim.tracker import CurvatureTracker
-    from umtam.train import DEFAULT_LR, seed_everything
+    from umtam.tasks import get_task
+    from umtam.train import seed_everything
 
     seed_everything(args.seed)
-    spec = data.get_task(args.task)
+    spec = get_task(args.task)
     task_data = data.load_task(spec.name, data_dir=args.data_dir, seed=args.seed)
     source = models.resolve_model(None)
     tokenizer = models.load_tokenizer(source)
-    features = data.encode(task_data.train, tokenizer, args.max_length)
-    batches = list(data.iter_batches(features, args.batch_size, pad_token_id=tokenizer.pad_token_id,
+    features = batching.encode(task_data.train, tokenizer, args.max_length)
+    batches = list(batching.iter_batches(features, args.batch_size, pad_token_id=tokenizer.pad_token_id,
                                      seed=args.seed, epoch=0))[: args.interleaved + 1]
     runners = []
     for row in rows:
@@ -140,7 +141,7 @@ def interleaved_step_times(rows, args) -> dict[str, float]:
         model = models.load_classifier(source, num_labels=spec.num_labels, label_names=spec.label_names)
         model.train()
         optimizer = build_optimizer(row["optimizer"], list(model.named_parameters()),
-                                    lr=row["lr"] or DEFAULT_LR[row["optimizer"]], rank=row.get("rank", 8),
+                                    lr=row["lr"] or OPTIMIZERS.get(row["optimizer"]).default_lr, rank=row.get("rank", 8),
                                     weight_decay=0.01)
         tracker = CurvatureTracker(model.named_parameters(), beta2=0.999, optimizer=optimizer)
         runners.append((row["label"], model, optimizer, tracker))

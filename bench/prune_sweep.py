@@ -25,26 +25,24 @@ from pathlib import Path
 RESULTS = Path("bench/results/prune")
 EXPERT_RESULTS = Path("bench/results/experts")
 PLOT = Path("bench/results/prune_sweep.png")
-RECIPE_KEYS = {"experts", "scores", "keeps", "scope", "runs_dir", "max_eval_samples"}
-
-
 def load_sweep(path: str | Path) -> dict:
-    """The sweep recipe, checked: unknown keys, empty lists and keeps outside (0, 1] are refused."""
-    from umtam.config import load_recipe
-    from umtam.errors import ConfigError
+    """The sweep recipe through umtam's loader: unknown keys, unknown scores and keeps outside (0, 1] refused."""
+    from typing import Annotated, Literal
 
-    recipe = load_recipe(path)
-    unknown = sorted(set(recipe) - RECIPE_KEYS)
-    missing = sorted({"experts", "scores", "keeps"} - set(recipe))
-    if unknown or missing:
-        raise ConfigError(f"{path}: unknown keys {unknown}, missing keys {missing}")
-    if not all(0 < float(keep) <= 1 for keep in recipe["keeps"]):
-        raise ConfigError(f"{path}: every keep must be in (0, 1], got {recipe['keeps']}")
-    from umtam.saliency import get_score
+    from pydantic import Field
 
-    for score in recipe["scores"]:
-        get_score(score)
-    return {"scope": "global", "runs_dir": "runs/experts", "max_eval_samples": 2000, **recipe}
+    from umtam.config import Schema, build_config, load_recipe, option, registered
+    from umtam.scores import SCORES
+
+    class PruneSweep(Schema):
+        experts: list[str] = option(min_length=1, help="Expert run names under runs_dir.")
+        scores: list[Annotated[str, registered(SCORES)]] = option(min_length=1, help="Saliency scores.")
+        keeps: list[Annotated[float, Field(gt=0, le=1)]] = option(min_length=1, help="Fractions kept.")
+        scope: Literal["global", "tensor"] = option("global", help="Threshold over all 2-D weights or per tensor.")
+        runs_dir: str = option("runs/experts", help="Where the experts were written.")
+        max_eval_samples: int = option(2000, ge=1, help="Dev rows scored per task.")
+
+    return build_config(PruneSweep, load_recipe(path), source=str(path)).model_dump()
 
 
 def point_path(expert: str, score: str, keep: float) -> Path:
@@ -61,7 +59,7 @@ def prune_and_score(checkpoint_dir: Path, score: str, keep: float, sweep: dict, 
         pruned, report = write_pruned(checkpoint_dir, Path(scratch) / "pruned", keep=keep, score=score,
                                       scope=sweep["scope"])
         prune_seconds = time.perf_counter() - started
-        (task, result), = evaluate_checkpoint(load_checkpoint(pruned.path), "glue", data_dir=data_dir,
+        (task, result), = evaluate_checkpoint(load_checkpoint(pruned.path), task="glue", data_dir=data_dir,
                                               max_eval_samples=sweep["max_eval_samples"], seed=42).items()
     return {"expert": checkpoint_dir.name, "task": task, "score": score, "keep": keep, "scope": sweep["scope"],
             "kept_fraction": report.kept_fraction, "prune_seconds": prune_seconds,

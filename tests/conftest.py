@@ -18,6 +18,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = Path(os.environ.get("UMTAM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (deselected by default)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~3 s on 2 cores; runs only with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --slow, deselect (not skip) the slow tests, so the summary counts them as deselected."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+        config.hook.pytest_deselected(items=slow)
+
+
 def build_tiny_model_dir(directory: Path) -> Path:
     """Save a 2-layer BERT (a few thousand parameters) and its tokenizer to ``directory``."""
     import torch

@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import torch
 
-from umtam.checkpoint import MODEL_FILE, SAFETENSORS_DTYPES, SIDECAR_FILE, STATS_FILE, load_checkpoint, write_checkpoint
+from umtam.checkpoint import MODEL_FILE, SIDECAR_FILE, STATS_FILE, load_checkpoint, write_checkpoint
+from umtam.safetensors_io import TORCH_DTYPES as SAFETENSORS_DTYPES
 from umtam.errors import UmtamError
 
 TARGETS = ("sidecar", "model", "stats")
@@ -277,12 +278,12 @@ def sidecar_variants(seed_dir: Path) -> dict[str, dict]:
 
 def inspect_sidecar(seed_dir: Path, sidecar: Any) -> None:
     """What inspect does with a sidecar (validate, summarise, draw), without writing it to disk."""
-    from umtam.checkpoint import Checkpoint, validate_sidecar
+    from umtam.checkpoint import Checkpoint
+    from umtam.sidecar import validate_sidecar
     from umtam.summary import summarize
     from umtam_cli.cmd_inspect import render_summary
 
-    validate_sidecar(sidecar, seed_dir / SIDECAR_FILE)
-    summary = summarize(Checkpoint(seed_dir, sidecar))
+    summary = summarize(Checkpoint(seed_dir, validate_sidecar(sidecar, seed_dir / SIDECAR_FILE)))
     with contextlib.redirect_stdout(io.StringIO()):
         render_summary(summary)
 

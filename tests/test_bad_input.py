@@ -95,8 +95,8 @@ def variant(source: Path, output: Path, edit: Callable[[dict], object]) -> None:
     ckpt = load_checkpoint(source)
     tensors = ckpt.load_tensors()
     edit(tensors)
-    sidecar = {k: v for k, v in ckpt.sidecar.items() if k not in ("schema_version", "files")}
-    sidecar["tasks"] = {"rte": ckpt.sidecar["tasks"]["mrpc"]}
+    sidecar = {k: v for k, v in ckpt.sidecar.as_json().items() if k not in ("schema_version", "files")}
+    sidecar["tasks"] = {"rte": sidecar["tasks"]["mrpc"]}
     write_checkpoint(output, tensors=tensors, sidecar=sidecar,
                      extra_files={"config.json": (source / "config.json").read_bytes()})
 
@@ -428,12 +428,6 @@ def test_bad_input(env, args, code, names, build):
     assert snapshot(env.ws) == before
 
 
-def test_the_matrix_covers_every_subcommand_several_times():
-    commands = [param.values[0][0] for param in CASES]
-    assert sorted(set(commands)) == ["eval", "inspect", "merge", "prune", "train"]
-    assert min(commands.count(command) for command in set(commands)) >= 5 and len(CASES) >= 25
-
-
 # ----------------------------------------------------------------------------- --force, and the real process
 
 
@@ -469,6 +463,7 @@ def test_the_installed_command_prints_one_line_too(env):
     result = subprocess.run([sys.executable, "-m", "umtam_cli", "inspect", str(env.a)], capture_output=True,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "default"})
     assert result.returncode == 1 and result.stdout == ""
+    # "this is " read as the header length is far above the binding's 100 MB cap
     assert result.stderr.splitlines() == [
         f"umtam: error: {env.a}/model.safetensors: not a readable safetensors file "
-        f"(header length {int.from_bytes(b'this is ', 'little')} exceeds the 22 bytes that follow it)"]
+        f"(Error while deserializing header: header too large)"]

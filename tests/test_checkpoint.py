@@ -29,9 +29,9 @@ def test_round_trip_records_hashes_and_loads(tmp_path):
     written = write(tmp_path / "ckpt")
     loaded = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert loaded.sidecar == written.sidecar
-    assert loaded.sidecar["schema_version"] == 1
-    assert sorted(loaded.sidecar["files"]) == ["config.json", "model.safetensors", "stats.safetensors"]
-    assert loaded.sidecar["files"]["config.json"]["sha256"] == (
+    assert loaded.sidecar.as_json()["schema_version"] == 1
+    assert sorted(loaded.sidecar.as_json()["files"]) == ["config.json", "model.safetensors", "stats.safetensors"]
+    assert loaded.sidecar.as_json()["files"]["config.json"]["sha256"] == (
         "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"  # sha256(b"{}")
     )
     assert torch.equal(loaded.load_tensors()["w"], torch.arange(6.0).reshape(2, 3))
@@ -87,7 +87,7 @@ def edit_sidecar(path, edit):
         (lambda s: s.pop("kind"), "missing field"),
         (lambda s: s.update(schema_version=2), "newer than this umtam"),
         (lambda s: s.update(schema_version="1"), "must be an integer"),
-        (lambda s: s.update(kind="bake"), "kind 'bake'"),
+        (lambda s: s.update(kind="bake"), "kind must be one of train, prune, merge, got 'bake'"),
         (lambda s: s.update(tasks={}), "non-empty"),
         (lambda s: s["files"].update({"../escape": {"sha256": "0"}}), "outside the checkpoint"),
         (lambda s: s["files"].update({"/etc/passwd": {"sha256": "0"}}), "outside the checkpoint"),
@@ -122,10 +122,3 @@ def test_garbage_weights_are_a_checkpoint_error_when_read(tmp_path):
     loaded = checkpoint.load_checkpoint(tmp_path / "ckpt", verify=False)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         loaded.load_tensors()
-
-
-def test_head_keys_round_trip():
-    key = checkpoint.head_key("mrpc", "classifier.weight")
-    assert key == "heads/mrpc/classifier.weight"
-    assert checkpoint.split_head_key(key) == ("mrpc", "classifier.weight")
-    assert checkpoint.split_head_key("bert.pooler.dense.weight") is None

@@ -11,11 +11,6 @@ given prefix:
              fsynced) is on disk; nothing is renamed yet
     swap     an existing output was moved aside, the new one is not yet in place
              (a write that swaps atomically has no such point and finishes)
-
-Some checks need changes to umtam/checkpoint.py that are proposed, not yet
-made (``NEEDS``); they are expected to fail (strict xfail) only while the
-function that brings the change is missing, so they turn into plain tests once
-it lands.
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import torch
 
 from cli_runner import run_cli
 from tiny_checkpoints import build_family
-from umtam import checkpoint, resume
+from umtam import resume
 from umtam.checkpoint import Checkpoint, load_checkpoint
 from umtam.errors import CheckpointError
 from umtam.train import TrainConfig, train
@@ -73,20 +68,6 @@ elif point == "swap":
 from umtam_cli.main import main
 main(sys.argv[1:])
 """
-
-# what is missing -> (the function that brings it, what it does)
-NEEDS = {
-    "no-load": ("is_write_leftover", "load_checkpoint refuses a '.<name>.tmp-*' / '.<name>.old-*' leftover"),
-    "exchange": ("_exchange", "an existing output is replaced by one atomic renameat2(RENAME_EXCHANGE)"),
-    "cleanup": ("remove_dead_leftovers", "write_checkpoint removes the staging leftovers of dead processes"),
-}
-
-
-def needs_checkpoint_change(request, what: str) -> None:
-    function, change = NEEDS[what]
-    if not hasattr(checkpoint, function):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"needs umtam/checkpoint.py: {change}"))
-
 
 @dataclass
 class Killed:
@@ -174,7 +155,9 @@ def expert_paths(family) -> list[str]:
     return [str(expert.path) for expert in family.experts.values()]
 
 
-CASES = ["train_killed_in_payload", "prune_killed_in_swap", "merge_killed_in_payload", "merge_killed_when_sealed"]
+# Killing a training run costs a whole subprocess training (~7 s on 2 cores) before its three tests run.
+CASES = [pytest.param("train_killed_in_payload", marks=pytest.mark.slow), "prune_killed_in_swap",
+         "merge_killed_in_payload", "merge_killed_when_sealed"]
 
 
 @pytest.fixture(params=CASES)
@@ -182,9 +165,7 @@ def case(request) -> Killed:
     return request.getfixturevalue(request.param)
 
 
-def test_the_output_is_the_old_one_or_absent(case, request):
-    if case.killed and case.before is not None and not case.out.exists():
-        needs_checkpoint_change(request, "exchange")  # killed between the two renames of a --force write
+def test_the_output_is_the_old_one_or_absent(case):
     if not case.killed:  # the write swapped atomically and finished
         assert loads(case.out) and snapshot(case.out) != case.before
     elif case.before is None:
@@ -200,14 +181,11 @@ def test_leftovers_are_hidden_and_named_temporary(case):
     assert [path for path in case.out.parent.iterdir() if path != case.out and path not in found] == []
 
 
-def test_leftovers_never_load_as_checkpoints(case, request):
-    if any((path / "umtam.json").is_file() for path in leftovers(case.out)):
-        needs_checkpoint_change(request, "no-load")  # a sealed staging (or retired) directory loads today
+def test_leftovers_never_load_as_checkpoints(case):
     assert [path.name for path in leftovers(case.out) if loads(path)] == []
 
 
-def test_the_next_write_removes_dead_leftovers(merge_killed_in_payload, family, request):
-    needs_checkpoint_change(request, "cleanup")
+def test_the_next_write_removes_dead_leftovers(merge_killed_in_payload, family):
     out = merge_killed_in_payload.out
     code, _, stderr = run_cli("merge", *expert_paths(family), "-o", str(out), "--quiet")
     assert code == 0, stderr
@@ -217,6 +195,7 @@ def test_the_next_write_removes_dead_leftovers(merge_killed_in_payload, family, 
 # ----------------------------------------------------------------------------- periodic training states
 
 
+@pytest.mark.slow
 def test_a_kill_while_writing_a_state_resumes_from_the_previous_one(tmp_path, tiny_model_dir, glue_dir):
     out, state_dir = tmp_path / "run", tmp_path / "run-state"
     options = ["--task", "mrpc", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir), "--max-steps", "6",
@@ -239,6 +218,6 @@ def test_a_kill_while_writing_a_state_resumes_from_the_previous_one(tmp_path, ti
         torch.set_num_threads(before)
     assert not leftover.exists()  # the resumed run cleaned its state directory
     resumed = load_checkpoint(out)
-    assert resumed.sidecar["training"]["resumed"][0]["step"] == 2
+    assert resumed.sidecar.as_json()["training"]["resumed"][0]["step"] == 2
     a, b = Checkpoint.load_tensors(reference), resumed.load_tensors()
     assert all(torch.equal(a[key], b[key]) for key in a)

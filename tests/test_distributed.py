@@ -81,6 +81,7 @@ def _run(command, tmp_path):
 WEIGHT_ATOL = {"adamw": 1e-6, "umtam": 1e-3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["umtam", "adamw"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(optimizer, tmp_path, tiny_model_dir,
                                                                      glue_dir):
@@ -108,6 +109,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(optimizer, 
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
+@pytest.mark.slow  # where accelerate and mpirun exist: two launches, as long as the gloo case's
 def test_accelerate_launch_through_mpirun_on_cpu(tmp_path, tiny_model_dir, glue_dir):
     """accelerate's multi-CPU mode starts ranks with mpirun (MPI variables, not torchrun's).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from umtam import data, metrics
+from umtam import batching, data, metrics
 from umtam.evaluate import evaluate_model
 
 
@@ -14,7 +14,7 @@ def one_at_a_time(model, features, task):
     predictions = []
     with torch.inference_mode():
         for feature in features:
-            batch = data.collate([feature], pad_token_id=0)
+            batch = batching.collate([feature], pad_token_id=0)
             batch.pop("labels")
             logits = model.eval()(**batch).logits.float()
             predictions.append(logits.squeeze(-1).item() if logits.shape[-1] == 1 else logits.argmax(-1).item())
@@ -40,7 +40,7 @@ def test_sorted_batches_score_what_single_examples_score(task, num_labels, tiny_
     examples = data.load_task(task, data_dir=glue_dir).train
     # the fixture's sentences are all about as long: cut them to many lengths, so batches really pad
     features = [{key: value[:4 + (7 * i) % 12] if isinstance(value, list) else value for key, value in f.items()}
-                for i, f in enumerate(data.encode(examples, tokenizer, max_length=32))]
+                for i, f in enumerate(batching.encode(examples, tokenizer, max_length=32))]
     lengths = [len(f["input_ids"]) for f in features]
     assert len(set(lengths)) > 3 and lengths != sorted(lengths, reverse=True)  # sorting really regroups
     expected, predictions = one_at_a_time(model, features, task)

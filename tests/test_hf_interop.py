@@ -18,7 +18,8 @@ from umtam import data, metrics
 from umtam.checkpoint import load_checkpoint
 from umtam.evaluate import build_task_model, evaluate_checkpoint
 from umtam.hf_interop import open_plain_hf, task_configs
-from umtam.models import encoder_tensors, load_base_encoder
+from umtam.base_model import load_base_encoder
+from umtam.heads import encoder_tensors
 
 MAX_LENGTH = 32
 
@@ -118,17 +119,17 @@ def test_trained_and_pruned_checkpoints_load_in_transformers_and_score_the_same(
     assert torch.allclose(their_logits, logits_of(ours, batch), atol=1e-5, rtol=0)
     assert theirs.config.id2label == {0: "not_equivalent", 1: "equivalent"}
 
-    measured = evaluate_checkpoint(checkpoint, "mrpc", data_dir=glue_dir, max_length=MAX_LENGTH)
+    measured = evaluate_checkpoint(checkpoint, task="mrpc", data_dir=glue_dir, max_length=MAX_LENGTH)
     assert hf_metrics("mrpc", their_logits, examples) == measured["mrpc"]["splits"]["validation"]
     if which == "trained":  # a pruned sidecar keeps its input's metrics; eval measures the pruned model
-        assert measured["mrpc"]["splits"]["validation"] == checkpoint.tasks["mrpc"]["metrics"]["validation"]
+        assert measured["mrpc"]["splits"]["validation"] == checkpoint.tasks["mrpc"].as_json()["metrics"]["validation"]
 
 
 def test_the_pruned_checkpoint_is_not_the_trained_one(trained, pruned):
     before, after = trained.load_tensors(), pruned.load_tensors()
     assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
                            after["bert.encoder.layer.0.attention.self.query.weight"])
-    assert pruned.sidecar["lineage"]["kept_fraction"] == pytest.approx(0.3, abs=0.01)
+    assert pruned.sidecar.as_json()["lineage"]["kept_fraction"] == pytest.approx(0.3, abs=0.01)
 
 
 # ----------------------------------------------------------------------------- merged
@@ -139,10 +140,10 @@ def test_merged_checkpoint_loads_each_task_head_with_the_documented_two_lines(me
 
     tokenizer = AutoTokenizer.from_pretrained(merged.path)
     tensors = merged.load_tensors()
-    measured = evaluate_checkpoint(merged, "glue", data_dir=glue_dir, max_length=MAX_LENGTH)
+    measured = evaluate_checkpoint(merged, task="glue", data_dir=glue_dir, max_length=MAX_LENGTH)
     for task in ("sst2", "mrpc"):
         theirs = load_task_head(merged.path, task)
-        assert theirs.config.id2label == dict(enumerate(merged.tasks[task]["label_names"]))
+        assert theirs.config.id2label == dict(enumerate(merged.tasks[task].as_json()["label_names"]))
         assert torch.equal(theirs.classifier.weight, tensors[f"heads/{task}/classifier.weight"])
         examples = dev_examples(task, glue_dir)
         batch = hf_batch(tokenizer, examples)
@@ -188,7 +189,7 @@ def test_task_configs_carry_labels_and_regression(tmp_path):
 
 def test_plain_input_merges_like_a_checkpoint_with_ties(merged, plain_sst2, trained, tiny_model_dir):
     plain = open_plain_hf(plain_sst2, "sst2")
-    base = load_base_encoder(trained.sidecar["base_model"], override=str(tiny_model_dir))
+    base = load_base_encoder(trained.sidecar.as_json()["base_model"], override=str(tiny_model_dir))
     expected = in_memory_merge([plain, trained], "ties", {}, base)
     tensors = merged.load_tensors()
     assert expected.keys() == {key for key in tensors if not key.startswith("heads/")}
@@ -202,14 +203,14 @@ def test_plain_input_merges_like_a_checkpoint_with_ties(merged, plain_sst2, trai
 
 
 def test_plain_input_is_recorded_in_the_lineage(merged, plain_sst2, trained):
-    sidecar = merged.sidecar
+    sidecar = merged.sidecar.as_json()
     first, second = sidecar["lineage"]["inputs"]
     assert first["format"] == "huggingface" and first["tasks"] == ["sst2"]
     assert first["base_check"]["fingerprint"] is False
     # the base's weights are drawn with std 0.02 and the noise has std 0.002
     assert first["base_check"]["relative_distance"] == pytest.approx(0.1, rel=0.1)
     assert "format" not in second
-    assert sidecar["base_model"] == trained.sidecar["base_model"]
+    assert sidecar["base_model"] == trained.sidecar.as_json()["base_model"]
     assert sidecar["tasks"]["sst2"]["label_names"] == ["negative", "positive"]
     assert sidecar["tasks"]["sst2"]["expert_metrics"] == {}
     assert {"config.json", "config.sst2.json", "config.mrpc.json", "tokenizer.json"} <= set(sidecar["files"])
@@ -224,8 +225,8 @@ def test_merge_of_plain_inputs_only_takes_its_base_record_from_base(tmp_path, ti
     assert code == 0, stderr
     merged = load_checkpoint(out)
     # the same fingerprint umtam train recorded for this base: later prunes and merges find and check it
-    assert merged.sidecar["base_model"]["fingerprint"] == trained.sidecar["base_model"]["fingerprint"]
-    assert "tokenizer.json" in merged.sidecar["files"]  # neither input has one: taken from --base
+    assert merged.sidecar.as_json()["base_model"]["fingerprint"] == trained.sidecar.as_json()["base_model"]["fingerprint"]
+    assert "tokenizer.json" in merged.sidecar.as_json()["files"]  # neither input has one: taken from --base
     code, stdout, stderr = run_cli("eval", str(out), "--task", "glue", "--data-dir", str(glue_dir),
                                    "--max-length", str(MAX_LENGTH), "--json")
     assert code == 0, stderr
@@ -235,7 +236,7 @@ def test_merge_of_plain_inputs_only_takes_its_base_record_from_base(tmp_path, ti
 def test_task_name_comes_from_finetuning_task(tmp_path, tiny_model_dir):
     plain = open_plain_hf(save_plain_model(tmp_path / "p", tiny_model_dir, seed=3, finetuning_task="SST-2"))
     assert list(plain.tasks) == ["sst2"]
-    assert plain.stats_file is None and plain.sidecar["format"] == "huggingface"
+    assert plain.stats_file is None and plain.sidecar.as_json()["format"] == "huggingface"
 
 
 @pytest.mark.parametrize("method, extra", [("umtam", []), ("fisher", []), ("ota", [])])
@@ -315,5 +316,5 @@ def test_trained_statistics_use_the_documented_names_and_shapes(trained):
             expected[f"exp_avg_sq/{name}"] = tuple(tensor.shape)
     assert {key: tuple(value.shape) for key, value in stats.items()} == expected
     assert all(bool((value >= 0).all()) and value.dtype == torch.float32 for value in stats.values())
-    assert trained.sidecar["stats"] == {"beta2": 0.999, "bias_corrected": True,
-                                        "tracked_steps": trained.sidecar["steps"]}
+    assert trained.sidecar.as_json()["stats"] == {"beta2": 0.999, "bias_corrected": True,
+                                        "tracked_steps": trained.sidecar.as_json()["steps"]}

@@ -12,7 +12,8 @@ from tiny_checkpoints import build_family, fake_stats, tiny_model
 from umtam.checkpoint import load_checkpoint, write_checkpoint
 from umtam.errors import CheckpointError, ConfigError, MergeError
 from umtam.merge import TensorGroup, get_method, merge_checkpoints, merge_tensors, plan
-from umtam.models import encoder_tensors, load_base_encoder
+from umtam.base_model import load_base_encoder
+from umtam.heads import encoder_tensors
 from umtam.saliency import tensor_threshold
 
 TASKS = ("mrpc", "sst2", "mnli")
@@ -105,18 +106,18 @@ def test_output_checkpoint_heads_sidecar_and_files(family, experts, tmp_path):
     assert tensors["heads/mnli/classifier.weight"].shape == (3, 8)
     assert not any(key.startswith("classifier.") for key in tensors)
 
-    sidecar = load_checkpoint(merged.path).sidecar
+    sidecar = load_checkpoint(merged.path).sidecar.as_json()
     assert sidecar["kind"] == "merge"
     assert set(sidecar["tasks"]) == set(TASKS)
-    assert sidecar["tasks"]["sst2"]["expert_metrics"] == experts[1].tasks["sst2"]["metrics"]
+    assert sidecar["tasks"]["sst2"]["expert_metrics"] == experts[1].tasks["sst2"].as_json()["metrics"]
     assert sidecar["tasks"]["sst2"]["label_names"] == ["l0", "l1"]
     lineage = sidecar["lineage"]
     assert [item["sha256"] for item in lineage["inputs"]] == [
-        c.sidecar["files"]["model.safetensors"]["sha256"] for c in experts]
+        c.sidecar.as_json()["files"]["model.safetensors"]["sha256"] for c in experts]
     assert [item["tasks"] for item in lineage["inputs"]] == [[t] for t in TASKS]
     assert lineage["method"] == "ties" and lineage["options"]["keep"] == 0.2
     assert set(lineage["thresholds"]) == set(TASKS)
-    assert sidecar["base_model"] == experts[0].sidecar["base_model"]
+    assert sidecar["base_model"] == experts[0].sidecar.as_json()["base_model"]
     for name in ("config.json", "vocab.txt"):
         assert (merged.path / name).read_bytes() == (experts[0].path / name).read_bytes()
     assert not (merged.path / "stats.safetensors").exists()
@@ -141,8 +142,8 @@ def test_merged_input_carries_its_heads_and_expert_metrics(family, experts, tmp_
     for task, checkpoint in zip(TASKS, experts):
         own_head = checkpoint.load_tensors()["classifier.weight"]
         assert torch.equal(tensors[f"heads/{task}/classifier.weight"], own_head)
-    assert again.tasks["mrpc"]["expert_metrics"] == experts[0].tasks["mrpc"]["metrics"]
-    assert again.sidecar["lineage"]["inputs"][0]["tasks"] == ["mrpc", "sst2"]
+    assert again.tasks["mrpc"].as_json()["expert_metrics"] == experts[0].tasks["mrpc"].as_json()["metrics"]
+    assert again.sidecar.as_json()["lineage"]["inputs"][0]["tasks"] == ["mrpc", "sst2"]
 
 
 def test_different_bases_are_refused_naming_paths_and_fingerprints(family, experts, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from tiny_checkpoints import build_family
 from umtam.checkpoint import load_checkpoint
 from umtam.errors import CheckpointError, ConfigError
-from umtam.models import is_head_key
+from umtam.heads import is_head_key
 from umtam.prune import prunable_names, prune_checkpoint, write_pruned
 from umtam.saliency import keep_count, score, tensor_threshold
 
@@ -108,14 +108,14 @@ def test_written_checkpoint_sidecar_lineage_and_files(expert, tmp_path):
     reloaded = load_checkpoint(written.path)
     assert reloaded.kind == "prune"
     # The expert's scores describe the unpruned weights: kept as expert_metrics, metrics left for eval.
-    (task, record), = expert.tasks.items()
-    assert reloaded.tasks[task] == {**{k: v for k, v in record.items() if k != "metrics"},
-                                    "metrics": {}, "expert_metrics": record["metrics"]}
-    assert reloaded.sidecar["base_model"] == expert.sidecar["base_model"]
-    assert reloaded.sidecar["optimizer"] == expert.sidecar["optimizer"]
-    lineage = reloaded.sidecar["lineage"]
+    (task, record), = ((name, task.as_json()) for name, task in expert.tasks.items())
+    assert reloaded.tasks[task].as_json() == {**{k: v for k, v in record.items() if k != "metrics"},
+                                              "metrics": {}, "expert_metrics": record["metrics"]}
+    assert reloaded.sidecar.as_json()["base_model"] == expert.sidecar.as_json()["base_model"]
+    assert reloaded.sidecar.as_json()["optimizer"] == expert.sidecar.as_json()["optimizer"]
+    lineage = reloaded.sidecar.as_json()["lineage"]
     assert lineage["inputs"] == [{"path": str(expert.path.resolve()),
-                                  "sha256": expert.sidecar["files"]["model.safetensors"]["sha256"]}]
+                                  "sha256": expert.sidecar.as_json()["files"]["model.safetensors"]["sha256"]}]
     assert lineage["method"] == {"keep": 0.2, "score": "curvature", "scope": "tensor"}
     assert lineage["kept_fraction"] == report.kept_fraction and lineage["threshold"] is None
     for name in ("config.json", "vocab.txt"):
@@ -131,4 +131,4 @@ def test_pruning_a_pruned_checkpoint_keeps_the_original_experts_scores(expert, t
     once, _ = write_pruned(expert, tmp_path / "once", keep=0.5)
     twice, _ = write_pruned(once, tmp_path / "twice", keep=0.2)
     (task, record), = expert.tasks.items()
-    assert load_checkpoint(twice.path).tasks[task]["expert_metrics"] == record["metrics"]
+    assert load_checkpoint(twice.path).tasks[task].as_json()["expert_metrics"] == record.metrics

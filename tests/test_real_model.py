@@ -20,7 +20,7 @@ def real_run(tmp_path_factory, shared_model_dir, shared_glue_dir):
 
 def test_real_minilm_trains_two_steps_and_records_everything(real_run):
     checkpoint, model_dir = real_run
-    sidecar = checkpoint.sidecar
+    sidecar = checkpoint.sidecar.as_json()
     assert sidecar["steps"] == 2
     assert sidecar["base_model"]["location"] == str(model_dir.resolve())
     assert set(sidecar["tasks"]["mrpc"]["metrics"]["validation"]) == {"f1", "accuracy"}
@@ -35,10 +35,10 @@ def test_real_minilm_trains_two_steps_and_records_everything(real_run):
 
 
 def test_the_recorded_base_fingerprint_rebuilds(real_run):
-    from umtam.models import load_base_encoder
+    from umtam.base_model import load_base_encoder
 
     checkpoint, _ = real_run
-    base = load_base_encoder(checkpoint.sidecar["base_model"])
+    base = load_base_encoder(checkpoint.sidecar.as_json()["base_model"])
     assert base["bert.embeddings.word_embeddings.weight"].shape == (30522, 384)
 
 

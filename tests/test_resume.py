@@ -78,18 +78,18 @@ def assert_same_result(first: Checkpoint, second: Checkpoint) -> None:
         assert a.keys() == b.keys()
         different = [key for key in a if not torch.equal(a[key], b[key])]
         assert different == []
-    curve = first.sidecar["training"]["loss_curve"]
-    assert len(curve) == TOTAL_STEPS and second.sidecar["training"]["loss_curve"] == curve
-    assert first.sidecar["steps"] == second.sidecar["steps"] == TOTAL_STEPS
+    curve = first.sidecar.as_json()["training"]["loss_curve"]
+    assert len(curve) == TOTAL_STEPS and second.sidecar.as_json()["training"]["loss_curve"] == curve
+    assert first.sidecar.as_json()["steps"] == second.sidecar.as_json()["steps"] == TOTAL_STEPS
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.names())
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(optimizer, tmp_path, tiny_model_dir, glue_dir):
     reference = train(tiny_config(tmp_path, tiny_model_dir, glue_dir, "reference", optimizer))
     resumed, steps = interrupted_then_resumed(tmp_path, tiny_model_dir, glue_dir, optimizer)
     assert steps == list(range(SAVE_EVERY + 1, TOTAL_STEPS + 1))  # from the step-5 state, not from step 7
     assert_same_result(reference, resumed)
-    assert resumed.sidecar["training"]["resumed"] == [
+    assert resumed.sidecar.as_json()["training"]["resumed"] == [
         {"step": SAVE_EVERY, "state": str(tmp_path / "resumed-state" / "step-00000005"), "lr": 1e-3}]
 
 
@@ -113,7 +113,7 @@ def test_resume_restores_the_rng_so_dropout_masks_continue(tmp_path, dropout_mod
     monkeypatch.setattr(resume, "restore_rng", lambda record, tensors: None)
     config = tiny_config(tmp_path, dropout_model_dir, glue_dir, "no-rng", save_every=SAVE_EVERY)
     unrestored = train(config, resume_from=tmp_path / "resumed-state" / "step-00000005")
-    curve, expected = unrestored.sidecar["training"]["loss_curve"], reference.sidecar["training"]["loss_curve"]
+    curve, expected = unrestored.sidecar.as_json()["training"]["loss_curve"], reference.sidecar.as_json()["training"]["loss_curve"]
     assert curve[:SAVE_EVERY] == expected[:SAVE_EVERY] and curve[SAVE_EVERY:] != expected[SAVE_EVERY:]
 
 
@@ -135,7 +135,7 @@ def test_rng_state_round_trips_through_json_and_safetensors(tmp_path):
     assert draws() == expected
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_optimizer_state_round_trips_through_json_and_tensors(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
@@ -321,7 +321,7 @@ def test_nan_loss_keeps_the_last_state_and_a_lower_lr_continues_it(tmp_path, tin
     code, _, stderr = run_cli("train", "--resume", str(state_dir), "--lr", "5e-4", "--quiet")
     assert code == 0, stderr
     finished = load_checkpoint(out)
-    training = finished.sidecar["training"]
-    assert finished.sidecar["steps"] == 8 and training["config"]["lr"] == 5e-4
+    training = finished.sidecar.as_json()["training"]
+    assert finished.sidecar.as_json()["steps"] == 8 and training["config"]["lr"] == 5e-4
     assert training["resumed"] == [{"step": 2, "state": str(state_dir / "step-00000002"), "lr": 5e-4}]
     assert len(good_curve) == 2 and training["loss_curve"][:2] == good_curve

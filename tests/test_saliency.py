@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from umtam import saliency
+from umtam.scores import SCORES, required_stats
 from umtam.errors import CheckpointError, ConfigError
 
 NAME = "layer.weight"
@@ -33,7 +34,7 @@ def test_curvature_score_is_t_squared_times_sqrt_r_c():
 def test_magnitude_score_is_t_squared_and_needs_no_stats():
     got = saliency.score("magnitude", NAME, T, {}, checkpoint_label="ckpt")
     assert torch.equal(got, T * T)
-    assert saliency.required_stats("magnitude", NAME, 2) == ()
+    assert required_stats("magnitude", NAME, 2) == ()
 
 
 def test_fisher_score_uses_the_full_diagonal():
@@ -95,8 +96,10 @@ def test_unknown_score_suggests_the_close_match():
 
 
 def test_registering_a_name_twice_is_refused():
+    from umtam.scores import SCORES, ScoreSpec, no_stats
+
     with pytest.raises(ValueError, match="already registered"):
-        saliency.register("magnitude", needs=lambda name, ndim: ())(lambda *a, **k: None)
+        SCORES.register(ScoreSpec("magnitude", "magnitude_score", no_stats, "again"))
 
 
 @pytest.mark.parametrize("keep", [0, -0.5, 1.5, True, "0.5", float("nan")])
@@ -164,7 +167,7 @@ def _random_stats(rows, cols, seed):
     }
 
 
-@pytest.mark.parametrize("name", saliency.available_scores())
+@pytest.mark.parametrize("name", SCORES.names())
 def test_row_block_scores_are_the_rows_of_the_whole_scores_bit_for_bit(name):
     stats = _random_stats(7, 5, seed=1)
     vector = torch.randn(7, 5, generator=torch.Generator().manual_seed(2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,6 @@ from umtam.prune import prune_checkpoint, write_pruned
 from umtam.saliency_map import layer_index, module_type, plot_breakdown, saliency_breakdown
 from umtam.summary import summarize
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"
 FFN_IN = "bert.encoder.layer.0.intermediate.dense.weight"
 # 2-D encoder entries of the tiny BERT: embeddings 40x8 + 32x8 + 2x8, four 8x8
@@ -163,8 +163,8 @@ def test_merged_summary_has_lineage_and_expert_metrics(merged):
     for item, task in zip(lineage["inputs"], ("mrpc", "sst2")):
         expert = family.experts[task]
         assert item["path"] == str(expert.path.resolve())
-        assert item["sha256"] == expert.sidecar["files"]["model.safetensors"]["sha256"]
-        assert summary["tasks"][task]["expert_metrics"] == expert.tasks[task]["metrics"]
+        assert item["sha256"] == expert.sidecar.as_json()["files"]["model.safetensors"]["sha256"]
+        assert summary["tasks"][task]["expert_metrics"] == expert.tasks[task].as_json()["metrics"]
     assert "saliency" not in summary  # only on request: it needs the base model
 
 
@@ -183,11 +183,46 @@ def test_pruned_summary_lineage_names_the_method_and_input(tmp_path):
     assert lineage["method"] == "prune"
     assert lineage["options"] == {"keep": 0.2, "score": "curvature", "scope": "global"}
     assert lineage["inputs"] == [{"path": str(expert.path.resolve()), "tasks": ["mrpc"],
-                                  "sha256": expert.sidecar["files"]["model.safetensors"]["sha256"]}]
+                                  "sha256": expert.sidecar.as_json()["files"]["model.safetensors"]["sha256"]}]
     assert lineage["kept_fraction"] == pytest.approx(0.2, abs=0.01)
 
 
 # ----------------------------------------------------------------------------- CLI and plot
+
+
+def image(path) -> np.ndarray:
+    """A PNG file decoded to 8-bit RGB, shape (height, width, 3)."""
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return (imread(path)[..., :3] * 255).round().astype(np.int64)
+
+
+def viridis(fraction: float) -> np.ndarray:
+    """The 8-bit colour a heatmap cell at ``fraction`` of its map's peak is drawn in."""
+    import matplotlib
+
+    return np.array(matplotlib.colormaps["viridis"](fraction, bytes=True)[:3], dtype=np.int64)
+
+
+def near(rgb: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """Mask of pixels within 3 levels of ``colour`` per channel (resampling may round a cell by one)."""
+    return (np.abs(rgb - colour) <= 3).all(axis=-1)
+
+
+def cell_colours(row: np.ndarray, min_width: int = 40) -> list[np.ndarray]:
+    """Left to right, the colours of the runs of >= min_width equal non-white pixels, repeats merged.
+
+    Cells are ~90 pixels wide at this size; colour bars (7 pixels) and edges are narrower.
+    """
+    runs, start = [], 0
+    for x in range(1, len(row) + 1):
+        if x == len(row) or not np.array_equal(row[x], row[start]):
+            if x - start >= min_width and not (row[start] == 255).all():
+                if not runs or np.abs(runs[-1] - row[start]).max() > 3:
+                    runs.append(row[start])
+            start = x
+    return runs
 
 
 def test_inspect_plot_writes_a_png_and_json_has_the_breakdown(merged, tmp_path):
@@ -195,10 +230,16 @@ def test_inspect_plot_writes_a_png_and_json_has_the_breakdown(merged, tmp_path):
     png = tmp_path / "map.png"
     code, stdout, stderr = run_cli("inspect", str(checkpoint.path), "--plot", str(png), "--keep", "0.1", "--json")
     assert code == 0, stderr
-    assert png.read_bytes()[:8] == PNG_MAGIC
     summary = json.loads(stdout)
     assert summary["plot"] == str(png) and summary["saliency"]["keep"] == 0.1
     assert summary["saliency"]["scores"]["magnitude"]["by_layer"]["0"]["parameters"] == LAYER_ENTRIES
+    # the picture is the breakdown the JSON reports (the merge has no statistics: magnitude alone),
+    # titled with the checkpoint's path
+    drawn = image(png)
+    again = plot_breakdown(summary["saliency"], tmp_path / "again.png", title=str(checkpoint.path))
+    assert np.array_equal(drawn, image(again))
+    # one heatmap: its peak cell is a solid block of the top colour (the colour bar's top is a thin strip)
+    assert near(drawn, viridis(1.0)).sum() > 1500
 
 
 def test_inspect_saliency_tables_and_lineage_rows(merged):
@@ -210,15 +251,27 @@ def test_inspect_saliency_tables_and_lineage_rows(merged):
         assert text in stdout, text
 
 
-def test_plot_of_both_scores(hand_built, tmp_path):
-    report = saliency_breakdown(hand_built, keep=0.01)
-    path = plot_breakdown(report, tmp_path / "both.png")
-    assert path.read_bytes()[:8] == PNG_MAGIC
+def test_plot_of_both_scores_colours_each_cell_by_its_own_maps_peak(hand_built, tmp_path):
+    report = saliency_breakdown(hand_built, keep=4 / TOTAL_ENTRIES)  # the hand-computed case above
+    assert list(report["scores"]) == ["curvature", "magnitude"]  # drawn left to right
+    rgb = image(plot_breakdown(report, tmp_path / "both.png"))
+    # Layer 0's cells: query, key, value, attention_output, ffn_in, ffn_out. Each map is scaled to its
+    # own peak: curvature's is ffn_in (44.1 of 53.1), query holds 9 of 53.1 -> 9 / 44.1 of the peak;
+    # magnitude's is query (10 of 14.25), ffn_in holds 4.25 of 14.25 -> 4.25 / 10. Empty cells are 0.
+    zero = viridis(0.0)
+    expected = [viridis(9 / 44.1), zero, viridis(1.0), zero,   # curvature: query | key..attn_out | ffn_in | ffn_out
+                viridis(1.0), zero, viridis(4.25 / 10), zero]  # magnitude
+    # a pixel row through layer 0, a few pixels below the top of its peak cells (above the labels)
+    peak_rows = np.nonzero(near(rgb, viridis(1.0)).sum(axis=1) > 40)[0]
+    got = cell_colours(rgb[peak_rows.min() + 4])
+    assert len(got) == len(expected)
+    for colour, want in zip(got, expected):
+        assert np.abs(colour - want).max() <= 3, (colour, want)
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--keep", "0.1"], "add --saliency or --plot"),
-    (["--saliency", "--keep", "1.5"], "--keep must be a fraction"),
+    (["--saliency", "--keep", "1.5"], "--keep: must be in (0, 1], got 1.5"),
     (["--plot", "nowhere/map.png"], "does not exist"),
     (["--plot", "map.notanimage"], "unknown image format"),
 ])

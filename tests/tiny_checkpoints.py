@@ -1,7 +1,7 @@
 """Tiny checkpoints built in code, for prune and merge tests (nothing downloads).
 
 A family is one tiny BERT base saved with save_pretrained (so that
-models.load_base_encoder can rebuild and fingerprint it) plus "experts":
+base_model.load_base_encoder can rebuild and fingerprint it) plus "experts":
 checkpoints written with write_checkpoint whose encoder is the base plus a
 seeded perturbation, with their own head, statistics shaped like the ones
 training records, config.json and a vocab file.
@@ -16,7 +16,8 @@ from typing import Mapping
 import torch
 
 from umtam.checkpoint import Checkpoint, write_checkpoint
-from umtam.models import encoder_tensors, fingerprint, is_head_key
+from umtam.base_model import fingerprint
+from umtam.heads import encoder_tensors, is_head_key
 
 TINY_CONFIG = dict(
     vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

@@ -1,6 +1,5 @@
 """Tokenized features and deterministic batches for training and evaluation.
 
-``umtam.data`` re-exports everything here, so callers import from one place.
 Batch order is a pure function of (n, batch_size, seed, epoch): a resumed run
 recomputes any epoch's order and skips the batches it has already seen.
 """
@@ -8,14 +7,12 @@ recomputes any epoch's order and skips the batches it has already seen.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from umtam.errors import ConfigError
-
-if TYPE_CHECKING:
-    from umtam.data import Example
+from umtam.tasks import Example
 
 _ENCODE_CHUNK = 1000  # examples per tokenizer call: fast batched calls, bounded memory
 

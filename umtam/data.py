@@ -18,14 +18,13 @@ Choices the design left open:
   number of columns.
 - Parquet splits may also be sharded as ``<split>-*.parquet`` (hub snapshots).
 
-Tokenization and batching (``encode``, ``collate``, ``batch_order``,
-``iter_batches``) live in ``umtam.batching`` and are re-exported here.
+What a task is (columns, labels, TSV layout, metrics) is its TaskSpec
+(umtam.tasks); tokenization and batching live in ``umtam.batching``.
 """
 
 from __future__ import annotations
 
 import csv
-import difflib
 import math
 import os
 import random
@@ -33,80 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-# Batching lives in its own module; re-exported so callers import from umtam.data alone.
-from umtam.batching import check_positive, batch_order, collate, encode, epoch_seed, iter_batches
+from umtam.batching import check_positive
 from umtam.errors import ConfigError, DataError
-
-__all__ = ["TASKS", "Example", "TaskData", "TaskSpec", "batch_order", "collate", "encode",
-           "epoch_seed", "get_task", "iter_batches", "load_task", "resolve_data_dirs"]
+from umtam.tasks import Example, TaskSpec, get_task
 
 HUB_DATASET = "nyu-mll/glue"
 ENV_DATA_DIR = "UMTAM_DATA_DIR"
 DATA_DIR_HINT = "set --data-dir or UMTAM_DATA_DIR"
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A GLUE task: HF column names, HF label order and which splits evaluate it."""
-
-    name: str
-    text_fields: tuple[str, ...]
-    label_names: tuple[str, ...]
-    is_regression: bool
-    eval_splits: tuple[str, ...]
-    glue_dir: str
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.is_regression else len(self.label_names)
-
-
-_VALIDATION = ("validation",)
-_NLI_2WAY = ("entailment", "not_entailment")
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), False, _VALIDATION, "CoLA"),
-    TaskSpec("sst2", ("sentence",), ("negative", "positive"), False, _VALIDATION, "SST-2"),
-    TaskSpec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), False, _VALIDATION, "MRPC"),
-    TaskSpec("stsb", ("sentence1", "sentence2"), (), True, _VALIDATION, "STS-B"),
-    TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), False, _VALIDATION, "QQP"),
-    TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), False,
-             ("validation_matched", "validation_mismatched"), "MNLI"),
-    TaskSpec("qnli", ("question", "sentence"), _NLI_2WAY, False, _VALIDATION, "QNLI"),
-    TaskSpec("rte", ("sentence1", "sentence2"), _NLI_2WAY, False, _VALIDATION, "RTE"),
-    TaskSpec("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), False, _VALIDATION, "WNLI"),
-)}
-
-
-@dataclass(frozen=True)
-class _TsvLayout:
-    """Where a canonical TSV keeps text and label: header names, or indices when headerless."""
-
-    text_columns: tuple[str | int, ...]
-    label_column: str | int
-    eval_files: tuple[str, ...] = ("dev.tsv",)
-    headerless_width: int | None = None  # CoLA train/dev have no header row
-
-
-_TSV_LAYOUTS: dict[str, _TsvLayout] = {
-    "cola": _TsvLayout((3,), 1, headerless_width=4),  # source, label, original_label, sentence
-    "sst2": _TsvLayout(("sentence",), "label"),
-    "mrpc": _TsvLayout(("#1 String", "#2 String"), "Quality"),
-    "stsb": _TsvLayout(("sentence1", "sentence2"), "score"),
-    "qqp": _TsvLayout(("question1", "question2"), "is_duplicate"),
-    "mnli": _TsvLayout(("sentence1", "sentence2"), "gold_label", ("dev_matched.tsv", "dev_mismatched.tsv")),
-    "qnli": _TsvLayout(("question", "sentence"), "label"),
-    "rte": _TsvLayout(("sentence1", "sentence2"), "label"),
-    "wnli": _TsvLayout(("sentence1", "sentence2"), "label"),
-}
-
-
-@dataclass
-class Example:
-    """One labelled example: ``text_b`` is None for single-sentence tasks."""
-
-    text_a: str
-    text_b: str | None
-    label: int | float
 
 
 @dataclass
@@ -118,21 +50,6 @@ class TaskData:
     eval: dict[str, list[Example]]
     source: str
     holdout: list[Example] = field(default_factory=list)
-
-
-def _normalise_task_name(name: str) -> str:
-    # "SST-2", "sts_b" and "MRPC" are what people type; the keys are "sst2", "stsb", "mrpc".
-    return name.strip().lower().replace("-", "").replace("_", "")
-
-
-def get_task(name: str) -> TaskSpec:
-    """The TaskSpec for a GLUE task name (case, '-' and '_' ignored); ConfigError otherwise."""
-    key = _normalise_task_name(name)
-    if key in TASKS:
-        return TASKS[key]
-    close = difflib.get_close_matches(key, TASKS, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else None
-    raise ConfigError(f"unknown task {name!r}; choices: {', '.join(TASKS)}", hint=hint)
 
 
 # ---------------------------------------------------------------- locating data
@@ -162,7 +79,7 @@ def resolve_data_dirs(data_dir: str | Path | None = None) -> list[Path]:
 
 
 def _tsv_split_files(folder: Path, spec: TaskSpec) -> dict[str, list[Path]]:
-    names = dict(zip(spec.eval_splits, _TSV_LAYOUTS[spec.name].eval_files), train="train.tsv")
+    names = dict(zip(spec.eval_splits, spec.tsv.eval_files), train="train.tsv")
     return {split: [folder / name] for split, name in names.items() if (folder / name).is_file()}
 
 
@@ -261,7 +178,7 @@ def _column_positions(header: list[str], wanted: Sequence[str | int], path: Path
 
 def _read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
     """Parse one canonical GLUE TSV (no quoting: GLUE text contains bare '"')."""
-    layout = _TSV_LAYOUTS[spec.name]
+    layout = spec.tsv
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)

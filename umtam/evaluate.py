@@ -8,19 +8,14 @@ are also reported normalised by each expert's own score (from the sidecar).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from umtam.errors import CheckpointError, ConfigError, first_line
-
-ProgressFn = Callable[[str, Any], None]
-
-
-def _no_progress(kind: str, payload: Any) -> None:
-    return None
+from umtam.progress import ProgressFn, no_progress
 
 
 def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size: int = 64,
-                   progress: ProgressFn = _no_progress) -> dict[str, float]:
+                   progress: ProgressFn = no_progress) -> dict[str, float]:
     """Metrics of ``model`` on encoded ``features`` (which carry their labels).
 
     Batches are formed from length-sorted examples, so each pads to nearly its
@@ -30,7 +25,7 @@ def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size:
     """
     import torch
 
-    from umtam import data, metrics
+    from umtam import batching, metrics
 
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # longest first
     predictions: list = [None] * len(features)
@@ -41,7 +36,7 @@ def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size:
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
-            batch = data.collate([features[i] for i in indices], pad_token_id)
+            batch = batching.collate([features[i] for i in indices], pad_token_id)
             batch.pop("labels", None)
             logits = model(**{key: value.to(device) for key, value in batch.items()}).logits.float().cpu()
             values = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
@@ -72,30 +67,31 @@ def build_task_model(checkpoint, task: str, tensors: dict):
     """The encoder plus ``task``'s head, as a transformers sequence-classification model."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from umtam.checkpoint import split_head_key
-    from umtam.models import is_head_key
+    from umtam.families import family_of
+    from umtam.heads import split_head_key
 
     record = checkpoint.tasks[task]
-    regression = record.get("is_regression", False)
+    regression = record.is_regression
     try:
         config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:  # transformers' ways of saying "no usable config.json"
         raise CheckpointError(f"{checkpoint.path / 'config.json'}: not a usable model config "
                               f"({first_line(exc, 200)})") from exc
-    config.num_labels = 1 if regression else len(record["label_names"])
+    config.num_labels = 1 if regression else len(record.label_names)
     if regression:
         config.problem_type = "regression"
     else:
-        config.id2label = dict(enumerate(record["label_names"]))
-        config.label2id = {name: index for index, name in enumerate(record["label_names"])}
+        config.id2label = dict(enumerate(record.label_names))
+        config.label2id = {name: index for index, name in enumerate(record.label_names)}
         config.problem_type = "single_label_classification"
-    state = {key: value for key, value in tensors.items() if not key.startswith("heads/") and not is_head_key(key)}
+    # A merge keeps every head under heads/<task>/: a bare head key there belongs to no task.
+    family = family_of(config)
+    state = {key: value for key, value in tensors.items() if split_head_key(key) is None
+             and not (checkpoint.kind == "merge" and family.is_head_key(key))}
     for key, value in tensors.items():
         parsed = split_head_key(key)
         if parsed and parsed[0] == task:
             state[parsed[1]] = value
-        elif is_head_key(key) and checkpoint.kind != "merge":
-            state[key] = value
     model = AutoModelForSequenceClassification.from_config(config)
     _load_weights(model, state, checkpoint, task)
     return model
@@ -122,37 +118,45 @@ def _load_weights(model, state: dict, checkpoint, task: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def evaluate_checkpoint(checkpoint, requested: str = "glue", *, data_dir=None, max_eval_samples=None,
-                        max_length: int = 128, batch_size: int = 64, seed: int = 42, holdout_fraction: float = 0.0,
-                        progress: ProgressFn = _no_progress) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **settings: Any) -> dict[str, Any]:
     """{task: {"splits": {split: metrics}, "score": float, "normalized": float | None}}.
 
-    With ``holdout_fraction`` the fixed holdout slice of train is evaluated
-    instead of dev (the slice ``umtam train --holdout-fraction`` kept unseen),
-    so merge and prune settings can be chosen without looking at dev; the
-    normalised score then divides by the expert's own holdout score.
+    ``settings`` are EvalSettings' (umtam.config.evaluate: task, data_dir,
+    max_eval_samples, max_length, batch_size, seed, holdout_fraction), validated
+    with their declared defaults and ranges. With ``holdout_fraction`` the fixed
+    holdout slice of train is evaluated instead of dev (the slice ``umtam train
+    --holdout-fraction`` kept unseen), so merge and prune settings can be chosen
+    without looking at dev; the normalised score then divides by the expert's
+    own holdout score.
     """
-    from umtam import data, metrics
+    from umtam import batching, data
+    from umtam.config import build_config
+    from umtam.config.evaluate import EvalSettings
+    from umtam.families import family_of_dir
     from umtam.models import ModelSource, load_tokenizer
 
+    options = build_config(EvalSettings, settings, source="eval options")
+    requested, holdout_fraction = options.task, options.holdout_fraction
     tasks = resolve_tasks(checkpoint, requested)
     _check_model_config(checkpoint)
-    tokenizer = load_tokenizer(ModelSource(str(checkpoint.path), str(checkpoint.path), "checkpoint"))
+    tokenizer = load_tokenizer(ModelSource(str(checkpoint.path), str(checkpoint.path), "checkpoint"),
+                               family_of_dir(checkpoint.path))
     tensors = checkpoint.load_tensors()
     results: dict[str, Any] = {}
     for task in tasks:
-        task_data = data.load_task(task, data_dir=data_dir, max_eval_samples=max_eval_samples, seed=seed,
-                                   need_train=False, holdout_fraction=holdout_fraction)
+        task_data = data.load_task(task, data_dir=options.data_dir, max_eval_samples=options.max_eval_samples,
+                                   seed=options.seed, need_train=False, holdout_fraction=holdout_fraction)
         model = build_task_model(checkpoint, task, tensors)
         chosen = {"holdout": task_data.holdout} if holdout_fraction else task_data.eval
         splits = {
-            split: evaluate_model(model, data.encode(examples, tokenizer, max_length), task,
-                                  pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
+            split: evaluate_model(model, batching.encode(examples, tokenizer, options.max_length), task,
+                                  pad_token_id=tokenizer.pad_token_id, batch_size=options.batch_size,
+                                  progress=progress)
             for split, examples in chosen.items()
         }
         reference = "expert_holdout_metrics" if holdout_fraction else "expert_metrics"
         try:
-            normalized = normalized_score(task, splits, checkpoint.tasks[task], reference)
+            normalized = normalized_score(task, splits, checkpoint.tasks[task].as_json(), reference)
         except (ValueError, TypeError) as exc:  # the expert's recorded metrics lack this task's metric
             raise CheckpointError(f"{checkpoint.path / 'umtam.json'}: tasks.{task}.{reference} gives no "
                                   f"{task} score ({first_line(exc, 200)})") from exc

@@ -27,11 +27,13 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from umtam.checkpoint import (MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Checkpoint, load_checkpoint,
-                              read_safetensors_header, sha256_file)
+from umtam.atomic import sha256_file
+from umtam.checkpoint import MODEL_FILE, SIDECAR_FILE, Checkpoint, load_checkpoint
 from umtam.errors import CheckpointError, ConfigError, first_line
+from umtam.safetensors_io import open_safetensors
+from umtam.sidecar import PLAIN_FORMAT, SCHEMA_VERSION, make_sidecar
+from umtam.tasks import get_task
 
-PLAIN_FORMAT = "huggingface"
 CONFIG_FILE = "config.json"
 # What save_pretrained writes for the tokenizers of encoder models; only these are
 # carried from a plain directory (not training_args.bin, optimizer.pt and the like).
@@ -54,10 +56,6 @@ def is_plain_hf_dir(path: str | Path) -> bool:
     """A directory with a config.json and no umtam sidecar."""
     directory = Path(path)
     return directory.is_dir() and (directory / CONFIG_FILE).is_file() and not (directory / SIDECAR_FILE).exists()
-
-
-def is_plain(checkpoint: Checkpoint) -> bool:
-    return checkpoint.sidecar.get("format") == PLAIN_FORMAT
 
 
 def open_inputs(inputs: Sequence[str | Path | Checkpoint],
@@ -92,7 +90,8 @@ def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
     """A plain Hugging Face directory as a one-task Checkpoint (sidecar made up, not written)."""
     directory = Path(path)
     _check_weights_file(directory)
-    read_safetensors_header(directory / MODEL_FILE)  # garbage is a CheckpointError, not a traceback
+    with open_safetensors(directory / MODEL_FILE):  # garbage is a CheckpointError, not a traceback
+        pass
     config = read_config(directory / CONFIG_FILE)
     spec = _task_spec(directory, task or config.get("finetuning_task"))
     record = {
@@ -111,7 +110,7 @@ def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
         "files": {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
                   for name in files},
     }
-    return Checkpoint(directory, sidecar)
+    return Checkpoint(directory, make_sidecar(sidecar, directory))
 
 
 def _check_weights_file(directory: Path) -> None:
@@ -142,8 +141,6 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def _task_spec(directory: Path, task: str | None):
-    from umtam.data import get_task
-
     if not task:
         raise ConfigError(
             f"{directory}: a plain Hugging Face input needs a task name (its config.json has no finetuning_task)",
@@ -177,6 +174,36 @@ def _label_names(directory: Path, config: Mapping[str, Any], spec) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- out
+
+
+def merged_companion_files(checkpoints: Sequence[Checkpoint], tasks: Mapping[str, Any],
+                           base: str | None = None) -> dict[str, Path | bytes]:
+    """A merge's config.json, tokenizer files and one config.<task>.json per task.
+
+    config.json and the tokenizer files each come from the first input that has
+    them; tokenizer files otherwise from a local ``base`` directory, because a
+    plain Hugging Face input is often saved without its tokenizer and
+    ``umtam eval`` needs one. Per-task configs are written anew from the merged
+    task records, never copied from a merged input.
+    """
+    files: dict[str, Path | bytes] = {}
+    config = next((c.path / CONFIG_FILE for c in checkpoints if CONFIG_FILE in c.sidecar.files), None)
+    if config is not None:
+        files[CONFIG_FILE] = config
+    files.update(_tokenizer_files(checkpoints, base))
+    if config is not None:
+        files.update(task_configs(config, tasks))
+    return files
+
+
+def _tokenizer_files(checkpoints: Sequence[Checkpoint], base: str | None) -> dict[str, Path]:
+    for checkpoint in checkpoints:
+        found = {name: path for name, path in checkpoint.companion_files().items() if not is_config_file(name)}
+        if found:
+            return found
+    if base is not None and Path(base).is_dir():
+        return {name: Path(base) / name for name in TOKENIZER_FILES if (Path(base) / name).is_file()}
+    return {}
 
 
 def task_config_name(task: str) -> str:
@@ -215,3 +242,15 @@ def _task_config(encoder: Mapping[str, Any], task: str, record: Mapping[str, Any
         "finetuning_task": task,
     }
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def hf_files(model, tokenizer) -> dict[str, bytes]:
+    """config.json and tokenizer files, so transformers' from_pretrained(dir) loads a trained checkpoint."""
+    import tempfile
+
+    # from_pretrained(dir) picks the class from "architectures"; the base's says BertModel
+    model.config.architectures = [type(model).__name__]
+    with tempfile.TemporaryDirectory() as scratch:
+        model.config.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        return {path.name: path.read_bytes() for path in sorted(Path(scratch).iterdir()) if path.is_file()}

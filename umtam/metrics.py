@@ -19,26 +19,9 @@ diverged model is visible rather than hidden.
 
 from __future__ import annotations
 
-import difflib
 from typing import Mapping, Sequence
 
 import numpy as np
-
-from umtam.errors import ConfigError
-
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "cola": ("matthews_correlation",),
-    "sst2": ("accuracy",),
-    "mrpc": ("f1", "accuracy"),
-    "stsb": ("pearson", "spearmanr"),
-    "qqp": ("f1", "accuracy"),
-    "mnli": ("accuracy",),
-    "qnli": ("accuracy",),
-    "rte": ("accuracy",),
-    "wnli": ("accuracy",),
-}
-
-PRIMARY_METRIC: dict[str, str] = {task: names[0] for task, names in TASK_METRICS.items()}
 
 
 def _as_pair(predictions, labels, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -138,11 +121,9 @@ _METRIC_FUNCTIONS = {
 
 
 def _metric_names(task: str) -> tuple[str, ...]:
-    if task in TASK_METRICS:
-        return TASK_METRICS[task]
-    close = difflib.get_close_matches(task, TASK_METRICS, n=1)
-    raise ConfigError(f"no GLUE metric for task {task!r}; choices: {', '.join(TASK_METRICS)}",
-                      hint=f"did you mean {close[0]!r}?" if close else None)
+    from umtam.tasks import get_task
+
+    return get_task(task).metrics
 
 
 def compute_metrics(task: str, predictions, labels) -> dict[str, float]:

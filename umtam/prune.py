@@ -16,8 +16,12 @@ kept: ties at the threshold keep all tied entries, so the measured kept
 fraction can slightly exceed ``keep`` (the report and sidecar give the measured
 value). Memory: the input model, the base encoder and the output, one model
 each (the base memory-mapped straight from its safetensors file when it is a
-local directory, see models.load_base_encoder); scores exist one tensor at a
-time.
+local directory, see base_model.load_base_encoder); scores exist one tensor at
+a time.
+
+The options (keep, score, scope) are ``PruneSettings`` (umtam.config.prune):
+their defaults and ranges are declared there once, and the keyword arguments
+of ``prune_checkpoint`` and ``write_pruned`` are validated by it.
 """
 
 from __future__ import annotations
@@ -29,29 +33,41 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from umtam.checkpoint import (
-    MODEL_FILE, Checkpoint, check_output_dir, load_checkpoint, split_head_key, write_checkpoint,
-)
-from umtam.errors import CheckpointError, ConfigError
-from umtam.merge.engine import ProgressSteps, companion_files, unevaluated_task_record
-from umtam.models import is_head_key, load_base_encoder
-from umtam.saliency import check_keep, get_score, score as saliency_score, streaming_thresholds, tensor_threshold
+from umtam.atomic import check_output_dir
+from umtam.base_model import check_base_covers, load_base_encoder
+from umtam.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint, write_checkpoint
+from umtam.config import build_config
+from umtam.config.prune import PruneSettings
+from umtam.families import family_of_dir
+from umtam.heads import is_head_key
+from umtam.progress import Progress, ProgressSteps
+from umtam.saliency import score as saliency_score
+from umtam.saliency import streaming_thresholds, tensor_threshold
+from umtam.sidecar import Sidecar
 
-Progress = Callable[[int, int, str], None]
-SCOPES = ("global", "tensor")
 # Sidecar fields a pruned checkpoint must not inherit from its input.
-_REPLACED_FIELDS = ("schema_version", "files", "kind", "lineage")
+_REPLACED_FIELDS = ("schema_version", "files", "kind", "lineage", "tasks")
 
 
 @dataclass(frozen=True)
 class PruneReport:
-    keep: float
-    score: str
-    scope: str
+    settings: PruneSettings
     threshold: float | None  # the global threshold; None with scope="tensor"
     kept_entries: int
     total_entries: int
     tensors: dict[str, float] = field(default_factory=dict)  # measured kept fraction per tensor
+
+    @property
+    def keep(self) -> float:
+        return self.settings.keep
+
+    @property
+    def score(self) -> str:
+        return self.settings.score
+
+    @property
+    def scope(self) -> str:
+        return self.settings.scope
 
     @property
     def kept_fraction(self) -> float:
@@ -65,44 +81,46 @@ class PruneReport:
         }
 
 
-def prune_checkpoint(ckpt: Checkpoint | str | Path, *, keep: float, score: str = "curvature",
-                     scope: str = "global", base: str | None = None,
-                     progress: Progress | None = None) -> tuple[dict[str, Tensor], PruneReport]:
-    """The pruned state dict of ``ckpt`` and what was kept.
+def prune_settings(**given: Any) -> PruneSettings:
+    """keep, score and scope, validated (ConfigError naming every problem); defaults from PruneSettings."""
+    return build_config(PruneSettings, given, source="prune options")
+
+
+def prune_checkpoint(ckpt: Checkpoint | str | Path, *, base: str | None = None, progress: Progress | None = None,
+                     **settings: Any) -> tuple[dict[str, Tensor], PruneReport]:
+    """The pruned state dict of ``ckpt`` and what was kept; ``settings`` are PruneSettings' keep, score, scope.
 
     ``base`` overrides where the base model is found (``--base``); it must match
     the checkpoint's recorded fingerprint.
     """
-    keep = check_keep(keep)
-    get_score(score)
-    if scope not in SCOPES:
-        raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    chosen = prune_settings(**settings)
     checkpoint = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
     tensors = checkpoint.load_tensors()
     stats = checkpoint.load_stats()
-    names = prunable_names(tensors)
-    encoder_keys = [key for key in tensors if not is_head_key(key) and split_head_key(key) is None]
-    base_tensors = (load_base_encoder(checkpoint.sidecar["base_model"], override=base, keys=encoder_keys)
-                    if names else {})
+    family = family_of_dir(checkpoint.path)
+    names = prunable_names(tensors, is_head=lambda key: is_head_key(key, family))
+    encoder_keys = [key for key in tensors if not is_head_key(key, family)]
     label = str(checkpoint.path)
-    _check_base_covers(base_tensors, tensors, names, label)
+    base_tensors = {}
+    if names:
+        base_tensors = load_base_encoder(checkpoint.sidecar.base_model, override=base, keys=encoder_keys)
+        check_base_covers(base_tensors, {name: tuple(tensors[name].shape) for name in names}, label)
 
     def scores_of(name: str) -> Tensor:
         task_vector = tensors[name].to(torch.float32) - base_tensors[name].to(torch.float32)
-        return saliency_score(score, name, task_vector, stats, checkpoint_label=label)
+        return saliency_score(chosen.score, name, task_vector, stats, checkpoint_label=label)
 
-    total_steps = len(names) * (3 if scope == "global" and names else 1)
-    steps = ProgressSteps(progress, total_steps)
+    steps = ProgressSteps(progress, len(names) * (3 if chosen.scope == "global" and names else 1))
     threshold = None
-    if scope == "global" and names:
-        threshold = _global_threshold(names, scores_of, keep, steps)
+    if chosen.scope == "global" and names:
+        threshold = _global_threshold(names, scores_of, chosen.keep, steps)
 
     pruned = dict(tensors)
     kept_per_tensor: dict[str, float] = {}
     kept_entries = total_entries = 0
     for name in names:
         scores = scores_of(name)
-        limit = threshold if threshold is not None else tensor_threshold(scores, keep)
+        limit = threshold if threshold is not None else tensor_threshold(scores, chosen.keep)
         mask = scores >= limit
         pruned[name] = torch.where(mask, tensors[name], base_tensors[name].to(tensors[name].dtype))
         kept = int(mask.sum())
@@ -110,14 +128,14 @@ def prune_checkpoint(ckpt: Checkpoint | str | Path, *, keep: float, score: str =
         total_entries += mask.numel()
         kept_per_tensor[name] = kept / mask.numel()
         steps.advance(name)
-    report = PruneReport(keep, score, scope, threshold, kept_entries, total_entries, kept_per_tensor)
+    report = PruneReport(chosen, threshold, kept_entries, total_entries, kept_per_tensor)
     return pruned, report
 
 
-def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, keep: float, score: str = "curvature",
-                 scope: str = "global", base: str | None = None, force: bool = False,
-                 progress: Progress | None = None) -> tuple[Checkpoint, PruneReport]:
-    """Prune ``ckpt`` into a new checkpoint directory at ``output``.
+def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, base: str | None = None,
+                 force: bool = False, progress: Progress | None = None,
+                 **settings: Any) -> tuple[Checkpoint, PruneReport]:
+    """Prune ``ckpt`` into a new checkpoint directory at ``output`` (``settings`` as prune_checkpoint's).
 
     Statistics, config.json and tokenizer files are copied through; the sidecar
     keeps the input's tasks (their scores moved to expert_metrics, since they
@@ -125,58 +143,44 @@ def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, keep: flo
     {inputs: [{path, sha256}], method: {keep, score, scope}, threshold,
     kept_fraction (measured)}.
     """
+    prune_settings(**settings)  # a bad option is refused before the inputs are read
     checkpoint = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
     check_output_dir(output, inputs=[checkpoint.path], force=force)
-    tensors, report = prune_checkpoint(checkpoint, keep=keep, score=score, scope=scope, base=base,
-                                       progress=progress)
+    tensors, report = prune_checkpoint(checkpoint, base=base, progress=progress, **settings)
     written = write_checkpoint(
         output,
         tensors=tensors,
-        sidecar=pruned_sidecar(checkpoint, report),
+        sidecar=pruned_sidecar(checkpoint.sidecar, checkpoint.path, report),
         stats=checkpoint.load_stats() or None,
-        extra_files=companion_files(checkpoint),
+        extra_files=checkpoint.companion_files(),
         force=force,
     )
     return written, report
 
 
-def pruned_sidecar(checkpoint: Checkpoint, report: PruneReport) -> dict[str, Any]:
-    inherited = {key: value for key, value in checkpoint.sidecar.items() if key not in _REPLACED_FIELDS}
+def pruned_sidecar(sidecar: Sidecar, path: Path, report: PruneReport) -> dict[str, Any]:
+    """The input's sidecar with kind "prune", unevaluated tasks and the prune's lineage."""
+    inherited = {key: value for key, value in sidecar.as_json().items() if key not in _REPLACED_FIELDS}
     # The input's scores describe the unpruned weights: they move to expert_metrics
     # (the normaliser eval reports against), and metrics waits for `umtam eval`.
-    tasks = {task: unevaluated_task_record(record) for task, record in checkpoint.tasks.items()}
+    tasks = {task: record.unevaluated().as_json() for task, record in sidecar.tasks.items()}
     return {
         **inherited,
         "tasks": tasks,
         "kind": "prune",
         "lineage": {
-            "inputs": [{"path": str(checkpoint.path.resolve()),
-                        "sha256": checkpoint.sidecar["files"][MODEL_FILE]["sha256"]}],
-            "method": {"keep": report.keep, "score": report.score, "scope": report.scope},
+            "inputs": [{"path": str(path.resolve()), "sha256": sidecar.file_sha256(MODEL_FILE)}],
+            "method": report.settings.recorded(),
             "threshold": report.threshold,
             "kept_fraction": report.kept_fraction,
         },
     }
 
 
-def prunable_names(tensors: Mapping[str, Tensor]) -> list[str]:
+def prunable_names(tensors: Mapping[str, Tensor], is_head: Callable[[str], bool] = is_head_key) -> list[str]:
     """Encoder weights of rank >= 2: heads (own or heads/<task>/...) and 1-D parameters stay."""
-    return sorted(
-        name for name, tensor in tensors.items()
-        if tensor.dim() >= 2 and tensor.is_floating_point()
-        and not is_head_key(name) and split_head_key(name) is None
-    )
-
-
-def _check_base_covers(base: Mapping[str, Tensor], tensors: Mapping[str, Tensor], names, label: str) -> None:
-    for name in names:
-        if name not in base:
-            raise CheckpointError(f"the base model has no tensor {name!r}, which {label} has")
-        if base[name].shape != tensors[name].shape:
-            raise CheckpointError(
-                f"tensor {name!r} has shape {list(base[name].shape)} in the base model "
-                f"but {list(tensors[name].shape)} in {label}"
-            )
+    return sorted(name for name, tensor in tensors.items()
+                  if tensor.dim() >= 2 and tensor.is_floating_point() and not is_head(name))
 
 
 def _global_threshold(names, scores_of: Callable[[str], Tensor], keep: float, steps: ProgressSteps) -> float:
@@ -187,4 +191,3 @@ def _global_threshold(names, scores_of: Callable[[str], Tensor], keep: float, st
             yield (scores,)
 
     return streaming_thresholds(batches, keep)[0]
-

@@ -38,12 +38,13 @@ No pickles: JSON and safetensors only.
 
 Resuming restores all of it, so on CPU the final weights, statistics and loss
 curve equal an uninterrupted run's bit for bit. Options given with
-``--resume`` must equal the saved run's, except ``RESUMABLE_CHANGES``: where
-files go (output, state_dir, save_every, force, plot_loss), where the same data and
-device live (data_dir, checked by ``train_digest``; device), the evaluation
-batch size, and lr, so that a run that diverged can continue from its last
-good state with a lower learning rate (the schedule keeps its shape, scaled to
-the new peak; such a run is of course no longer bit-identical).
+``--resume`` must equal the saved run's, except those TrainConfig marks
+resumable (``TrainConfig.resumable_options()``): where files go (output,
+state_dir, save_every, force, plot_loss), where the same data and device live
+(data_dir, checked by ``train_digest``; device), the evaluation batch size, and
+lr, so that a run that diverged can continue from its last good state with a
+lower learning rate (the schedule keeps its shape, scaled to the new peak;
+such a run is of course no longer bit-identical).
 """
 
 from __future__ import annotations
@@ -53,25 +54,25 @@ import json
 import random
 import re
 import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from umtam import __version__
-# the temp-dir-then-rename protocol has one implementation, in umtam.checkpoint
-from umtam.checkpoint import SIDECAR_FILE, cpu_contiguous, sha256_file, swap_into_place, write_json_durably
+# the temp-dir-then-rename protocol has one implementation, in umtam.atomic
+from umtam.atomic import file_records, sha256_file, write_directory, write_json_durably
+from umtam.checkpoint import SIDECAR_FILE, STATE_MARKER
+from umtam.config import build_config
+from umtam.config.train import TrainConfig
 from umtam.errors import CheckpointError, ConfigError, UmtamError, first_line
+from umtam.safetensors_io import load_tensors, save_tensors
 
 STATE_FORMAT = "umtam-train-state"
 STATE_SCHEMA_VERSION = 1
-STATE_MARKER = "umtam-state.json"
 STATE_TENSORS = "state.safetensors"
 KEEP_STATES = 2
-RESUMABLE_CHANGES = ("output", "force", "state_dir", "save_every", "data_dir", "device", "eval_batch_size", "lr",
-                     "plot_loss")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STEP_LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|old)-")
 _REQUIRED = ("format", "schema_version", "step", "epoch", "batch", "total_steps", "loss_curve", "config",
@@ -153,7 +154,7 @@ def default_state_dir(output: str | Path) -> Path:
     return out.with_name(f"{out.name}-state")
 
 
-def state_dir_for(config) -> Path:
+def state_dir_for(config: TrainConfig) -> Path:
     return Path(config.state_dir) if config.state_dir else default_state_dir(config.output)
 
 
@@ -203,25 +204,24 @@ def read_state(directory: Path) -> TrainingState:
     return TrainingState(directory, record)
 
 
-def config_for_resume(path: str | Path, *layers: Mapping[str, Any]):
-    """The saved run's TrainConfig with ``layers`` (recipe, flags) on top; conflicting values are refused."""
-    from umtam.config import build_config
-    from umtam.train import TrainConfig
-
+def config_for_resume(path: str | Path, *layers: Mapping[str, Any],
+                      flags: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The saved run's TrainConfig with ``layers`` (recipes) and ``flags`` on top; conflicting values are refused."""
     state = find_state(path)
-    config = build_config(TrainConfig, state.config, *layers, source=f"options for --resume {path}")
+    config = build_config(TrainConfig, state.config, *layers, flags=flags, source=f"options for --resume {path}")
     check_resumable(state, config)
     return config
 
 
-def check_resumable(state: TrainingState, config) -> None:
-    """ConfigError naming every option of ``config`` that differs from the saved run (bar RESUMABLE_CHANGES)."""
-    given = asdict(config)
+def check_resumable(state: TrainingState, config: TrainConfig) -> None:
+    """ConfigError naming every option of ``config`` that differs from the saved run (bar the resumable ones)."""
+    given = config.model_dump()
+    resumable = TrainConfig.resumable_options()
     conflicts = [f"{key}={given.get(key)!r} (saved run: {saved!r})" for key, saved in sorted(state.config.items())
-                 if key not in RESUMABLE_CHANGES and given.get(key) != saved]
+                 if key not in resumable and given.get(key) != saved]
     if conflicts:
         raise ConfigError(f"--resume {state.path}: options differ from the saved run: " + "; ".join(conflicts),
-                          hint=f"only {', '.join(RESUMABLE_CHANGES)} may change on resume; drop the others")
+                          hint=f"only {', '.join(resumable)} may change on resume; drop the others")
 
 
 def check_same_run(state: TrainingState, identity: RunIdentity) -> None:
@@ -283,9 +283,6 @@ def restore(state: TrainingState, parts: Trainables, *, lr: float) -> Position:
 
 
 def load_state_tensors(state: TrainingState) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = state.path / STATE_TENSORS
     expected = state.record["files"].get(STATE_TENSORS, {}).get("sha256")
     if not path.is_file():
@@ -293,10 +290,7 @@ def load_state_tensors(state: TrainingState) -> dict[str, torch.Tensor]:
     if sha256_file(path) != expected:
         raise CheckpointError(f"{path}: sha256 does not match {STATE_MARKER}",
                               hint="the file was damaged; resume from the previous step-N directory")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
+    return load_tensors(path)
 
 
 def split_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -430,27 +424,16 @@ class StateWriter:
 
     def save(self, record: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> TrainingState:
         """Write one state (``record`` from ``capture`` plus the run's context) and prune older ones."""
-        from safetensors.torch import save_file
-
         out = self.directory / f"step-{record['step']:08d}"
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=self.directory))
-        except OSError as exc:
-            raise UmtamError(f"cannot create training state {out} ({first_line(exc, 200)})") from exc
-        try:
-            save_file(cpu_contiguous(tensors), str(staging / STATE_TENSORS), metadata={"format": "pt"})
-            path = staging / STATE_TENSORS
+
+        def fill(staging: Path) -> dict[str, Any]:
+            save_tensors(tensors, staging / STATE_TENSORS)
             complete = {**record, "format": STATE_FORMAT, "schema_version": STATE_SCHEMA_VERSION,
-                        "umtam_version": __version__,
-                        "files": {STATE_TENSORS: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}}
+                        "umtam_version": __version__, "files": file_records(staging)}
             write_json_durably(staging / STATE_MARKER, complete)
-            swap_into_place(staging, out)
-        except BaseException as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(exc, OSError):  # a full disk: the user's to fix, as for checkpoints
-                raise UmtamError(f"cannot write training state {out} ({first_line(exc, 200)})") from exc
-            raise
+            return complete
+
+        complete = write_directory(out, fill, what="training state")
         self.latest = TrainingState(out, complete)
         self._kept = [path for path in self._kept if path != out][-(KEEP_STATES - 1):] + [out]
         self._remove_older_states()

@@ -6,18 +6,9 @@ the highest-scoring entries. Scores are computed when needed, one tensor at a
 time, from the factored statistics in stats.safetensors: no dense saliency is
 ever stored.
 
-Registered scores (DESIGN section 4):
-
-    curvature       T^2 * sqrt(R_i C_j)        row/column means of G^2 (the default)
-    magnitude       T^2                        no statistics needed
-    fisher          T^2 * F                    full diagonal "fisher/<name>", when recorded
-    second-moment   T^2 * R_i C_j / mean(R)    Adafactor's rank-1 second moment; the
-                                               Fast Fisher Grafting score of OTA merging
-
-Statistics keys (``<stat>/<parameter name>``): a 2-D weight has
-``exp_avg_sq_row/<name>`` (length m) and ``exp_avg_sq_col/<name>`` (length n);
-a 1-D parameter has ``exp_avg_sq/<name>``, used elementwise. Higher-rank weights
-are read as (shape[0], rest).
+The scores are registered in umtam.scores (curvature, magnitude, fisher,
+second-moment: DESIGN section 4), which also names the statistics keys; the
+functions are here. Higher-rank weights are read as (shape[0], rest).
 
 Row blocks: every score is elementwise given its statistics, so a weight can be
 scored a few rows at a time. ``block=RowBlock(start, stop, rows)`` scores rows
@@ -37,7 +28,6 @@ the same exact value over many tensors without concatenating them.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
@@ -46,12 +36,9 @@ import torch
 from torch import Tensor
 
 from umtam.errors import CheckpointError, ConfigError
+from umtam.scores import SCORES, col_key, fisher_key, row_key, vector_key
 
 ScoreFn = Callable[..., Tensor]
-
-_SCORES: dict[str, ScoreFn] = {}
-# Which statistics each score reads: fn(param name, ndim) -> stat keys.
-_REQUIRED_STATS: dict[str, Callable[[str, int], tuple[str, ...]]] = {}
 
 _STATS_HINT = (
     "checkpoints from `umtam train` carry it (every optimizer records curvature); "
@@ -59,31 +46,9 @@ _STATS_HINT = (
 )
 
 
-# ----------------------------------------------------------------------------- registry
-
-
-def register(name: str, *, needs: Callable[[str, int], tuple[str, ...]]):
-    """Register a score function under ``name``; a second registration is a bug."""
-
-    def decorator(fn: ScoreFn) -> ScoreFn:
-        if name in _SCORES:
-            raise ValueError(f"saliency score {name!r} is already registered")
-        _SCORES[name] = fn
-        _REQUIRED_STATS[name] = needs
-        return fn
-
-    return decorator
-
-
-def available_scores() -> tuple[str, ...]:
-    return tuple(sorted(_SCORES))
-
-
 def get_score(name: str) -> ScoreFn:
-    """The score function called ``name``; an unknown name lists the choices."""
-    if name not in _SCORES:
-        raise ConfigError(unknown_choice_message("saliency score", name, available_scores()))
-    return _SCORES[name]
+    """The score function called ``name``; an unknown name lists the choices (umtam.scores)."""
+    return globals()[SCORES.get(name).function]
 
 
 def score(method: str, name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
@@ -92,40 +57,7 @@ def score(method: str, name: str, task_vector: Tensor, stats: Mapping[str, Tenso
     return get_score(method)(name, task_vector, stats, checkpoint_label=checkpoint_label, block=block)
 
 
-def required_stats(method: str, name: str, ndim: int) -> tuple[str, ...]:
-    """The stats keys ``method`` reads for parameter ``name`` (to check before long work)."""
-    get_score(method)
-    return _REQUIRED_STATS[method](name, ndim)
-
-
-def unknown_choice_message(what: str, given: object, choices: Sequence[str]) -> str:
-    """'unknown X 'foo'; choose one of a, b (did you mean 'fo'?)': shared by all registries."""
-    close = difflib.get_close_matches(str(given), list(choices), n=1)
-    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {what} {given!r}; choose one of {', '.join(choices)}{suggestion}"
-
-
 # ----------------------------------------------------------------------------- statistics
-
-
-def row_key(name: str) -> str:
-    return f"exp_avg_sq_row/{name}"
-
-
-def col_key(name: str) -> str:
-    return f"exp_avg_sq_col/{name}"
-
-
-def vector_key(name: str) -> str:
-    return f"exp_avg_sq/{name}"
-
-
-def fisher_key(name: str) -> str:
-    return f"fisher/{name}"
-
-
-def second_moment_keys(name: str, ndim: int) -> tuple[str, ...]:
-    return (row_key(name), col_key(name)) if ndim >= 2 else (vector_key(name),)
 
 
 def missing_stat_error(checkpoint_label: str, key: str, stats: Mapping[str, Tensor]) -> CheckpointError:
@@ -280,15 +212,6 @@ def _vector_stat(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
 # ----------------------------------------------------------------------------- scores
 
 
-def _no_stats(name: str, ndim: int) -> tuple[str, ...]:
-    return ()
-
-
-def _fisher_stats(name: str, ndim: int) -> tuple[str, ...]:
-    return (fisher_key(name),)
-
-
-@register("curvature", needs=second_moment_keys)
 def curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
                     checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 * sqrt(R_i C_j): the DESIGN section 4 saliency."""
@@ -296,14 +219,12 @@ def curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor],
     return t.square() * curvature(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
 
 
-@register("magnitude", needs=_no_stats)
 def magnitude_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
                     checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 (ranks entries like |T|, the TIES trim)."""
     return task_vector.to(torch.float32).square()
 
 
-@register("fisher", needs=_fisher_stats)
 def fisher_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
                  checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 * F with F the full Fisher diagonal, when the checkpoint recorded one."""
@@ -311,7 +232,6 @@ def fisher_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
     return t.square() * full_fisher(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
 
 
-@register("second-moment", needs=second_moment_keys)
 def second_moment_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
                         checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 * R_i C_j / mean(R): Fast Fisher Grafting (arXiv 2509.11167) on compressed moments."""

@@ -20,8 +20,9 @@ scores exist one tensor at a time per score, plus the two histograms per
 score that saliency.streaming_thresholds needs. Three passes over the
 tensors: two to find the exact thresholds, one to tally.
 
-Names follow Hugging Face BERT (RoBERTa, MiniLM, ...) and DistilBERT
-(``q_lin``, ``ffn.lin1``, ...); anything else counts as "other".
+Module types come from the checkpoint's model family (umtam.families: BERT,
+RoBERTa and MiniLM names, DistilBERT's ``q_lin``, ``ffn.lin1``, ...); anything
+else counts as "other".
 """
 
 from __future__ import annotations
@@ -34,51 +35,32 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from umtam.base_model import check_base_covers, load_base_encoder
 from umtam.checkpoint import Checkpoint, load_checkpoint
 from umtam.errors import ConfigError, UmtamError
-from umtam.models import load_base_encoder
+from umtam.families import ModelFamily, family_of_dir, generic_family
+from umtam.heads import is_head_key
 from umtam.plots import agg_canvas
-from umtam.prune import _check_base_covers, prunable_names
-from umtam.saliency import (check_keep, get_score, keep_count, required_stats, score as saliency_score,
-                            streaming_thresholds)
+from umtam.prune import prunable_names
+from umtam.saliency import check_keep, keep_count
+from umtam.saliency import score as saliency_score
+from umtam.saliency import streaming_thresholds
+from umtam.scores import SCORES, required_stats
 
 ScoresOf = Callable[[str], list[Tensor]]
 
 MODULE_TYPES = ("embeddings", "query", "key", "value", "attention_output", "ffn_in", "ffn_out", "pooler", "other")
 DEFAULT_SCORES = ("curvature", "magnitude")
 
-# (module type, dotted segment runs that identify it), first match wins: the
-# attention output must be tested before the feed-forward "output.dense".
-_MODULE_PATTERNS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("embeddings", (("embeddings",),)),
-    ("pooler", (("pooler",),)),
-    ("query", (("attention", "self", "query"), ("attention", "q_lin"))),
-    ("key", (("attention", "self", "key"), ("attention", "k_lin"))),
-    ("value", (("attention", "self", "value"), ("attention", "v_lin"))),
-    ("attention_output", (("attention", "output", "dense"), ("attention", "out_lin"))),
-    ("ffn_in", (("intermediate", "dense"), ("ffn", "lin1"))),
-    ("ffn_out", (("output", "dense"), ("ffn", "lin2"))),
-)
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)(?:\.|$)")
 
 
 # ----------------------------------------------------------------------------- names
 
 
-def module_type(name: str) -> str:
-    """The module type of a parameter name: one of MODULE_TYPES."""
-    parts = name.split(".")
-    for kind, runs in _MODULE_PATTERNS:
-        if any(_contains_run(parts, run) for run in runs):
-            return kind
-    return "other"
-
-
-def _contains_run(parts: Sequence[str], run: Sequence[str]) -> bool:
-    # Whole segments only, so "key" does not match "monkey" and "output.dense"
-    # does not match "attention.output.dense_extra".
-    width = len(run)
-    return any(tuple(parts[i:i + width]) == tuple(run) for i in range(len(parts) - width + 1))
+def module_type(name: str, family: ModelFamily | None = None) -> str:
+    """The module type of a parameter name: one of MODULE_TYPES (the family's names; any family's without one)."""
+    return (family or generic_family()).module_type(name)
 
 
 def layer_index(name: str) -> int | None:
@@ -87,9 +69,9 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def layer_group(name: str) -> str:
+def layer_group(name: str, family: ModelFamily | None = None) -> str:
     """The row a parameter belongs to: "embeddings", "<i>", "pooler" or "other"."""
-    kind = module_type(name)
+    kind = module_type(name, family)
     if kind in ("embeddings", "pooler"):
         return kind
     index = layer_index(name)
@@ -117,11 +99,12 @@ def saliency_breakdown(checkpoint, *, scores: Iterable[str] = DEFAULT_SCORES, ke
     keep = check_keep(keep)
     requested = list(dict.fromkeys(scores))
     for name in requested:
-        get_score(name)  # an unknown score is a usage error before any loading
+        SCORES.get(name)  # an unknown score is a usage error before any loading
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     tensors, stats = ckpt.load_tensors(), ckpt.load_stats()
-    names = prunable_names(tensors)
-    params = _params_per_cell(names, tensors)
+    family = family_of_dir(ckpt.path)
+    names = prunable_names(tensors, is_head=lambda key: is_head_key(key, family))
+    params = _params_per_cell(names, tensors, family)
     layers = sorted({layer for layer, _ in params}, key=_layer_order)
     modules = [kind for kind in MODULE_TYPES if any(kind == m for _, m in params)]
     if names:
@@ -138,7 +121,7 @@ def saliency_breakdown(checkpoint, *, scores: Iterable[str] = DEFAULT_SCORES, ke
         return report
     scores_of = _scorer(ckpt, tensors, stats, names, usable, base)
     thresholds = _thresholds(names, scores_of, keep)
-    for score_name, threshold, tally in zip(usable, thresholds, _tally(names, scores_of, thresholds)):
+    for score_name, threshold, tally in zip(usable, thresholds, _tally(names, scores_of, thresholds, family)):
         report["scores"][score_name] = _score_report(threshold, tally, params, layers, modules, keep)
     return report
 
@@ -147,8 +130,8 @@ def _scorer(ckpt: Checkpoint, tensors: Mapping[str, Tensor], stats: Mapping[str,
             usable: Sequence[str], base: str | None) -> ScoresOf:
     """name -> one score tensor per usable score, from the task vector against the verified base."""
     label = str(ckpt.path)
-    base_tensors = load_base_encoder(ckpt.sidecar["base_model"], override=base)
-    _check_base_covers(base_tensors, tensors, names, label)
+    base_tensors = load_base_encoder(ckpt.sidecar.base_model, override=base)
+    check_base_covers(base_tensors, {name: tuple(tensors[name].shape) for name in names}, label)
 
     def scores_of(name: str) -> list[Tensor]:
         # One task vector feeds every score, so each pass reads a tensor once.
@@ -192,10 +175,11 @@ class _Tally:
         self.mass: dict[tuple[str, str], float] = defaultdict(float)
 
 
-def _tally(names: Sequence[str], scores_of: ScoresOf, thresholds: Sequence[float]) -> list[_Tally]:
+def _tally(names: Sequence[str], scores_of: ScoresOf, thresholds: Sequence[float],
+           family: ModelFamily) -> list[_Tally]:
     tallies = [_Tally() for _ in thresholds]
     for name in names:
-        cell = (layer_group(name), module_type(name))
+        cell = (layer_group(name, family), module_type(name, family))
         for tally, threshold, scores in zip(tallies, thresholds, scores_of(name)):
             kept = scores[scores >= threshold]  # prune's rule: ties at the threshold are kept
             tally.count[cell] += int(kept.numel())
@@ -204,10 +188,11 @@ def _tally(names: Sequence[str], scores_of: ScoresOf, thresholds: Sequence[float
     return tallies
 
 
-def _params_per_cell(names: Sequence[str], tensors: Mapping[str, Tensor]) -> dict[tuple[str, str], int]:
+def _params_per_cell(names: Sequence[str], tensors: Mapping[str, Tensor],
+                     family: ModelFamily) -> dict[tuple[str, str], int]:
     params: dict[tuple[str, str], int] = defaultdict(int)
     for name in names:
-        params[(layer_group(name), module_type(name))] += int(tensors[name].numel())
+        params[(layer_group(name, family), module_type(name, family))] += int(tensors[name].numel())
     return params
 
 

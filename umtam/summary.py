@@ -13,13 +13,6 @@ from collections import Counter
 from typing import Any, Mapping, Sequence
 
 
-def tensor_shapes(path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from the validated header (a malformed file is a CheckpointError)."""
-    from umtam.checkpoint import read_safetensors_header
-
-    return {name: entry.shape for name, entry in read_safetensors_header(path).items()}
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     total = 1
     for size in shape:
@@ -35,28 +28,30 @@ def summarize(checkpoint, *, saliency: bool = False, keep: float = 0.05, base: s
     score sit by layer and module type (saliency_map.saliency_breakdown; ``base``
     overrides where the base model is found).
     """
-    from umtam.checkpoint import HEADS_PREFIX
-    from umtam.models import is_head_key
+    from umtam.families import family_of_dir
+    from umtam.heads import is_head_key
+    from umtam.safetensors_io import tensor_shapes
 
     sidecar = checkpoint.sidecar
     shapes = tensor_shapes(checkpoint.model_file)
-    encoder = {k: s for k, s in shapes.items() if not k.startswith(HEADS_PREFIX) and not is_head_key(k)}
+    family = family_of_dir(checkpoint.path)
+    encoder = {k: s for k, s in shapes.items() if not is_head_key(k, family)}
     summary = {
         "path": str(checkpoint.path),
         "kind": checkpoint.kind,
-        "schema_version": sidecar["schema_version"],
-        "tasks": {name: task_summary(record) for name, record in checkpoint.tasks.items()},
-        "base_model": sidecar["base_model"],
+        "schema_version": sidecar.schema_version,
+        "tasks": {name: task_summary(record.as_json()) for name, record in checkpoint.tasks.items()},
+        "base_model": sidecar.base_model.as_json(),
         "parameters": {"total": sum(_numel(s) for s in shapes.values()),
                        "encoder": sum(_numel(s) for s in encoder.values()),
                        "tensors": len(shapes)},
         "stats": stats_summary(checkpoint),
-        "optimizer": sidecar.get("optimizer"),
-        "steps": sidecar.get("steps"),
-        "seed": sidecar.get("seed"),
-        "peak_rss_bytes": sidecar.get("peak_rss_bytes"),
-        "seconds_per_step": sidecar.get("seconds_per_step"),
-        "files": {name: record.get("bytes") for name, record in sidecar["files"].items()},
+        "optimizer": sidecar.optimizer.as_json() if sidecar.optimizer else None,
+        "steps": sidecar.steps,
+        "seed": sidecar.seed,
+        "peak_rss_bytes": sidecar.peak_rss_bytes,
+        "seconds_per_step": sidecar.seconds_per_step,
+        "files": {name: record.bytes for name, record in sidecar.files.items()},
         "lineage": lineage_summary(checkpoint),
     }
     if saliency:
@@ -84,7 +79,7 @@ def lineage_summary(checkpoint) -> Any:
     its method is "prune" and those are its options, so "method" is always a
     name. Other kinds (train) keep the sidecar's lineage unchanged.
     """
-    raw = checkpoint.sidecar.get("lineage")
+    raw = checkpoint.sidecar.lineage.as_json() if checkpoint.sidecar.lineage else None
     if checkpoint.kind not in ("merge", "prune") or not isinstance(raw, dict):
         return raw
     tasks = list(checkpoint.tasks)
@@ -103,6 +98,8 @@ def lineage_summary(checkpoint) -> Any:
 
 def stats_summary(checkpoint) -> dict[str, int]:
     """How many tensors each statistic covers, e.g. {"exp_avg_sq_row": 37, ...}."""
+    from umtam.safetensors_io import tensor_shapes
+
     if checkpoint.stats_file is None:
         return {}
     counts = Counter(key.split("/", 1)[0] for key in tensor_shapes(checkpoint.stats_file))

@@ -13,91 +13,16 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from umtam import __version__
+from umtam.config.train import TrainConfig
 from umtam.errors import UmtamError, first_line
+from umtam.progress import ProgressFn, no_progress
 
-# Learning rates used when --lr is not given. AdamW's is the usual BERT
-# fine-tuning rate; UMTAM's is 4x higher, which DESIGN.md's MRPC probe found
-# matched AdamW's dev scores; the others come from bench/optim.py's sweep.
-DEFAULT_LR = {
-    "adamw": 5e-5,
-    "umtam": 2e-4,
-    "adafactor": 1e-4,
-    "galore": 2e-4,
-    "mofasgd": 1e-3,
-}
-
-
-@dataclass
-class TrainConfig:
-    task: str
-    output: str
-    model: str = "sentence-transformers/all-MiniLM-L6-v2"
-    optimizer: str = "adamw"
-    rank: int = 8
-    lr: float | None = None
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    max_length: int = 128
-    seed: int = 42
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    error_feedback: bool = False
-    dense_embeddings: bool = False
-    max_grad_norm: float = 1.0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    holdout_fraction: float = 0.0
-    eval_batch_size: int = 64
-    data_dir: str | None = None
-    device: str = "auto"
-    save_every: int | None = None
-    state_dir: str | None = None
-    plot_loss: bool = False
-    force: bool = False
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"rank: must be at least 1, got {self.rank}")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr: must be positive, got {self.lr}")
-        if not self.epochs > 0:
-            problems.append(f"epochs: must be positive, got {self.epochs}")
-        for name in ("max_steps", "save_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name}: must be at least 1, got {value}")
-        for name in ("batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name}: must be at least 1, got {value}")
-        if not 0 <= self.holdout_fraction < 1:
-            problems.append(f"holdout_fraction: must be in [0, 1), got {self.holdout_fraction}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            problems.append(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay: must be non-negative, got {self.weight_decay}")
-        return problems
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 5e-5)
+__all__ = ["TrainConfig", "StepEvent", "train", "warmup_then_linear_decay", "planned_steps"]
 
 
 @dataclass
@@ -110,14 +35,7 @@ class StepEvent:
     epoch: int
 
 
-ProgressFn = Callable[[str, Any], None]
-
-
-def _no_progress(kind: str, payload: Any) -> None:
-    return None
-
-
-def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_from: str | Path | None = None):
+def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_from: str | Path | None = None):
     """Run one fine-tuning job end to end and return the written Checkpoint.
 
     With ``config.save_every`` a resumable state is written every that many
@@ -133,19 +51,24 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     """
     import torch
 
-    from umtam import checkpoint, data, distributed, models, resume
+    from umtam import atomic, batching, checkpoint, data, distributed, models, resume
+    from umtam.base_model import base_record
     from umtam.evaluate import evaluate_model
+    from umtam.families import family_of
+    from umtam.heads import encoder_tensors
+    from umtam.hf_interop import hf_files
     from umtam.optim import build_optimizer, optimizer_hparams, optimizer_state_bytes
     from umtam.optim.tracker import CurvatureTracker
+    from umtam.tasks import get_task
 
     # Cheap checks first (task, model location, output, states), so a mistake is
     # reported before minutes of data loading and tokenisation.
-    spec = data.get_task(config.task)
+    spec = get_task(config.task)
     source = models.resolve_model(config.model)  # a local lookup, no network
     # an output inside the data or model directory would write there (and --force would delete them)
     model_dir = source.location if source.origin == "directory" else None
-    checkpoint.check_output_dir(config.output, inputs=[p for p in (config.data_dir, model_dir) if p],
-                                force=config.force)
+    atomic.check_output_dir(config.output, inputs=[p for p in (config.data_dir, model_dir) if p],
+                            force=config.force)
     if config.plot_loss:
         from umtam.plots import agg_canvas
 
@@ -157,7 +80,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     states = (resume.StateWriter(resume.state_dir_for(config), output=config.output, force=config.force,
                                  resumed=saved) if config.save_every and context.is_main else None)
     progress("status", f"loading model {source.location}")
-    tokenizer = models.load_tokenizer(source)
+    tokenizer = models.load_tokenizer(source, models.family_of_source(source))
     seed_everything(config.seed)
     progress("status", f"loading {spec.name} data")
     task_data = data.load_task(
@@ -170,17 +93,19 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     model = models.load_classifier(
         source, num_labels=spec.num_labels, label_names=spec.label_names, is_regression=spec.is_regression
     )
-    base = models.base_record(source, models.encoder_tensors(model.state_dict()), config.seed)
+    family = family_of(model.config)
+    base = base_record(source, encoder_tensors(model.state_dict(), family), config.seed)
     device = resolve_device(config.device, context.local_rank if context.enabled else None)
     distributed.setup(context, device.type)
     model.to(device)
-    train_features = data.encode(task_data.train, tokenizer, config.max_length)
+    train_features = batching.encode(task_data.train, tokenizer, config.max_length)
     total_steps = planned_steps(len(train_features), config)
 
     optimizer = build_optimizer(
         config.optimizer, list(model.named_parameters()), lr=config.learning_rate, rank=config.rank,
         betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
         error_feedback=config.error_feedback, dense_embeddings=config.dense_embeddings,
+        is_embedding=family.is_embedding,
     )
     hparams = optimizer_hparams(optimizer)  # before the scheduler rewrites lr step by step
     tracker = CurvatureTracker(model.named_parameters(), beta2=config.beta2, optimizer=optimizer)
@@ -202,7 +127,7 @@ def train(config: TrainConfig, progress: ProgressFn = _no_progress, *, resume_fr
     progress("status", "evaluating on dev")
 
     def measure(examples):
-        return evaluate_model(model, data.encode(examples, tokenizer, config.max_length), spec.name,
+        return evaluate_model(model, batching.encode(examples, tokenizer, config.max_length), spec.name,
                               pad_token_id=tokenizer.pad_token_id, batch_size=config.eval_batch_size,
                               progress=progress)
 
@@ -284,9 +209,8 @@ class _RunLog:
     earlier_seconds_per_step: float | None = None
 
     def state_record(self, seconds_per_step: float | None) -> dict[str, Any]:
-        # force is an instruction to this invocation, not part of the run: a resume must ask again
         return {
-            "config": {key: value for key, value in asdict(self.config).items() if key != "force"},
+            "config": self.config.state_record(),
             "base_fingerprint": self.identity.base_fingerprint,
             "train_digest": self.identity.train_digest,
             "total_steps": self.identity.total_steps,
@@ -331,7 +255,7 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
               context) -> RunRecord:
     import torch
 
-    from umtam import data, distributed
+    from umtam import batching, distributed
 
     model, optimizer, tracker, scheduler = parts.model, parts.optimizer, parts.tracker, parts.scheduler
     forward = distributed.wrap(model, context)  # DDP all-reduces the gradients during backward
@@ -341,10 +265,10 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
     progress("start", {"total": total_steps, "what": "train"})
     timer = _StepTimer()
     while position.step < total_steps:
-        order = data.batch_order(len(features), config.batch_size, seed=config.seed, epoch=position.epoch)
+        order = batching.batch_order(len(features), config.batch_size, seed=config.seed, epoch=position.epoch)
         for indices in order[position.batch:]:
             shard, factor = context.shard(indices)
-            batch = data.collate([features[i] for i in shard], tokenizer.pad_token_id)
+            batch = batching.collate([features[i] for i in shard], tokenizer.pad_token_id)
             loss = forward(**{key: value.to(device) for key, value in batch.items()}).loss
             if context.enabled:  # weight this rank's mean so DDP's average is the global batch's mean
                 loss = loss * factor
@@ -435,23 +359,6 @@ def loss_plot(loss_curve: list[float], config: TrainConfig) -> bytes:
                            title=f"{config.task}: training loss")
 
 
-def hf_files(model, tokenizer) -> dict[str, bytes]:
-    """config.json and tokenizer files, so transformers' from_pretrained(dir) loads the checkpoint."""
-    import tempfile
-    from pathlib import Path
-
-    # from_pretrained(dir) picks the class from "architectures"; the base's says BertModel
-    model.config.architectures = [type(model).__name__]
-    with tempfile.TemporaryDirectory() as scratch:
-        model.config.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
-        return {path.name: path.read_bytes() for path in sorted(Path(scratch).iterdir()) if path.is_file()}
-
-
-# Where files go is not part of what was trained (and a resumed run may move them).
-_NOT_RECORDED = ("output", "force", "save_every", "state_dir", "plot_loss")
-
-
 def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metrics, holdout_metrics, hparams,
                    state: dict[str, int], resumed: list[dict[str, Any]]):
     return {
@@ -472,8 +379,7 @@ def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metr
         "optimizer": {"name": config.optimizer, "hyperparameters": hparams,
                       "state_bytes": state["optimizer_bytes"] + state["tracker_bytes"], **state},
         "training": {
-            "config": {**{key: value for key, value in asdict(config).items() if key not in _NOT_RECORDED},
-                       "lr": config.learning_rate},
+            "config": config.sidecar_record(),
             "final_loss": run.final_loss,
             "loss_curve": run.loss_curve,
             **({"resumed": resumed} if resumed else {}),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
-from umtam_cli.render import common_output_options, emit_json, format_value, progress_renderer, stdout_console
+from umtam.config.evaluate import EvalConfig
+from umtam_cli.options import schema_options
+from umtam_cli.render import (common_output_options, emit_json, format_value, progress_renderer, recipe_option,
+                              stdout_console)
 
 EPILOG = """\b
 Examples:
@@ -16,32 +19,21 @@ Examples:
 
 
 @click.command(epilog=EPILOG)
-@click.argument("checkpoint", type=click.Path())
-@click.option("--task", default="glue", show_default=True, help="A task, a comma list, or 'glue' for all heads.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="GLUE directory (TSV or parquet layout).")
-@click.option("--max-eval-samples", type=int, help="Subsample each dev set (seeded).")
-@click.option("--max-length", type=int, default=128, show_default=True, help="Truncate inputs to this many tokens.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed for dev subsampling.")
-@click.option("--holdout-fraction", type=float, default=0.0,
-              help="Evaluate the fixed holdout slice of train (as kept by train --holdout-fraction) instead of dev.")
+@recipe_option
+@schema_options(EvalConfig)
 @common_output_options
-def command(checkpoint, task, data_dir, max_eval_samples, max_length, batch_size, seed, holdout_fraction, as_json,
-            quiet, verbose):
+def command(config_file, as_json, quiet, verbose, **flags):
     """Evaluate a checkpoint on GLUE dev sets."""
     from umtam.checkpoint import load_checkpoint
-    from umtam.errors import ConfigError
+    from umtam.config import build_config, load_recipe
     from umtam.evaluate import evaluate_checkpoint
 
-    for name, value in (("--max-eval-samples", max_eval_samples), ("--max-length", max_length),
-                        ("--batch-size", batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    ckpt = load_checkpoint(checkpoint)
+    recipe = load_recipe(config_file) if config_file else {}
+    config = build_config(EvalConfig, recipe, flags=flags, source=config_file or "options")
+    ckpt = load_checkpoint(config.checkpoint)
+    settings = config.model_dump(exclude={"checkpoint"})
     with progress_renderer(quiet=quiet, verbose=verbose) as progress:
-        results = evaluate_checkpoint(ckpt, task, data_dir=data_dir, max_eval_samples=max_eval_samples,
-                                      max_length=max_length, batch_size=batch_size, seed=seed,
-                                      holdout_fraction=holdout_fraction, progress=progress)
+        results = evaluate_checkpoint(ckpt, progress=progress, **settings)
     payload = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "tasks": results,
                "average_score": sum(r["score"] for r in results.values()) / len(results)}
     if as_json:

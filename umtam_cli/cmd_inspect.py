@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from umtam.config.inspect import InspectConfig
+from umtam_cli.options import schema_options
 from umtam_cli.render import (common_output_options, emit_json, format_value, human_bytes, progress_renderer,
-                              stdout_console)
+                              recipe_option, stdout_console)
 
 EPILOG = """\b
 Examples:
@@ -17,56 +19,44 @@ Examples:
   umtam inspect runs/mrpc --plot mrpc-saliency.png --base path/to/all-MiniLM-L6-v2
 """
 
-DEFAULT_KEEP = 0.05
-
 
 @click.command(epilog=EPILOG)
-@click.argument("checkpoint", type=click.Path())
-@click.option("--saliency", is_flag=True,
-              help="Add where the top-k curvature and magnitude saliency sits, by layer and module type "
-                   "(loads the weights and the base model).")
-@click.option("--keep", type=float, default=None,
-              help=f"Top-k fraction for --saliency / --plot, in (0, 1]  [default: {DEFAULT_KEEP}]")
-@click.option("--plot", type=click.Path(dir_okay=False),
-              help="Draw the layer x module map of top-k saliency mass to this image (implies --saliency; "
-                   "needs umtam[plot]).")
-@click.option("--base", help="Where to find the base model, if not where the sidecar says (checked by sha256).")
+@recipe_option
+@schema_options(InspectConfig)
 @common_output_options
-def command(checkpoint, saliency, keep, plot, base, as_json, quiet, verbose):
+def command(config_file, as_json, quiet, verbose, **flags):
     """Describe a checkpoint: tasks, base, stats, metrics, costs.
 
     A prune or merge also shows its lineage (method, options, inputs); --saliency
     or --plot adds where the top-k saliency sits by layer and module type.
     """
     from umtam.checkpoint import load_checkpoint
-    from umtam.errors import ConfigError
-    from umtam.saliency import check_keep
+    from umtam.config import build_config, load_recipe
     from umtam.summary import summarize
 
-    wants_saliency = saliency or plot is not None
-    if not wants_saliency and (keep is not None or base is not None):
-        raise ConfigError("--keep and --base apply to the saliency breakdown", hint="add --saliency or --plot")
-    keep = check_keep(DEFAULT_KEEP if keep is None else keep, option="--keep")
-    if plot is not None:
+    recipe = load_recipe(config_file) if config_file else {}
+    config = build_config(InspectConfig, recipe, flags=flags, source=config_file or "options")
+    if config.plot is not None:
         from umtam.saliency_map import check_plot_path
 
-        check_plot_path(plot)  # no matplotlib or a bad path fails before minutes of work
-    ckpt = load_checkpoint(checkpoint)
+        check_plot_path(config.plot)  # no matplotlib or a bad path fails before minutes of work
+    ckpt = load_checkpoint(config.checkpoint)
+    keep = config.top_fraction
     with progress_renderer(quiet=quiet, verbose=verbose) as renderer:
-        if wants_saliency:
+        if config.wants_saliency:
             renderer("status", f"scoring {ckpt.path} against its base model (top {keep:g})")
-        summary = summarize(ckpt, saliency=wants_saliency, keep=keep, base=base)
-    if plot is not None:
+        summary = summarize(ckpt, saliency=config.wants_saliency, keep=keep, base=config.base)
+    if config.plot is not None:
         from umtam.saliency_map import plot_breakdown
 
-        summary["plot"] = str(plot_breakdown(summary["saliency"], plot, title=str(ckpt.path)))
+        summary["plot"] = str(plot_breakdown(summary["saliency"], config.plot, title=str(ckpt.path)))
     if as_json:
         emit_json(summary)
         return
     render_summary(summary)
-    if wants_saliency:
+    if config.wants_saliency:
         render_saliency(summary["saliency"])
-    if plot is not None:
+    if config.plot is not None:
         stdout_console().print(f"saliency map -> {summary['plot']}", highlight=False)
 
 

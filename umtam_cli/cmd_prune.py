@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from umtam.config.prune import PruneConfig
+from umtam_cli.options import schema_options
 from umtam_cli.render import (common_output_options, emit_json, per_tensor_progress, progress_renderer,
-                              stdout_console)
+                              recipe_option, stdout_console)
 
 EPILOG = """\b
 Examples:
@@ -16,30 +18,26 @@ Examples:
 
 
 @click.command(epilog=EPILOG)
-@click.argument("checkpoint", type=click.Path())
-@click.option("--keep", type=float, required=True, help="Fraction of task-vector entries to keep, in (0, 1].")
-@click.option("--score", default="curvature", show_default=True,
-              help="Saliency: curvature (T^2 sqrt(R C)), magnitude (T^2), fisher, second-moment.")
-@click.option("--scope", default="global", show_default=True, type=click.Choice(["global", "tensor"]),
-              help="One threshold over all 2-D weights, or one per tensor.")
-@click.option("--base", help="Where to find the base model, if not where the sidecar says (checked by sha256).")
-@click.option("--output", "-o", required=True, help="Checkpoint directory to create.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@recipe_option
+@schema_options(PruneConfig)
 @common_output_options
-def command(checkpoint, keep, score, scope, base, output, force, as_json, quiet, verbose):
+def command(config_file, as_json, quiet, verbose, **flags):
     """Prune a checkpoint's task vector by saliency."""
-    from umtam.checkpoint import check_output_dir, load_checkpoint
+    from umtam.atomic import check_output_dir
+    from umtam.checkpoint import load_checkpoint
+    from umtam.config import build_config, load_recipe
+    from umtam.config.prune import PruneSettings
     from umtam.prune import write_pruned
-    from umtam.saliency import check_keep, get_score
 
-    check_keep(keep)
-    get_score(score)
-    check_output_dir(output, inputs=[checkpoint], force=force)
-    ckpt = load_checkpoint(checkpoint)
+    recipe = load_recipe(config_file) if config_file else {}
+    config = build_config(PruneConfig, recipe, flags=flags, source=config_file or "options")
+    check_output_dir(config.output, inputs=[config.checkpoint], force=config.force)
+    ckpt = load_checkpoint(config.checkpoint)
+    settings = {name: getattr(config, name) for name in PruneSettings.model_fields}
     with progress_renderer(quiet=quiet, verbose=verbose) as renderer:
-        renderer("status", f"pruning {ckpt.path} to {keep:g} by {score} ({scope})")
-        written, report = write_pruned(ckpt, output, keep=keep, score=score, scope=scope, base=base, force=force,
-                                       progress=per_tensor_progress(renderer, "prune"))
+        renderer("status", f"pruning {ckpt.path} to {config.keep:g} by {config.score} ({config.scope})")
+        written, report = write_pruned(ckpt, config.output, base=config.base, force=config.force,
+                                       progress=per_tensor_progress(renderer, "prune"), **settings)
     payload = {"output": str(written.path), "input": str(ckpt.path), **report.as_dict()}
     if as_json:
         emit_json(payload)
@@ -48,5 +46,5 @@ def command(checkpoint, keep, score, scope, base, output, force, as_json, quiet,
         shown = f", threshold {threshold:.3e}" if isinstance(threshold, float) else ""
         stdout_console().print(
             f"kept {payload['kept_fraction']:.4f} of task-vector entries ({payload['kept_entries']:,} of "
-            f"{payload['total_entries']:,}) by {score} saliency, {scope} scope{shown} -> {written.path}"
+            f"{payload['total_entries']:,}) by {config.score} saliency, {config.scope} scope{shown} -> {written.path}"
         )

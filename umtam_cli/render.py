@@ -18,6 +18,12 @@ def common_output_options(function):
     return function
 
 
+def recipe_option(function):
+    """--config FILE.yaml: a recipe with the command's option keys; flags given beside it win."""
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="YAML recipe with the same keys as the options; flags win.")(function)
+
+
 def emit_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
 

@@ -6,11 +6,14 @@ weights and no statistics; with a shared base it equals W0 + mean_t T_t.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from torch import Tensor
+from umtam.merge.base import MergeMethod
 
-from umtam.merge.base import MergeMethod, TensorGroup
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from umtam.merge.group import TensorGroup
 
 
 def average(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:

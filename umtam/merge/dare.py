@@ -17,16 +17,27 @@ paper drops up to 0.9 and more on large models).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
-from torch import Tensor
+from umtam.merge.base import MergeMethod, MethodOptions, lambda_option, option
 
-from umtam.merge.base import MergeMethod, Option, TensorGroup, finite_number, integer, probability_below_one
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from umtam.merge.group import TensorGroup
+
+
+class DareOptions(MethodOptions):
+    drop: float = option(0.5, ge=0, lt=1, help="Probability of dropping each task-vector entry.")
+    seed: int = option(0, help="Seed of the drop masks.")
+    lambda_: float = lambda_option()
 
 
 def drop_generator(*, seed: int, task_id: str, name: str) -> torch.Generator:
     """The private generator of one task's tensor, at its first entry."""
+    import torch
+
     digest = hashlib.sha256(f"{seed}\x00{task_id}\x00{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
@@ -38,6 +49,8 @@ def drop_mask(shape: torch.Size, *, drop: float, seed: int, task_id: str, name: 
     ``generator`` continues a tensor's stream for its next row block (one uniform
     draw per entry, in row-major order); without it the stream starts afresh.
     """
+    import torch
+
     if generator is None:
         generator = drop_generator(seed=seed, task_id=task_id, name=name)
     return torch.rand(shape, generator=generator) >= drop
@@ -50,6 +63,8 @@ def drop_streams(name: str, task_ids: Sequence[str], options: Mapping[str, Any])
 
 def dropped_and_rescaled(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     """T'_t = T_t * keep_mask_t / (1 - drop), stacked (K, ...)."""
+    import torch
+
     drop = options["drop"]
     streams = group.streams or (None,) * group.size
     masks = torch.stack([
@@ -64,17 +79,11 @@ def dare(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     return group.base32 + options["lambda"] * dropped_and_rescaled(group, options).sum(dim=0)
 
 
-DARE_OPTIONS = {
-    "drop": Option(0.5, probability_below_one, "probability of dropping each task-vector entry"),
-    "seed": Option(0, integer, "seed of the drop masks"),
-    "lambda": Option(1.0, finite_number, "scale of the merged task vector"),
-}
-
 METHOD = MergeMethod(
     name="dare",
     merge=dare,
     url="https://arxiv.org/abs/2311.03099",
     summary="drop entries with probability p, rescale by 1/(1-p), sum",
-    options=DARE_OPTIONS,
+    options=DareOptions,
     random_streams=drop_streams,
 )

@@ -9,16 +9,24 @@ it; W = W0 + lambda * delta. Entries no task keeps stay at W0.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from torch import Tensor
+from umtam.merge.base import Aggregation, MergeMethod, option
+from umtam.merge.dare import DareOptions, drop_streams, dropped_and_rescaled
 
-from umtam.merge import ops
-from umtam.merge.base import MergeMethod, Option, TensorGroup, one_of
-from umtam.merge.dare import DARE_OPTIONS, drop_streams, dropped_and_rescaled
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from umtam.merge.group import TensorGroup
+
+
+class DareTiesOptions(DareOptions):
+    agg: Aggregation = option("mean", help="Disjoint mean (the paper) or sum of the agreeing entries.")
 
 
 def dare_ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    from umtam.merge import ops
+
     vectors = dropped_and_rescaled(group, options)
     survived = vectors != 0
     elected = ops.elect_sign(vectors)
@@ -32,9 +40,6 @@ METHOD = MergeMethod(
     merge=dare_ties,
     url="https://arxiv.org/abs/2311.03099",
     summary="DARE drop-and-rescale, then TIES sign election and disjoint merge",
-    options={
-        **DARE_OPTIONS,
-        "agg": Option("mean", one_of("mean", "sum"), "disjoint mean or sum of agreeing entries"),
-    },
+    options=DareTiesOptions,
     random_streams=drop_streams,
 )

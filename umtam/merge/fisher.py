@@ -14,19 +14,28 @@ average instead of dividing by zero.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-import torch
-from torch import Tensor
+from umtam.merge.base import MergeMethod, MethodOptions, option
 
-from umtam.merge.base import MergeMethod, Option, TensorGroup, non_negative_number, one_of
-from umtam.saliency import full_fisher, second_moment
+if TYPE_CHECKING:
+    from torch import Tensor
 
-_SOURCES = {"factored": second_moment, "full": full_fisher}
+    from umtam.merge.group import TensorGroup
+
+
+class FisherOptions(MethodOptions):
+    fisher: Literal["factored", "full"] = option(
+        "factored", help="The rank-1 'factored' second moment or the 'full' diagonal.")
+    eps: float = option(1e-12, ge=0, help="Added to every Fisher diagonal.")
 
 
 def fisher_diagonals(group: TensorGroup, source: str) -> Tensor:
-    read = _SOURCES[source]
+    import torch
+
+    from umtam.saliency import full_fisher, second_moment
+
+    read = {"factored": second_moment, "full": full_fisher}[source]
     return torch.stack([
         read(group.name, group.shape, stats, checkpoint_label=label, block=group.block)
         for stats, label in zip(group.stats, group.labels)
@@ -47,10 +56,7 @@ METHOD = MergeMethod(
     merge=fisher,
     url="https://arxiv.org/abs/2111.09832",
     summary="curvature-weighted average of the weights",
-    options={
-        "fisher": Option("factored", one_of(*_SOURCES), "rank-1 'factored' second moment or 'full' diagonal"),
-        "eps": Option(1e-12, non_negative_number, "added to every Fisher diagonal"),
-    },
+    options=FisherOptions,
     needs_base=False,
     stats_needed=_stats_needed,
 )

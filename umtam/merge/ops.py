@@ -12,7 +12,7 @@ from torch import Tensor
 
 from umtam.saliency import score, tensor_threshold
 
-from umtam.merge.base import TensorGroup
+from umtam.merge.group import TensorGroup
 
 
 def per_task_stats(group: TensorGroup, dense_stat) -> Tensor:

@@ -24,27 +24,44 @@ weights). Default keep 0.2.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from torch import Tensor
+from umtam.merge.base import MergeMethod, MethodOptions, ScoreName, Scope, keep_option, option, scope_option
 
-from umtam.merge import ops
-from umtam.merge.base import (
-    MergeMethod, Option, TensorGroup, fraction, non_negative_number, one_of, positive_number, saliency_name,
-)
-from umtam.saliency import second_moment, second_moment_mean
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from umtam.merge.group import TensorGroup
+
+
+class OtaOptions(MethodOptions):
+    keep: float = keep_option(0.2)
+    scope: Scope = scope_option("tensor")
+    graft: ScoreName = option("second-moment", help="Saliency that ranks entries for grafting.")
+    power: float = option(0.5, gt=0, help="P = v ** power.")
+    normalise: Literal["none", "mean"] = option("none", help="Divide each P_t by its mean per tensor.")
+    denominator: Literal["all", "kept"] = option("all", help="Normalise by every P_t or the kept ones only.")
+    eps: float = option(1e-8, ge=0, help="Added to P_t.")
 
 
 def ota_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    from umtam.merge import ops
+
     return ops.saliencies(group, options["graft"])
 
 
 def second_moments(group: TensorGroup) -> Tensor:
     """v_t = R_t C_t^T / mean(R_t) of every task for this group's rows, stacked (K, ...)."""
+    from umtam.merge import ops
+    from umtam.saliency import second_moment
+
     return ops.per_task_stats(group, second_moment)
 
 
 def preconditioner_weights(group: TensorGroup, options: Mapping[str, Any], moments: Tensor | None = None) -> Tensor:
+    from umtam.merge import ops
+    from umtam.saliency import second_moment_mean
+
     weights = (second_moments(group) if moments is None else moments).pow(options["power"])
     if options["normalise"] == "mean":
         means = [second_moment_mean(group.name, group.tensor_shape, stats, checkpoint_label=label,
@@ -55,6 +72,8 @@ def preconditioner_weights(group: TensorGroup, options: Mapping[str, Any], momen
 
 
 def ota(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    from umtam.merge import ops
+
     vectors = group.task_vectors
     moments = second_moments(group)
     if options["graft"] == "second-moment":
@@ -82,15 +101,7 @@ METHOD = MergeMethod(
     merge=ota,
     url="https://arxiv.org/abs/2509.11167",
     summary="Fast Fisher Grafting masks, then sqrt(v)-weighted aggregation",
-    options={
-        "keep": Option(0.2, fraction, "fraction of each task's entries grafted"),
-        "scope": Option("tensor", one_of("tensor", "global"), "graft per tensor or over all 2-D weights"),
-        "graft": Option("second-moment", saliency_name, "saliency that ranks entries for grafting"),
-        "power": Option(0.5, positive_number, "P = v ** power"),
-        "normalise": Option("none", one_of("none", "mean"), "divide each P_t by its mean per tensor"),
-        "denominator": Option("all", one_of("all", "kept"), "normalise by every P_t or the kept ones"),
-        "eps": Option(1e-8, non_negative_number, "added to P_t"),
-    },
+    options=OtaOptions,
     trim_scores=ota_trim_scores,
     stats_needed=_stats_needed,
 )

@@ -7,11 +7,18 @@ Arithmetic"). The paper tunes lambda on validation data; the default here is
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from torch import Tensor
+from umtam.merge.base import MergeMethod, MethodOptions, lambda_option
 
-from umtam.merge.base import MergeMethod, Option, TensorGroup, finite_number
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from umtam.merge.group import TensorGroup
+
+
+class TaskArithmeticOptions(MethodOptions):
+    lambda_: float = lambda_option()
 
 
 def task_arithmetic(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
@@ -23,5 +30,5 @@ METHOD = MergeMethod(
     merge=task_arithmetic,
     url="https://arxiv.org/abs/2212.04089",
     summary="W0 + lambda * sum of task vectors",
-    options={"lambda": Option(1.0, finite_number, "scale of the summed task vectors")},
+    options=TaskArithmeticOptions,
 )

@@ -21,19 +21,32 @@ engine's ``norms`` option. Default keep 0.2, the paper's top-20%.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from torch import Tensor
+from umtam.merge.base import Aggregation, MergeMethod, MethodOptions, Scope, keep_option, lambda_option, option, scope_option
 
-from umtam.merge import ops
-from umtam.merge.base import MergeMethod, Option, TensorGroup, finite_number, fraction, one_of
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from umtam.merge.group import TensorGroup
+
+
+class TiesOptions(MethodOptions):
+    keep: float = keep_option(0.2)
+    scope: Scope = scope_option("global")
+    agg: Aggregation = option("mean", help="Disjoint mean (the paper) or sum of the agreeing entries.")
+    lambda_: float = lambda_option()
 
 
 def ties_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    from umtam.merge import ops
+
     return ops.saliencies(group, "magnitude")
 
 
 def ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    from umtam.merge import ops
+
     vectors = group.task_vectors
     masks = ops.top_fraction_masks(ties_trim_scores(group, options), options["keep"], group.thresholds)
     elected = ops.elect_sign(vectors * masks)
@@ -42,18 +55,11 @@ def ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     return group.base32 + options["lambda"] * delta
 
 
-OPTIONS = {
-    "keep": Option(0.2, fraction, "fraction of each task's entries kept by |T|"),
-    "scope": Option("global", one_of("global", "tensor"), "trim over all 2-D weights or per tensor"),
-    "agg": Option("mean", one_of("mean", "sum"), "disjoint mean (paper) or sum of agreeing entries"),
-    "lambda": Option(1.0, finite_number, "scale of the merged task vector"),
-}
-
 METHOD = MergeMethod(
     name="ties",
     merge=ties,
     url="https://arxiv.org/abs/2306.01708",
     summary="trim by magnitude, elect sign by mass, disjoint merge",
-    options=OPTIONS,
+    options=TiesOptions,
     trim_scores=ties_trim_scores,
 )

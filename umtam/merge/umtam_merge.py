@@ -25,35 +25,55 @@ keep 0.2.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-import torch
-from torch import Tensor
+from umtam.merge.base import MergeMethod, MethodOptions, ScoreName, Scope, keep_option, lambda_option, option, scope_option
 
-from umtam.merge import ops
-from umtam.merge.base import (
-    MergeMethod, Option, TensorGroup, boolean, finite_number, fraction, one_of, saliency_name,
-)
-from umtam.saliency import curvature, curvature_mean
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from umtam.merge.group import TensorGroup
+
+
+class UmtamOptions(MethodOptions):
+    keep: float = keep_option(0.2)
+    scope: Scope = scope_option("tensor")
+    trim: ScoreName = option("curvature", help="Saliency that ranks entries ('magnitude': ablation).")
+    elect: bool = option(True, flag="--elect/--no-elect",
+                         help="Elect a sign per entry by importance-weighted vote (off: ablation).")
+    weights: Literal["curvature", "uniform"] = option("curvature", help="Aggregation weights ('uniform': ablation).")
+    lambda_: float = lambda_option()
 
 
 def umtam_trim_scores(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    from umtam.merge import ops
+
     return ops.saliencies(group, options["trim"])
 
 
 def curvatures(group: TensorGroup) -> Tensor:
     """sqrt(R_t C_t^T) of every task for this group's rows, stacked (K, ...)."""
+    from umtam.merge import ops
+    from umtam.saliency import curvature
+
     return ops.per_task_stats(group, curvature)
 
 
 def curvature_weights(group: TensorGroup, raw: Tensor | None = None) -> Tensor:
     """c_t = sqrt(R_t C_t^T) / its mean over the whole tensor, per task, for this group's rows."""
+    from umtam.merge import ops
+    from umtam.saliency import curvature_mean
+
     means = [curvature_mean(group.name, group.tensor_shape, stats, checkpoint_label=label)
              for stats, label in zip(group.stats, group.labels)]
     return ops.per_input_mean_normalised(curvatures(group) if raw is None else raw, means)
 
 
 def umtam(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
+    import torch
+
+    from umtam.merge import ops
+
     vectors = group.task_vectors
     uses_curvature = options["weights"] == "curvature"
     raw = curvatures(group) if uses_curvature else None
@@ -86,14 +106,7 @@ METHOD = MergeMethod(
     merge=umtam,
     url="https://arxiv.org/abs/2512.17109",
     summary="curvature-saliency trim, weighted sign election, curvature-weighted aggregation",
-    options={
-        "keep": Option(0.2, fraction, "fraction of each task's entries kept by saliency"),
-        "scope": Option("tensor", one_of("tensor", "global"), "trim per tensor or over all 2-D weights"),
-        "trim": Option("curvature", saliency_name, "saliency that ranks entries ('magnitude': ablation)"),
-        "elect": Option(True, boolean, "elect a sign per entry (False: ablation)"),
-        "weights": Option("curvature", one_of("curvature", "uniform"), "aggregation weights"),
-        "lambda": Option(1.0, finite_number, "scale of the merged task vector"),
-    },
+    options=UmtamOptions,
     trim_scores=umtam_trim_scores,
     stats_needed=_stats_needed,
 )

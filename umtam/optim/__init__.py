@@ -1,42 +1,46 @@
 """Optimizers by name, and the helpers the trainer needs to report on them.
 
-    adamw      torch.optim.AdamW
-    adafactor  transformers.optimization.Adafactor (as the HF Trainer's "adafactor")
-    galore     GaLoreAdamW, https://arxiv.org/abs/2403.03507
-    mofasgd    MoFaSGD, https://arxiv.org/abs/2507.08091
-    umtam      UMTAM, https://arxiv.org/abs/2512.17109
-
-All are built with the HF Trainer's parameter grouping: weight decay on
-matrices, none on vectors (biases, LayerNorm) or on anything named "bias".
+The registry (umtam.optim.registry) lists them: adamw, adafactor, galore,
+mofasgd, umtam. All are built with the HF Trainer's parameter grouping: weight
+decay on matrices, none on vectors (biases, LayerNorm) or on anything named
+"bias".
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
-from typing import Any
-
-import torch
-from torch.nn import Parameter
+import importlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from umtam.errors import ConfigError
-from umtam.optim.galore import GaLoreAdamW
-from umtam.optim.mofasgd import MoFaSGD
-from umtam.optim.tracker import CurvatureTracker
-from umtam.optim.umtam import UMTAM
+from umtam.optim.registry import OPTIMIZERS, Hyperparameters, OptimizerSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch.nn import Parameter
+
+# The optimizer classes load on first use (PEP 562), so the registry can be read without torch.
+_LAZY = {"GaLoreAdamW": "umtam.optim.galore", "MoFaSGD": "umtam.optim.mofasgd", "UMTAM": "umtam.optim.umtam",
+         "CurvatureTracker": "umtam.optim.tracker"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'umtam.optim' has no attribute {name!r}")
 
 __all__ = [
     "OPTIMIZERS",
     "CurvatureTracker",
     "GaLoreAdamW",
+    "Hyperparameters",
     "MoFaSGD",
+    "OptimizerSpec",
     "UMTAM",
     "build_optimizer",
     "optimizer_hparams",
     "optimizer_state_bytes",
 ]
-
-OPTIMIZERS = ("adamw", "adafactor", "galore", "mofasgd", "umtam")
 
 
 def _decay_groups(named_parameters: Iterable[tuple[str, Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -55,9 +59,10 @@ def _decay_groups(named_parameters: Iterable[tuple[str, Parameter]], weight_deca
     return [g for g in groups if g["params"]]
 
 
-def _embeddings_apart(groups: list[dict[str, Any]], named_parameters) -> list[dict[str, Any]]:
+def _embeddings_apart(groups: list[dict[str, Any]], named_parameters,
+                      is_embedding: Callable[[str], bool]) -> list[dict[str, Any]]:
     """Move the embedding matrices out of their group into one of their own with ``lowrank=False``."""
-    embeddings = [p for name, p in named_parameters if p.requires_grad and p.dim() >= 2 and "embeddings." in name]
+    embeddings = [p for name, p in named_parameters if p.requires_grad and p.dim() >= 2 and is_embedding(name)]
     moved = {id(p) for p in embeddings}
     kept = [{**group, "params": [p for p in group["params"] if id(p) not in moved]} for group in groups]
     dense = {"params": embeddings, "weight_decay": groups[0]["weight_decay"], "lowrank": False}
@@ -75,62 +80,48 @@ def build_optimizer(
     eps: float | None = None,
     error_feedback: bool = False,
     dense_embeddings: bool = False,
+    is_embedding: Callable[[str], bool] | None = None,
 ) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` over the trainable parameters.
+    """Build the registered optimizer ``name`` over the trainable parameters.
 
     ``eps=None`` keeps each optimizer's default (1e-8 for the Adam family).
-    ``rank`` applies to galore, mofasgd and umtam. Adafactor runs as the HF
-    Trainer's ``optim="adafactor"``: ``scale_parameter=False,
-    relative_step=False, warmup_init=False`` with the given lr and weight
-    decay, and its own (eps1, eps2) = (1e-30, 1e-3), no momentum and the
-    1 - t^-0.8 second-moment schedule, so ``betas`` and ``eps`` do not apply
-    to it. ``error_feedback`` and ``dense_embeddings`` (the embedding matrices
-    in a ``lowrank=False`` group: dense AdamW state for them) exist only for umtam.
+    Options an optimizer's spec does not list (``rank`` for adamw, ``betas``
+    for adafactor) do not reach it; ``error_feedback`` and ``dense_embeddings``
+    (the embedding matrices, as ``is_embedding`` or the model family says, in
+    a ``lowrank=False`` group: dense AdamW state for them) are refused for an
+    optimizer that does not list them.
 
     Raises:
         ConfigError: unknown name (listing the choices), an option the
             optimizer does not have, or a hyperparameter it rejects.
     """
-    key = name.strip().lower()
-    if key not in OPTIMIZERS:
-        close = difflib.get_close_matches(key, OPTIMIZERS, n=1)
-        hint = f"choose one of {', '.join(OPTIMIZERS)}" + (f"; did you mean {close[0]!r}?" if close else "")
-        raise ConfigError(f"unknown optimizer {name!r}", hint=hint)
-    if error_feedback and key != "umtam":
-        raise ConfigError(f"error_feedback is an option of the umtam optimizer, not {key!r}")
-    if dense_embeddings and key != "umtam":
-        raise ConfigError(f"dense_embeddings is an option of the umtam optimizer, not {key!r}")
+    spec = OPTIMIZERS.get(name)
+    for option, given in (("error_feedback", error_feedback), ("dense_embeddings", dense_embeddings)):
+        if given and option not in spec.options:
+            raise ConfigError(f"{option} is an option of the {optimizers_taking(option)} optimizer, "
+                              f"not {spec.name!r}")
     named_parameters = list(named_parameters)
     groups = _decay_groups(named_parameters, weight_decay)
     if dense_embeddings:
-        groups = _embeddings_apart(groups, named_parameters)
-    adam_kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
-    if eps is not None:
-        adam_kwargs["eps"] = eps
-    try:
-        if key == "adamw":
-            return torch.optim.AdamW(groups, **adam_kwargs)
-        if key == "adafactor":
-            from transformers.optimization import Adafactor  # slow import: only when asked for
+        from umtam.families import generic_family
 
-            return Adafactor(
-                groups,
-                lr=lr,
-                scale_parameter=False,
-                relative_step=False,
-                warmup_init=False,
-                weight_decay=weight_decay,
-            )
-        if key == "galore":
-            return GaLoreAdamW(groups, rank=rank, **adam_kwargs)
-        if key == "mofasgd":
-            return MoFaSGD(groups, rank=rank, **adam_kwargs)
-        return UMTAM(groups, rank=rank, error_feedback=error_feedback, **adam_kwargs)
+        groups = _embeddings_apart(groups, named_parameters, is_embedding or generic_family().is_embedding)
+    hyperparameters = Hyperparameters(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, rank=rank,
+                                      error_feedback=error_feedback)
+    try:
+        return spec.build_function()(groups, hyperparameters)
     except ValueError as err:
-        raise ConfigError(f"invalid hyperparameter for optimizer {key!r}: {err}") from err
+        raise ConfigError(f"invalid hyperparameter for optimizer {spec.name!r}: {err}") from err
+
+
+def optimizers_taking(option: str) -> str:
+    """'umtam' or 'galore, mofasgd, umtam': the registered optimizers that take a TrainConfig option."""
+    return ", ".join(spec.name for spec in OPTIMIZERS if option in spec.options)
 
 
 def _tensor_bytes(value: Any) -> int:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):
@@ -146,6 +137,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _jsonable(value: Any) -> Any:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, (list, tuple)):

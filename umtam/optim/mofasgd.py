@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from umtam.optim._base import (
+from umtam.optim.common import (
+    adam_arguments,
     FP32StateOptimizer,
     WorkingMatrix,
     check_common_hparams,
@@ -113,3 +114,8 @@ class MoFaSGD(FP32StateOptimizer):
     def factored_second_moment(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """Always None: MoFaSGD keeps no second moment, so a tracker collects R and C itself."""
         return None
+
+
+def build(groups: list[dict[str, Any]], hp) -> MoFaSGD:
+    """The registry's builder (umtam.optim.registry): ``hp`` is a Hyperparameters."""
+    return MoFaSGD(groups, rank=hp.rank, **adam_arguments(hp))

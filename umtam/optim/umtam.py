@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from umtam.optim._base import (
+from umtam.optim.common import (
+    adam_arguments,
     FP32StateOptimizer,
     WorkingMatrix,
     check_common_hparams,
@@ -221,3 +222,8 @@ class UMTAM(FP32StateOptimizer):
             return torch.zeros(m, dtype=dtype, device=p.device), torch.zeros(n, dtype=dtype, device=p.device)
         bias_correction2 = 1.0 - group["betas"][1] ** state["step"].item()
         return state["R"] / bias_correction2, state["C"] / bias_correction2
+
+
+def build(groups: list[dict[str, Any]], hp) -> UMTAM:
+    """The registry's builder (umtam.optim.registry): ``hp`` is a Hyperparameters."""
+    return UMTAM(groups, rank=hp.rank, error_feedback=hp.error_feedback, **adam_arguments(hp))

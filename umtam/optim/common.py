@@ -161,3 +161,11 @@ def _restore(value: Tensor, p: Tensor, key: str) -> Tensor:
     if key == "step" or not value.is_floating_point():
         return value.to(device="cpu" if key == "step" else p.device, copy=True)
     return value.to(device=p.device, dtype=state_dtype(p), copy=True)
+
+
+def adam_arguments(hp) -> dict[str, Any]:
+    """lr, betas, weight decay (and eps when given) of a registry Hyperparameters, as Adam takes them."""
+    arguments: dict[str, Any] = {"lr": hp.lr, "betas": tuple(hp.betas), "weight_decay": hp.weight_decay}
+    if hp.eps is not None:
+        arguments["eps"] = hp.eps
+    return arguments

@@ -1,0 +1,155 @@
+"""The base weights a checkpoint was fine-tuned from: their fingerprint, and reading them back.
+
+Training records the base as a sidecar ``base_model`` record: where it was
+found and the sha256 ``fingerprint`` of its encoder tensors (every tensor but
+the task head, umtam.heads). Prune, merge and the saliency map read the base
+back (``load_base_encoder``) and check it against the fingerprint, so a moved
+or different base is caught instead of silently producing wrong task vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from umtam.errors import CheckpointError
+from umtam.families import family_of
+from umtam.heads import encoder_tensors
+from umtam.models import ModelSource, load_classifier, resolve_model
+from umtam.safetensors_io import open_safetensors
+
+
+def fingerprint(tensors: Mapping[str, Any]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of tensors, in name order.
+
+    Used for the base weights: two checkpoints share a base exactly when their
+    encoders started from bit-identical tensors, whatever file they came from.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy())  # the buffer itself, no copy
+    return digest.hexdigest()
+
+
+def base_record(source: ModelSource, base_encoder: Mapping[str, Any], init_seed: int) -> dict[str, Any]:
+    """The sidecar's description of the weights fine-tuning started from."""
+    return {**source.as_record(), "fingerprint": fingerprint(base_encoder), "init_seed": init_seed}
+
+
+def load_base_encoder(record: Mapping[str, Any] | Any, *, override: str | None = None,
+                      keys: Iterable[str] | None = None) -> Mapping[str, Any]:
+    """Rebuild the base encoder tensors a checkpoint was fine-tuned from, and verify them.
+
+    ``override`` (``--base``) points at another copy of the base; either way the
+    tensors must hash to the recorded fingerprint, so a moved or different base
+    is caught instead of silently producing wrong task vectors.
+
+    With ``keys``, the encoder tensor names of a checkpoint fine-tuned from this
+    base, a base that is a local directory with a model.safetensors is first read
+    straight from that file (``read_base_file``): memory-mapped, read-only, no
+    model built. It is used only when it hashes to the fingerprint; otherwise
+    (a head or pooler the base file lacks and transformers initialises, legacy
+    names, another dtype) the base is rebuilt through transformers as without
+    ``keys``.
+    """
+    import torch
+
+    record = record.as_json() if hasattr(record, "as_json") else record  # a sidecar BaseRecord
+    source = _base_source(record, override)
+    if keys is not None:
+        direct = read_base_file(source, keys)
+        if direct is not None and fingerprint(direct) == record["fingerprint"]:
+            return direct
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(record.get("init_seed", 0)))
+        model = load_classifier(source, num_labels=2)
+    encoder = encoder_tensors(model.state_dict(), family_of(model.config))
+    if fingerprint(encoder) != record["fingerprint"]:
+        raise CheckpointError(
+            f"base model {source.location} does not match the recorded fingerprint "
+            f"{record['fingerprint'][:12]}...",
+            hint="pass the base the checkpoint was trained from with --base",
+        )
+    return {key: value.detach().clone() for key, value in encoder.items()}
+
+
+def identify_base(reference: str, keys: Iterable[str]) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """The base encoder at ``reference`` and a sidecar record naming it, for inputs that record no base.
+
+    A plain Hugging Face input does not say which weights it was fine-tuned
+    from, so the user names them (``--base``) and this reads them the way
+    ``load_base_encoder`` will read them again from the record: straight from
+    the base's safetensors file when that has every key, otherwise through
+    transformers with init seed 0. The record's fingerprint therefore matches a
+    later ``load_base_encoder(record, keys=keys)``.
+    """
+    import torch
+
+    source = resolve_model(reference)
+    keys = list(keys)
+    encoder = read_base_file(source, keys)
+    if encoder is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = load_classifier(source, num_labels=2)
+        state = encoder_tensors(model.state_dict(), family_of(model.config))
+        encoder = {key: value.detach().clone() for key, value in state.items()}
+    return base_record(source, encoder, 0), encoder
+
+
+def _base_source(record: Mapping[str, Any], override: str | None) -> ModelSource:
+    reference = override or record.get("reference") or record.get("location")
+    source = resolve_model(reference)
+    if source.origin == "hub" and record.get("location") and Path(record["location"]).is_dir():
+        source = resolve_model(record["location"])
+    return source
+
+
+def read_base_file(source: ModelSource, keys: Iterable[str]) -> dict[str, Any] | None:
+    """The tensors ``keys`` straight from a local base's model.safetensors, or None.
+
+    A classifier's encoder names carry the architecture's base-model prefix
+    ("bert.encoder..."), which a base saved as a bare encoder lacks
+    ("encoder..."): the prefix is the first name component shared by every key,
+    and a key missing from the file is looked up without it. None when the base
+    is not a local directory with one safetensors file or a key is not in it.
+    The tensors are read-only views of the memory-mapped file; nothing is
+    checked here (the caller compares the fingerprint).
+    """
+    path = Path(source.location) / "model.safetensors"
+    if source.origin == "hub" or not path.is_file():
+        return None
+    keys = list(keys)
+    first_parts = {key.split(".", 1)[0] for key in keys}
+    prefix = f"{first_parts.pop()}." if len(first_parts) == 1 else None
+    try:
+        with open_safetensors(path) as handle:
+            available = set(handle.keys())
+            names = {}
+            for key in keys:
+                if key in available:
+                    names[key] = key
+                elif prefix and key.startswith(prefix) and key[len(prefix):] in available:
+                    names[key] = key[len(prefix):]
+                else:
+                    return None
+            return {key: handle.get_tensor(name) for key, name in names.items()}
+    except (CheckpointError, RuntimeError):  # unreadable here: transformers may still build the base
+        return None
+
+
+def check_base_covers(base: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], label: str) -> None:
+    """Every tensor of ``shapes`` (a checkpoint's, named ``label``) must be in the base with the same shape."""
+    for key, shape in shapes.items():
+        if key not in base:
+            raise CheckpointError(f"the base model has no tensor {key!r}, which {label} has")
+        if tuple(base[key].shape) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {key!r} has shape {list(base[key].shape)} in the base model "
+                f"but {list(shape)} in {label}"
+            )

@@ -1,0 +1,23 @@
+"""`umtam eval`'s options."""
+
+from __future__ import annotations
+
+from umtam.config.schema import PathText, Schema, option
+
+
+class EvalSettings(Schema):
+    """What to evaluate and how (the library's evaluate_checkpoint takes these)."""
+
+    task: str = option("glue", help="A task, a comma list, or 'glue' for every task the checkpoint has a head for.")
+    data_dir: PathText | None = option(None, metavar="DIRECTORY", help="GLUE directory (TSV or parquet layout).")
+    max_eval_samples: int | None = option(None, ge=1, help="Subsample each dev set (seeded).")
+    max_length: int = option(128, ge=1, help="Truncate inputs to this many tokens.")
+    batch_size: int = option(64, ge=1, help="Evaluation batch size.")
+    seed: int = option(42, help="Seed for dev subsampling.")
+    holdout_fraction: float = option(0.0, ge=0, lt=1,
+                                     help="Evaluate the fixed holdout slice of train (as kept by train "
+                                          "--holdout-fraction) instead of dev.")
+
+
+class EvalConfig(EvalSettings):
+    checkpoint: PathText = option(argument=True, recorded=False, help="The checkpoint to evaluate.")

@@ -1,0 +1,103 @@
+"""`umtam train`'s options: one declaration each (default, range, help, recording, resume)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, model_validator
+
+from umtam.config.schema import PathText, Schema, option, registered
+from umtam.models import DEFAULT_MODEL
+from umtam.optim.registry import OPTIMIZERS
+from umtam.tasks import TASKS
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device(name: str) -> str:
+    if not _DEVICE.fullmatch(name):
+        raise ValueError(f"must be auto, cpu or cuda[:N], got {name!r}")
+    return name
+
+
+def _default_lrs() -> str:
+    return "the optimizer's, listed below"
+
+
+class TrainConfig(Schema):
+    """Fine-tune one task. Recorded fields go into the sidecar's training.config; a resumed run must match
+    the saved run's on every field but the resumable ones."""
+
+    task: Annotated[str, registered(TASKS)] = option(help="GLUE task name (listed below).", metavar="TASK")
+    output: PathText = option(help="Checkpoint directory to create.", short="-o", recorded=False, resumable=True)
+    model: PathText = option(DEFAULT_MODEL, help="Hugging Face model id or local directory.",
+                        default_text="all-MiniLM-L6-v2")
+    optimizer: Annotated[str, registered(OPTIMIZERS)] = option("adamw", help="Optimizer (listed below).",
+                                                               metavar="NAME")
+    rank: int = option(8, ge=1, help="Rank of the low-rank momentum / projection.")
+    lr: float | None = option(None, gt=0, resumable=True, help="Peak learning rate.", default_text=_default_lrs())
+    epochs: float = option(3.0, gt=0, help="Training epochs.")
+    max_steps: int | None = option(None, ge=1, help="Stop after this many optimizer steps.")
+    batch_size: int = option(32, ge=1, help="Training batch size.")
+    max_length: int = option(128, ge=1, help="Truncate inputs to this many tokens.")
+    seed: int = option(42, help="Seed for data order, subsampling and head init.")
+    weight_decay: float = option(0.01, ge=0, help="Decoupled weight decay.")
+    beta1: float = option(0.9, ge=0, lt=1, help="Momentum decay.")
+    beta2: float = option(0.999, ge=0, lt=1, help="Second-moment decay, also the curvature tracker's.")
+    warmup_ratio: float = option(0.06, ge=0, lt=1, help="Fraction of steps for linear warmup.")
+    max_grad_norm: float = option(1.0, gt=0, help="Clip the global gradient norm to this (as the HF Trainer).")
+    error_feedback: bool = option(False, flag="--error-feedback/--no-error-feedback",
+                                  help="UMTAM's dense error-feedback buffer.")
+    dense_embeddings: bool = option(False, flag="--dense-embeddings/--lowrank-embeddings",
+                                    help="UMTAM: dense AdamW state for the embedding matrices instead of low-rank.")
+    max_train_samples: int | None = option(None, ge=1, help="Subsample the training set (seeded).")
+    max_eval_samples: int | None = option(None, ge=1, help="Subsample the dev set (seeded).")
+    holdout_fraction: float = option(0.0, ge=0, lt=1,
+                                     help="Hold out this fixed fraction of train and report metrics on it "
+                                          "(for tuning without dev).")
+    eval_batch_size: int = option(64, ge=1, resumable=True, help="Evaluation batch size.")
+    data_dir: PathText | None = option(None, resumable=True, metavar="DIRECTORY",
+                                  help="GLUE directory (TSV or parquet layout).")
+    device: Annotated[str, AfterValidator(_device)] = option(
+        "auto", resumable=True, help="auto, cpu or cuda[:N] (auto: CUDA when available).")
+    save_every: int | None = option(None, ge=1, recorded=False, resumable=True,
+                                    help="Write a resumable training state every N optimizer steps.")
+    state_dir: PathText | None = option(None, recorded=False, resumable=True, metavar="DIRECTORY",
+                                   help="Where --save-every writes states.", default_text="OUTPUT-state")
+    plot_loss: bool = option(False, flag="--plot-loss", recorded=False, resumable=True,
+                             help="Also write loss_curve.png (per-step loss and its moving average) "
+                                  "into the checkpoint.")
+    force: bool = option(False, flag="--force", recorded=False, resumable=True, saved=False,
+                         help="Replace an existing output directory (and another run's states in the state "
+                              "directory).")
+
+    @model_validator(mode="after")
+    def _switches_the_optimizer_takes(self) -> "TrainConfig":
+        # A switch turned on for an optimizer without it would silently do nothing: refused.
+        # Numbers it does not read (rank for adamw) are recorded and ignored, as recipes set them.
+        spec = OPTIMIZERS.get(self.optimizer)
+        specific = dict.fromkeys(option for other in OPTIMIZERS for option in other.options)
+        wrong = [name for name in specific if name not in spec.options and getattr(self, name) is True]
+        if wrong:
+            takers = {name: ", ".join(o.name for o in OPTIMIZERS if name in o.options) for name in wrong}
+            raise ValueError("; ".join(f"{name} is an option of the {takers[name]} optimizer, not {spec.name!r}"
+                                       for name in wrong))
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else OPTIMIZERS.get(self.optimizer).default_lr
+
+    def sidecar_record(self) -> dict[str, Any]:
+        """What the sidecar's training.config holds: the recorded fields, lr as it was used."""
+        return {**self.recorded(), "lr": self.learning_rate}
+
+    def state_record(self) -> dict[str, Any]:
+        """What a training state keeps to rebuild this config on resume (not --force: it must be asked again)."""
+        infos = self.options()
+        return {name: value for name, value in self.model_dump().items() if infos[name].saved}
+
+    @classmethod
+    def resumable_options(cls) -> tuple[str, ...]:
+        return tuple(name for name, info in cls.options().items() if info.resumable)

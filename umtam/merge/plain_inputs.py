@@ -1,0 +1,102 @@
+"""Plain Hugging Face directories as merge inputs: what they cannot give, and the check that stands in.
+
+A plain directory (hf_interop) records neither its base nor statistics. So a
+method that reads statistics refuses it, ``--base`` is required, and instead
+of the fingerprint the input is checked against that base: the same keys and
+shapes (inputs.py and the base coverage check) and a small relative distance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from umtam.checkpoint import Checkpoint
+from umtam.errors import ConfigError, MergeError
+from umtam.merge.blocks import BLOCK_ENTRIES, row_blocks, row_slice
+from umtam.merge.methods import METHODS
+from umtam.scores import reads_statistics
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from umtam.merge.base import MergeMethod
+    from umtam.merge.inputs import Layout, Source
+    from umtam.merge.pages import MappedPages
+
+# A plain input farther than this from the base, relative to the base's norm, is refused
+# (check_against_base says why 0.5 separates the cases).
+MAX_PLAIN_DISTANCE = 0.5
+
+
+def check_plain_inputs(spec: MergeMethod, options: Mapping[str, Any], checkpoints: Sequence[Checkpoint],
+                       base: str | None) -> None:
+    """What a plain Hugging Face input cannot give: statistics, and its base (so --base is required)."""
+    plain = [checkpoint for checkpoint in checkpoints if checkpoint.is_plain]
+    if not plain:
+        return
+    needed = scores_reading_stats(spec, options)
+    if needed:
+        raise MergeError(
+            f"{plain[0].path} is a plain Hugging Face directory without the training statistics that "
+            f"merge method {spec.name} needs ({', '.join(needed)} saliency)",
+            hint=f"use a weights-only method: {', '.join(weights_only_methods())}",
+        )
+    if base is None:
+        raise ConfigError(
+            f"{plain[0].path} is a plain Hugging Face directory, which records no base model",
+            hint="pass --base with the model it was fine-tuned from",
+        )
+
+
+def scores_reading_stats(spec: MergeMethod, options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The saliency scores the method uses that read training statistics (magnitude does not)."""
+    return tuple(dict.fromkeys(score for score in spec.stats_needed(options) if reads_statistics(score)))
+
+
+def weights_only_methods() -> tuple[str, ...]:
+    """Methods that, with their default options, read no statistics."""
+    return tuple(spec.name for spec in METHODS if not scores_reading_stats(spec, spec.resolve_options()))
+
+
+def check_against_base(sources: Sequence[Source], layout: Layout, base: Mapping[str, Tensor] | None,
+                       pages: MappedPages) -> dict[str, float]:
+    """Refuse a plain input that does not look fine-tuned from the base; its distance per label.
+
+    A plain directory records no base, so the fingerprint check cannot apply.
+    Keys and shapes already match the base; a model of the same architecture
+    fine-tuned from other pretrained weights would pass that, so the relative
+    distance ||W - W0|| / ||W0|| over the 2-D weights must stay below
+    MAX_PLAIN_DISTANCE: this project's MiniLM experts (3 epochs, AdamW at 5e-5
+    to UMTAM at 5e-4) are 0.011 to 0.048 of the base's norm away from it, while
+    unrelated weights of similar scale are about sqrt(2) apart.
+    """
+    distances = {}
+    for source in sources:
+        if not source.plain:
+            continue
+        distance = relative_distance(source, layout, base, pages)
+        if not distance < MAX_PLAIN_DISTANCE:
+            raise MergeError(
+                f"{source.label} does not look fine-tuned from the base model: its 2-D weights are "
+                f"{distance:.3g} of the base's norm away (at most {MAX_PLAIN_DISTANCE} is accepted)",
+                hint="pass the model it was fine-tuned from with --base",
+            )
+        distances[source.label] = distance
+    return distances
+
+
+def relative_distance(source: Source, layout: Layout, base: Mapping[str, Tensor], pages: MappedPages) -> float:
+    """||W - W0|| / ||W0|| over the method tensors, read in row blocks like the merge itself."""
+    import torch
+
+    moved = total = 0.0
+    for key in layout.method_keys():
+        weight, start = source.tensor(key), base[key]
+        for block in row_blocks(layout.shapes[key], BLOCK_ENTRIES):
+            rows = row_slice(block)
+            start32 = start[rows].to(torch.float32)
+            moved += float(torch.sum((weight[rows].to(torch.float32) - start32) ** 2))
+            total += float(torch.sum(start32 ** 2))
+        pages.release_files(weight, start)
+    return math.sqrt(moved / total) if total else (0.0 if moved == 0 else math.inf)
