@@ -50,3 +50,18 @@ def test_sidecar_of_each_kind_equals_the_golden_fixture(runs, kind):
     root, _ = runs
     written = golden_runs.normalized_sidecar(root / "runs" / golden_runs.SIDECARS[kind], root)
     assert written == json.loads(golden_runs.golden_sidecar_path(kind).read_text())
+
+
+@pytest.mark.parametrize("kind", sorted(golden_runs.SIDECARS))
+def test_each_golden_sidecar_is_a_valid_typed_sidecar_that_round_trips(kind, tmp_path):
+    from umtam.sidecar import validate_sidecar
+
+    fixture = json.loads(golden_runs.golden_sidecar_path(kind).read_text())
+    measured = {key: 1 for key in golden_runs.VOLATILE if fixture.get(key) == "<volatile>"}
+    document = {**fixture, **measured}
+    sidecar = validate_sidecar(document, tmp_path / "umtam.json")
+    assert sidecar.kind == kind and sidecar.as_json() == document
+    # what each reader uses, typed
+    (task, record), = list(sidecar.tasks.items())[:1]
+    assert record.label_names and sidecar.file_sha256() == document["files"]["model.safetensors"]["sha256"]
+    assert (sidecar.lineage.method == "umtam") == (kind == "merge")

@@ -63,5 +63,5 @@ def test_ci_runs_exactly_the_readme_test_command():
     root = Path(__file__).resolve().parents[1]
     ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     readme = (root / "README.md").read_text()
-    assert ci_command.endswith("python -m pytest -q tests")
+    assert ci_command.endswith("python -m pytest -q tests --slow")
     assert f"\n    {ci_command}\n" in readme
