@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 
 from fuzz_strategies import (READERS, exercise, inspect_sidecar, run_case, sidecar_variants, single_point_mutations,
                              write_seed_checkpoint)
-from umtam import checkpoint
 from umtam import safetensors_io
 from umtam.checkpoint import load_checkpoint
 from umtam.sidecar import MAX_SIDECAR_BYTES
