@@ -41,14 +41,14 @@ def main() -> int:
         started = time.perf_counter()
         result = train(config)
         wall = time.perf_counter() - started
-    record = result.sidecar["tasks"][args.task]
+    record = result.sidecar.as_json()["tasks"][args.task]
     report = {
         "command": "python " + " ".join(sys.argv),
         "task": args.task, "optimizer": args.optimizer, "epochs": args.epochs,
         "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed,
-        "lr": config.learning_rate, "steps": result.sidecar["steps"],
+        "lr": config.learning_rate, "steps": result.sidecar.as_json()["steps"],
         "dev": record["metrics"], "wall_seconds": round(wall, 1),
-        "seconds_per_step": result.sidecar["seconds_per_step"],
+        "seconds_per_step": result.sidecar.as_json()["seconds_per_step"],
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "device": "cpu",
     }

@@ -1,15 +1,21 @@
-"""Train the expert grid once and reuse it everywhere: LR sweep, optimizer quality, rank study.
+"""Train the expert grid once and reuse it everywhere: LR sweep, optimizer quality, rank study, seeds.
 
     python bench/experts.py                                   # mrpc, rte, cola x adamw, umtam x 3 lrs
     python bench/experts.py --tasks rte,mrpc,cola,sst2,stsb   # issue 5's five experts
     python bench/experts.py --tasks mrpc --optimizers umtam --ranks 4,16,32 --lrs umtam=2e-4
+    python bench/experts.py --seeds 43,44 --chosen-lrs        # more seeds at each seed-42 holdout choice
     python bench/experts.py --report                          # tables + PNGs from bench/results only
 
 Every run is recipes/paper/expert-<task>-<optimizer>.yaml with the swept lr and
-rank put over it: the default model for 3 epochs (batch 32, max length 128,
-seed 42) on the task's training split minus a fixed 10% holdout slice
-(umtam.data.HOLDOUT_SEED). The learning rate of each (task, optimizer) is chosen
-by the holdout score, never by dev; dev is reported for the chosen one. The
+rank put over it: the default model (or --model) for 3 epochs (batch 32, max
+length 128) on the task's training split minus a fixed 10% holdout slice
+(umtam.data.HOLDOUT_SEED). Results are named by model, seed, task, optimizer,
+rank and lr (``minilm-s42-mrpc-umtam-r8-lr0.0001``), and the tables show the
+given --model and --seeds only: asking for a seed or model with no results is
+refused, never answered with another's. The learning rate of each (task,
+optimizer) is chosen by the holdout score of seed 42 (``SELECTION_SEED``),
+never by dev; other seeds rerun that choice (--chosen-lrs), and the tables
+report mean and standard deviation over the seeds. The
 holdout rows stay unseen by every expert, so prune and merge settings can be
 chosen on them later (bench/sweep.py). SST-2's train is subsampled to 8,000
 rows (seeded) and every eval set is capped at 2,000 rows (only SST-2's holdout
@@ -29,6 +35,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path("bench/results/experts")
+SELECTION_SEED = 42  # the seed whose holdout scores choose each (task, optimizer)'s learning rate
+DEFAULT_MODEL_TAG = "minilm"  # what the default model (all-MiniLM-L6-v2) is called in run names
 TASK_ORDER = ["rte", "mrpc", "cola", "sst2", "stsb"]  # the order of every table
 DEFAULT_LRS = {"adamw": [2e-5, 5e-5, 1e-4], "umtam": [1e-4, 2e-4, 5e-4]}
 RECIPES = Path("recipes/paper")  # expert-<task>-<optimizer>.yaml: epochs, caps, holdout slice
@@ -37,10 +45,20 @@ RECIPES = Path("recipes/paper")  # expert-<task>-<optimizer>.yaml: epochs, caps,
 VARIANTS = {"error_feedback": "ef", "dense_embeddings": "de"}  # umtam options a run may add, and their name tags
 
 
-def run_name(task: str, optimizer: str, rank: int, lr: float, variants: tuple[str, ...] = ()) -> str:
+def model_tag(model: str | None) -> str:
+    """A short name for the model in run names: 'minilm' for the default, else the directory or repo name."""
+    from umtam.models import DEFAULT_MODEL
+
+    if model in (None, DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2"):
+        return DEFAULT_MODEL_TAG
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in Path(model.rstrip("/")).name.lower())
+
+
+def run_name(task: str, optimizer: str, rank: int, lr: float, variants: tuple[str, ...] = (), *,
+             model: str = DEFAULT_MODEL_TAG, seed: int = SELECTION_SEED) -> str:
     rank_part = f"-r{rank}" if optimizer in ("umtam", "galore", "mofasgd") else ""
     variant_part = "".join(f"-{VARIANTS[v]}" for v in variants)
-    return f"{task}-{optimizer}{rank_part}{variant_part}-lr{lr:g}"
+    return f"{model}-s{seed}-{task}-{optimizer}{rank_part}{variant_part}-lr{lr:g}"
 
 
 def variants_of(args) -> tuple[str, ...]:
@@ -51,27 +69,29 @@ def recipe_path(task: str, optimizer: str) -> Path:
     return RECIPES / f"expert-{task}-{optimizer}.yaml"
 
 
-def train_one(task, optimizer, rank, lr, args) -> dict:
+def train_one(task, optimizer, rank, lr, seed, args) -> dict:
     import torch
 
     from umtam.config import build_config, load_recipe
     from umtam.evaluate import task_score
     from umtam.train import TrainConfig, train
 
-    # The recipe is the single source of the run's settings; the sweep overrides only lr and rank.
-    name = run_name(task, optimizer, rank, lr, variants_of(args))
+    # The recipe is the single source of the run's settings; the sweep overrides lr, rank, seed and model.
+    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed)
     recipe = recipe_path(task, optimizer)
-    overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": args.seed,
-                 "data_dir": args.data_dir, "force": True, **{v: True for v in variants_of(args)}}
+    overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": seed,
+                 "data_dir": args.data_dir, "force": True, **{v: True for v in variants_of(args)},
+                 **({"model": args.model} if args.model else {})}
     config = build_config(TrainConfig, load_recipe(recipe), overrides, source=str(recipe))
     started = time.perf_counter()
-    sidecar = train(config).sidecar
+    sidecar = train(config).sidecar.as_json()
     record = sidecar["tasks"][task]
     curve = sidecar["training"]["loss_curve"]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {
-        "name": name, "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": args.seed,
+        "name": name, "model": config.model, "model_tag": model_tag(args.model),
+        "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": seed,
         **{v: True for v in variants_of(args)},
         "checkpoint": config.output, "steps": sidecar["steps"], "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"],
@@ -82,15 +102,15 @@ def train_one(task, optimizer, rank, lr, args) -> dict:
     }
 
 
-def run_and_record(task, optimizer, rank, lr, args) -> None:
-    name = run_name(task, optimizer, rank, lr, variants_of(args))
+def run_and_record(task, optimizer, rank, lr, seed, args) -> None:
+    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed)
     path = RESULTS / f"{name}.json"
     checkpoint_written = (Path(args.runs_dir) / name / "umtam.json").is_file()
     # the committed JSON is the result; the checkpoint (never committed) is rebuilt only when
     # asked, e.g. on a new machine before the prune and merge sweeps, which read it
     if path.exists() and (checkpoint_written or not args.rebuild_missing):
         return
-    row = train_one(task, optimizer, rank, lr, args)
+    row = train_one(task, optimizer, rank, lr, seed, args)
     path.write_text(json.dumps(row, indent=1) + "\n")
     print(f"{row['name']}: holdout {row['holdout_score']:.4f} dev {row['dev_score']:.4f} "
           f"({row['wall_seconds']:.0f} s)", flush=True)
@@ -105,19 +125,33 @@ def parse_lrs(text: str | None) -> dict[str, list[float]]:
     return grid
 
 
-def load_results() -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+def load_results(model: str = DEFAULT_MODEL_TAG, seeds: tuple[int, ...] | None = None) -> list[dict]:
+    """The committed results of ``model`` (its tag) and ``seeds`` (all seeds when None), and nothing else."""
+    rows = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+    return [row for row in rows if row["model_tag"] == model and (seeds is None or row["seed"] in seeds)]
+
+
+def check_results_exist(rows: list[dict], model: str, seeds: tuple[int, ...]) -> None:
+    """One line, exit 1, when a seed asked for has no results: another seed's tables are not this run's."""
+    found = {row["seed"] for row in rows}
+    missing = [seed for seed in seeds if seed not in found]
+    if missing:
+        everything = load_results(model)
+        have = sorted({row["seed"] for row in everything})
+        raise SystemExit(f"experts.py: no results for model {model!r} seed(s) {', '.join(map(str, missing))} under "
+                         f"{RESULTS} (it has seed(s) {', '.join(map(str, have)) or 'none'} for that model); "
+                         "train them first")
 
 
 def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
-    """Best run per (task, optimizer) at ``rank`` by holdout score (ties: lower lr).
+    """Best run per (task, optimizer) at ``rank`` by the selection seed's holdout score (ties: lower lr).
 
     Variant runs (error feedback, dense embeddings) are not candidates: their
     dense state is what the low-rank optimizer exists to avoid.
     """
     best: dict[tuple[str, str], dict] = {}
     for row in sorted(results, key=lambda r: r["lr"]):
-        if not is_candidate(row, rank):
+        if not is_candidate(row, rank) or row["seed"] != SELECTION_SEED:
             continue
         key = (row["task"], row["optimizer"])
         if key not in best or row["holdout_score"] > best[key]["holdout_score"]:
@@ -139,20 +173,47 @@ def dev_cells(row: dict) -> str:
     return " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
 
 
-def quality_table(results: list[dict]) -> str:
+def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,)) -> str:
+    """Per task, the seed-42 holdout choice of each optimizer, its dev score as mean +- std over ``seeds``."""
     best = chosen(results)
+    results = [row for row in results if row["seed"] in seeds]
     tasks = sorted({task for task, _ in best}, key=TASK_ORDER.index)
-    lines = ["| task | metric | AdamW lr (holdout) | AdamW dev | UMTAM r=8 lr (holdout) | UMTAM dev | UMTAM - AdamW |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | AdamW lr (holdout) | AdamW dev | UMTAM r=8 lr (holdout) | UMTAM dev | UMTAM - AdamW "
+             "| seeds |", "|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         adamw, umtam = best.get((task, "adamw")), best.get((task, "umtam"))
         if not (adamw and umtam):
             continue
+        adamw_runs, umtam_runs = same_setting(results, adamw), same_setting(results, umtam)
+        seeds = sorted({r["seed"] for r in adamw_runs} & {r["seed"] for r in umtam_runs})
+        gaps = [by_seed(umtam_runs)[seed]["dev_score"] - by_seed(adamw_runs)[seed]["dev_score"] for seed in seeds]
         metric = " / ".join(adamw["dev"]["validation"])
-        lines.append(f"| {task} | {metric} | {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) | {dev_cells(adamw)} "
-                     f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) | {dev_cells(umtam)} "
-                     f"| {100 * (umtam['dev_score'] - adamw['dev_score']):+.2f} |")
+        lines.append(f"| {task} | {metric} | {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) "
+                     f"| {spread([r['dev_score'] for r in adamw_runs])} "
+                     f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) "
+                     f"| {spread([r['dev_score'] for r in umtam_runs])} | {spread(gaps, signed=True)} "
+                     f"| {', '.join(map(str, seeds))} |")
     return "\n".join(lines)
+
+
+def same_setting(results: list[dict], row: dict) -> list[dict]:
+    """Every seed's run of the same task, optimizer, rank and lr as ``row`` (not variants)."""
+    return [r for r in results if not is_variant(r)
+            and (r["task"], r["optimizer"], r["rank"], r["lr"]) == (row["task"], row["optimizer"], row["rank"], row["lr"])]
+
+
+def by_seed(rows: list[dict]) -> dict[int, dict]:
+    return {row["seed"]: row for row in rows}
+
+
+def spread(values: list[float], *, signed: bool = False) -> str:
+    """'83.28' for one seed, '83.28 +- 0.41' (sample standard deviation) for several, in points."""
+    import statistics
+
+    if not values:
+        return "-"
+    mean = f"{100 * statistics.mean(values):{'+' if signed else ''}.2f}"
+    return mean if len(values) == 1 else f"{mean} +- {100 * statistics.stdev(values):.2f}"
 
 
 def short_lr(lr: float) -> str:
@@ -162,9 +223,10 @@ def short_lr(lr: float) -> str:
 
 
 def lr_grid_table(results: list[dict]) -> str:
-    """The learning-rate sweep as a grid: holdout / dev score per task and (optimizer, lr); bold = chosen."""
+    """The selection seed's learning-rate sweep: holdout / dev score per task and (optimizer, lr); bold = chosen."""
     best = chosen(results)
-    candidates = [r for r in results if r["optimizer"] in ("adamw", "umtam") and is_candidate(r)]
+    candidates = [r for r in results if r["optimizer"] in ("adamw", "umtam") and is_candidate(r)
+                  and r["seed"] == SELECTION_SEED]
     columns = sorted({(r["optimizer"], r["lr"]) for r in candidates})
     tasks = sorted({r["task"] for r in candidates}, key=TASK_ORDER.index)
     label = {"adamw": "AdamW", "umtam": "UMTAM r=8"}
@@ -182,7 +244,7 @@ def lr_grid_table(results: list[dict]) -> str:
 
 def sweep_table(results: list[dict]) -> str:
     lines = ["| run | steps | s/step | holdout score | dev score |", "|---|---|---|---|---|"]
-    for row in sorted(results, key=lambda r: (r["task"], r["optimizer"], r["rank"], r["lr"])):
+    for row in sorted(results, key=lambda r: (r["task"], r["optimizer"], r["rank"], r["lr"], r["seed"])):
         lines.append(f"| {row['name']} | {row['steps']} | {row['seconds_per_step']:.3f} | "
                      f"{100 * row['holdout_score']:.2f} | {100 * row['dev_score']:.2f} |")
     return "\n".join(lines)
@@ -190,7 +252,8 @@ def sweep_table(results: list[dict]) -> str:
 
 def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Path("bench/results/rank_sweep.png")):
     """Every learning rate the rank study ran at (two ranks or more) as one table; the PNG at one of them."""
-    runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and not is_variant(r)]
+    runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and not is_variant(r)
+            and r["seed"] == SELECTION_SEED]
     studied = {lr: sorted((r for r in runs if r["lr"] == lr), key=lambda r: r["rank"]) for lr in {r["lr"] for r in runs}}
     studied = {lr: rows for lr, rows in sorted(studied.items()) if len(rows) >= 2}
     if not studied:
@@ -233,7 +296,10 @@ def main() -> int:
     parser.add_argument("--optimizers", default="adamw,umtam")
     parser.add_argument("--ranks", default="8", help="ranks for low-rank optimizers")
     parser.add_argument("--lrs", help="override grids, e.g. 'umtam=2e-4;adamw=5e-5'")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", default=str(SELECTION_SEED), help="comma list of training seeds")
+    parser.add_argument("--model", help="a Hugging Face model id or directory [default: all-MiniLM-L6-v2]")
+    parser.add_argument("--chosen-lrs", action="store_true",
+                        help=f"train only the lr seed {SELECTION_SEED}'s holdout chose for each (task, optimizer)")
     parser.add_argument("--runs-dir", default="runs/experts")
     parser.add_argument("--data-dir")
     parser.add_argument("--rank-study", metavar="TASK",
@@ -246,30 +312,45 @@ def main() -> int:
     parser.add_argument("--rebuild-missing", action="store_true",
                         help="retrain runs whose result JSON exists but whose checkpoint is missing")
     args = parser.parse_args()
+    seeds = tuple(int(seed) for seed in args.seeds.split(","))
+    tag = model_tag(args.model)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.report:
         grid = parse_lrs(args.lrs)
-        for task in args.tasks.split(","):
-            for optimizer in args.optimizers.split(","):
-                ranks = [int(r) for r in args.ranks.split(",")] if optimizer != "adamw" else [8]
-                for rank in ranks:
-                    for lr in grid[optimizer]:
-                        run_and_record(task, optimizer, rank, lr, args)
-        if args.rank_study:
-            task = args.rank_study
-            lr = chosen(load_results())[(task, "umtam")]["lr"]
-            for rank in (4, 16, 32):
-                run_and_record(task, "umtam", rank, lr, args)
-    results = load_results()
-    print(sweep_table(results))
+        for seed in seeds:
+            for task in args.tasks.split(","):
+                for optimizer in args.optimizers.split(","):
+                    ranks = [int(r) for r in args.ranks.split(",")] if optimizer != "adamw" else [8]
+                    for rank in ranks:
+                        for lr in lrs_to_train(task, optimizer, grid, tag, args.chosen_lrs):
+                            run_and_record(task, optimizer, rank, lr, seed, args)
+            if args.rank_study:
+                task = args.rank_study
+                lr = chosen(load_results(tag))[(task, "umtam")]["lr"]
+                for rank in (4, 16, 32):
+                    run_and_record(task, "umtam", rank, lr, seed, args)
+    results = load_results(tag, seeds + (() if SELECTION_SEED in seeds else (SELECTION_SEED,)))
+    check_results_exist(results, tag, seeds)
+    print(sweep_table([row for row in results if row["seed"] in seeds]))
     print()
     print(lr_grid_table(results))
     print()
-    print(quality_table(results))
+    print(quality_table(results, seeds))
     print()
     print(rank_table_and_plot(results))
     return 0
+
+
+def lrs_to_train(task: str, optimizer: str, grid: dict[str, list[float]], tag: str, chosen_only: bool) -> list[float]:
+    """The grid's rates, or with --chosen-lrs the one the selection seed's holdout chose (refused if none yet)."""
+    if not chosen_only:
+        return grid[optimizer]
+    best = chosen(load_results(tag, (SELECTION_SEED,))).get((task, optimizer))
+    if best is None:
+        raise SystemExit(f"experts.py: no seed-{SELECTION_SEED} results for {tag} {task} {optimizer} to choose an lr "
+                         "from; run the lr grid first")
+    return [best["lr"]]
 
 
 if __name__ == "__main__":
