@@ -1,10 +1,10 @@
 """Merge experts with several methods and settings; score each on the holdout slice and on dev.
 
-    python bench/merges.py --experts runs/experts/mrpc-umtam-r8-lr0.0002,runs/experts/rte-umtam-r8-lr0.0002 \\
+    python bench/merges.py --experts mrpc-umtam-r8-lr0.0002,rte-umtam-r8-lr0.0002 \\
         --grid "umtam:norms=average;umtam:norms=base" --name norms
     python bench/merges.py --report norms
     python bench/merges.py --config recipes/paper/merge-sweep.yaml      # the paper's merge table
-    python bench/merges.py --config recipes/paper/merge-sweep.yaml --report
+    python bench/merges.py --config recipes/paper/merge-sweep.yaml --seeds 42,43,44 --report
 
 Settings are chosen on the holdout score (the fixed train slice the experts
 never saw, see bench/experts.py) and dev is reported for the chosen ones; the
@@ -15,9 +15,14 @@ experts and a grid per method (lists are swept as a product), and optionally
 lambda once keep is chosen), so a two-stage sweep costs a sum, not a product;
 or `chosen_from: <result set>`: each entry starts from its method's
 holdout-chosen setting there (the ablation, the AdamW-statistics merge).
-Merged checkpoints are written to a scratch directory and deleted; the small
-JSON results go to bench/results/merges/<name>/ and runs whose JSON exists are
-skipped, so every sweep resumes.
+Experts are named as bench/experts.py names them, without model and seed:
+--model and --seeds pick the checkpoints (runs/experts/<model>-s<seed>-<expert>),
+and the training seed also seeds the evaluation's subsampling and DARE's masks
+(unless a setting gives its own DARE seed). Merged checkpoints are written to a
+scratch directory and deleted; the small JSON results go to
+bench/results/merges/<name>/<model>-s<seed>/ and runs whose JSON exists are
+skipped, so every sweep resumes. A report for seeds without results is refused
+in one line.
 """
 
 from __future__ import annotations
@@ -49,20 +54,23 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f"-{key}{value}" for key, value in sorted(options.items()))
 
 
-def merge_and_score(experts, method, options, args) -> dict:
+def merge_and_score(experts, method, options, seed: int, args) -> dict:
     from umtam.checkpoint import load_checkpoint
     from umtam.evaluate import evaluate_checkpoint
-    from umtam.merge import merge_checkpoints
+    from umtam.merge import get_method, merge_checkpoints
 
+    takes_seed = "seed" in get_method(method).resolve_options()
+    applied = {**({"seed": seed} if takes_seed else {}), **options}  # DARE's masks follow the training seed
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         started = time.perf_counter()
-        merged, _ = merge_checkpoints(experts, Path(scratch) / "merged", method=method, options=options)
+        merged, _ = merge_checkpoints(experts, Path(scratch) / "merged", method=method, options=applied)
         merge_seconds = time.perf_counter() - started
         ckpt = load_checkpoint(merged.path)
-        common = dict(data_dir=args.data_dir, max_eval_samples=EVAL_CAP, seed=42)
+        common = dict(data_dir=args.data_dir, max_eval_samples=EVAL_CAP, seed=seed)
         holdout = evaluate_checkpoint(ckpt, task="glue", holdout_fraction=HOLDOUT, **common)
         dev = evaluate_checkpoint(ckpt, task="glue", **common)
-    return {"method": method, "options": options, "experts": [str(e) for e in experts],
+    return {"method": method, "options": options, "applied_options": applied, "seed": seed,
+            "experts": [str(e) for e in experts],
             "merge_seconds": merge_seconds, "holdout": holdout, "dev": dev,
             "holdout_avg": mean(r["score"] for r in holdout.values()),
             "holdout_norm_avg": mean(r["normalized"] for r in holdout.values()),
@@ -75,18 +83,54 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def report(name: str) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted((Path("bench/results/merges") / name).glob("*.json"))]
-    if not rows:
-        return f"no results under bench/results/merges/{name}"
+RESULTS = Path("bench/results/merges")
+
+
+def results_dir(name: str, tag: str, seed: int) -> Path:
+    return RESULTS / name / f"{tag}-s{seed}"
+
+
+def expert_paths(experts: list[str], runs_dir: str, tag: str, seed: int) -> list[Path]:
+    """The checkpoints of this model and seed: <runs_dir>/<model>-s<seed>-<expert>."""
+    return [Path(runs_dir) / f"{tag}-s{seed}-{expert}" for expert in experts]
+
+
+def settings(name: str, tag: str, seeds: tuple[int, ...]) -> dict[str, dict[int, dict]]:
+    """label -> seed -> row, for the seeds asked for; a seed without any result is refused in one line."""
+    found: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        for row in load_rows(name, tag, seed):
+            found.setdefault(label(row["method"], row["options"]), {})[seed] = row
+    missing = [seed for seed in seeds if not any(seed in by_seed for by_seed in found.values())]
+    if missing:
+        raise SystemExit(f"merges.py: no results for {name!r}, model {tag!r}, seed(s) {', '.join(map(str, missing))} "
+                         f"under {RESULTS}; run the sweep for them first")
+    return found
+
+
+def spread(values: list[float], *, percent: bool = False) -> str:
+    """'83.28' for one seed, '83.28 +- 0.41' (sample standard deviation) for several, in points."""
+    import statistics
+
+    form = ".1f" if percent else ".2f"
+    mean = format(100 * statistics.mean(values), form) + ("%" if percent else "")
+    return mean if len(values) == 1 else f"{mean} +- {format(100 * statistics.stdev(values), form)}"
+
+
+def report(name: str, tag: str, seeds: tuple[int, ...]) -> str:
+    by_label = settings(name, tag, seeds)
+    rows = [row for by_seed in by_label.values() for row in by_seed.values()]
     tasks = list(rows[0]["dev"])
-    header = ("| setting | holdout avg (norm) | dev avg (norm) | " + " | ".join(f"dev {t}" for t in tasks) + " |")
-    lines = [header, "|" + "---|" * (3 + len(tasks))]
-    for row in sorted(rows, key=lambda r: -r["holdout_avg"]):
-        per_task = " | ".join(f"{100 * row['dev'][t]['score']:.2f}" for t in tasks)
-        lines.append(f"| {label(row['method'], row['options'])} | {100 * row['holdout_avg']:.2f} "
-                     f"({100 * row['holdout_norm_avg']:.1f}%) | {100 * row['dev_avg']:.2f} "
-                     f"({100 * row['dev_norm_avg']:.1f}%) | {per_task} |")
+    header = ("| setting | holdout avg (norm) | dev avg (norm) | " + " | ".join(f"dev {t}" for t in tasks)
+              + " | seeds |")
+    lines = [header, "|" + "---|" * (4 + len(tasks))]
+    for setting, by_seed in sorted(by_label.items(), key=lambda item: -mean(r["holdout_avg"] for r in item[1].values())):
+        runs = list(by_seed.values())
+        per_task = " | ".join(spread([r["dev"][t]["score"] for r in runs]) for t in tasks)
+        lines.append(f"| {setting} | {spread([r['holdout_avg'] for r in runs])} "
+                     f"({spread([r['holdout_norm_avg'] for r in runs], percent=True)}) "
+                     f"| {spread([r['dev_avg'] for r in runs])} ({spread([r['dev_norm_avg'] for r in runs], percent=True)}) "
+                     f"| {per_task} | {', '.join(map(str, by_seed))} |")
     return "\n".join(lines)
 
 
@@ -106,9 +150,9 @@ def expand_grid(grid: dict) -> list[tuple[str, dict]]:
     return entries
 
 
-def on_chosen(entries, results_name: str) -> list[tuple[str, dict]]:
+def on_chosen(entries, results_name: str, tag: str, seed: int) -> list[tuple[str, dict]]:
     """Each entry's options laid over its method's holdout-chosen setting in another result set."""
-    rows = load_rows(results_name)
+    rows = load_rows(results_name, tag, seed)
     out = []
     for method, options in entries:
         stage = [r for r in rows if r["method"] == method]
@@ -126,7 +170,8 @@ def load_sweep(path: str) -> dict:
 
     class MergeSweep(Schema):
         name: str = option(help="Results subfolder under bench/results/merges/.")
-        experts: list[str] = option(help="Expert checkpoint directories.")
+        experts: list[str] = option(help="Experts, named as bench/experts.py names them without model and seed.")
+        runs_dir: str = option("runs/experts", help="Where the experts' checkpoints are.")
         grid: dict[str, Any] = option(help="method -> {option: value or [values]} (or a list of such).")
         refine: dict[str, list[Any]] = option(default_factory=dict, help="option -> values swept next "
                                                                           "around each method's holdout-best.")
@@ -138,9 +183,9 @@ def load_sweep(path: str) -> dict:
     return sweep
 
 
-def refine_entries(name: str, grid: dict, refine: dict) -> list[tuple[str, dict]]:
+def refine_entries(name: str, tag: str, seed: int, grid: dict, refine: dict) -> list[tuple[str, dict]]:
     """Each refined option's values around the method's holdout-best stage-one setting."""
-    rows = load_rows(name)
+    rows = load_rows(name, tag, seed)
     entries = []
     for method in grid:
         stage_one = [r for r in rows if r["method"] == method]
@@ -160,69 +205,79 @@ def _method_options(method: str):
     return [info.key for info in get_method(method).options.options().values()]
 
 
-def run_entries(experts: list[Path], entries, out: Path, args) -> None:
+def run_entries(experts: list[Path], entries, out: Path, seed: int, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for method, options in entries:
         path = out / f"{label(method, options)}.json"
         if path.exists():
             continue
-        row = merge_and_score(experts, method, options, args)
+        row = merge_and_score(experts, method, options, seed, args)
         path.write_text(json.dumps(row, indent=1) + "\n")
         print(f"{label(method, options)}: holdout {row['holdout_avg']:.4f} dev {row['dev_avg']:.4f}", flush=True)
 
 
-def load_rows(name: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path("bench/results/merges") / name).glob("*.json"))]
+def load_rows(name: str, tag: str, seed: int) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results_dir(name, tag, seed).glob("*.json"))]
 
 
-def chosen_table(name: str) -> str:
-    """Per method: the holdout-chosen setting's dev scores, then the best-on-dev setting, labelled."""
-    rows = load_rows(name)
-    if not rows:
-        return f"no results under bench/results/merges/{name}"
+def chosen_table(name: str, tag: str, seeds: tuple[int, ...]) -> str:
+    """Per method: the setting with the best mean holdout score, its dev scores; then the best on dev, labelled."""
+    by_label = settings(name, tag, seeds)
+    rows = [row for by_seed in by_label.values() for row in by_seed.values()]
     tasks = list(rows[0]["dev"])
-    lines = ["| method | chosen by | setting | " + " | ".join(tasks) + " | dev avg | normalised avg |",
-             "|---|---|---|" + "---|" * (len(tasks) + 2)]
+    lines = ["| method | chosen by | setting | " + " | ".join(tasks) + " | dev avg | normalised avg | seeds |",
+             "|---|---|---|" + "---|" * (len(tasks) + 3)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for by, key in (("holdout", "holdout_avg"), ("dev (oracle)", "dev_avg")):
         for method in methods:
-            best = max((r for r in rows if r["method"] == method), key=lambda r: r[key])
-            setting = ", ".join(f"{k}={v}" for k, v in sorted(best["options"].items())) or "-"
-            per_task = " | ".join(f"{100 * best['dev'][t]['score']:.2f}" for t in tasks)
-            lines.append(f"| {method} | {by} | {setting} | {per_task} | {100 * best['dev_avg']:.2f} "
-                         f"| {100 * best['dev_norm_avg']:.1f}% |")
+            candidates = {setting: runs for setting, runs in by_label.items()
+                          if next(iter(runs.values()))["method"] == method}
+            best = max(candidates.values(), key=lambda runs: mean(r[key] for r in runs.values()))
+            runs = list(best.values())
+            setting = ", ".join(f"{k}={v}" for k, v in sorted(runs[0]["options"].items())) or "-"
+            per_task = " | ".join(spread([r["dev"][t]["score"] for r in runs]) for t in tasks)
+            lines.append(f"| {method} | {by} | {setting} | {per_task} | {spread([r['dev_avg'] for r in runs])} "
+                         f"| {spread([r['dev_norm_avg'] for r in runs], percent=True)} | {', '.join(map(str, best))} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="sweep recipe (name, experts, grid, refine)")
-    parser.add_argument("--experts", help="comma list of expert checkpoint directories")
+    parser.add_argument("--experts", help="comma list of experts, named as bench/experts.py names them")
     parser.add_argument("--grid", help="';'-separated method:key=value,... entries")
     parser.add_argument("--name", default="default", help="results subfolder")
+    parser.add_argument("--model", help="the experts' model, as bench/experts.py --model [default: all-MiniLM-L6-v2]")
+    parser.add_argument("--seeds", default="42", help="comma list of the experts' training seeds")
+    parser.add_argument("--runs-dir", default="runs/experts", help="where the experts' checkpoints are")
     parser.add_argument("--data-dir")
     parser.add_argument("--scratch", default=None, help="where merged checkpoints are written (then deleted)")
     parser.add_argument("--report", nargs="?", const=True, metavar="NAME",
                         help="only print the tables of an existing result set (NAME, or the --config's)")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from experts import model_tag
+
+    tag, seeds = model_tag(args.model), tuple(int(seed) for seed in args.seeds.split(","))
     sweep = load_sweep(args.config) if args.config else None
     name = sweep["name"] if sweep else args.name
     if args.report:
         name = name if args.report is True else args.report
-        print(report(name) + "\n\n" + chosen_table(name))
+        print(report(name, tag, seeds) + "\n\n" + chosen_table(name, tag, seeds))
         return 0
-    out = Path("bench/results/merges") / name
-    if sweep:
-        experts = [Path(p) for p in sweep["experts"]]
-        entries = expand_grid(sweep["grid"])
-        if sweep.get("chosen_from"):  # settings chosen once, on another sweep's holdout scores
-            entries = on_chosen(entries, sweep["chosen_from"])
-        run_entries(experts, entries, out, args)
-        run_entries(experts, refine_entries(name, sweep["grid"], sweep["refine"]), out, args)
-    else:
-        experts = [Path(p) for p in args.experts.split(",")]
-        run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, args)
-    print(report(name) + "\n\n" + chosen_table(name))
+    for seed in seeds:
+        out = results_dir(name, tag, seed)
+        if sweep:
+            experts = expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed)
+            entries = expand_grid(sweep["grid"])
+            if sweep.get("chosen_from"):  # settings chosen once, on another sweep's holdout scores
+                entries = on_chosen(entries, sweep["chosen_from"], tag, seed)
+            run_entries(experts, entries, out, seed, args)
+            run_entries(experts, refine_entries(name, tag, seed, sweep["grid"], sweep["refine"]), out, seed, args)
+        else:
+            experts = expert_paths(args.experts.split(","), args.runs_dir, tag, seed)
+            run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, seed, args)
+    print(report(name, tag, seeds) + "\n\n" + chosen_table(name, tag, seeds))
     return 0
 
 

@@ -1,16 +1,20 @@
 """Pruning sweep (the paper's section 4.2): curvature against magnitude saliency at several densities.
 
     python bench/prune_sweep.py --config recipes/paper/prune-sweep.yaml
-    python bench/prune_sweep.py --config recipes/paper/prune-sweep.yaml --report
+    python bench/prune_sweep.py --config recipes/paper/prune-sweep.yaml --seeds 42,43,44 --report
 
-For every expert in the recipe, every saliency score and every keep fraction,
+For every expert in the recipe (named as bench/experts.py names it, without
+model and seed: those come from --model and --seeds), every training seed,
+every saliency score and every keep fraction,
 the expert is pruned with the library's own path (umtam.prune.write_pruned,
 global scope: one threshold over all 2-D encoder weights, the rest reset to the
 base) into a scratch directory and evaluated on dev with umtam.evaluate, exactly
 as `umtam prune` then `umtam eval` would. Nothing is chosen here, so dev is the
-only split scored. Each point's small JSON goes to bench/results/prune/<expert>/
-and existing ones are skipped, so the sweep resumes. --report prints one table
-per task and draws bench/results/prune_sweep.png.
+only split scored (rows subsampled with the training seed). Each point's small
+JSON goes to bench/results/prune/<model>-s<seed>-<expert>/ and existing ones
+are skipped, so the sweep resumes. --report prints one table per expert, each
+cell the mean (+- standard deviation) over the seeds asked for, refuses seeds
+it has no points for, and draws bench/results/prune_sweep.png.
 """
 
 from __future__ import annotations
@@ -45,11 +49,16 @@ def load_sweep(path: str | Path) -> dict:
     return build_config(PruneSweep, load_recipe(path), source=str(path)).model_dump()
 
 
-def point_path(expert: str, score: str, keep: float) -> Path:
-    return RESULTS / expert / f"{score}-keep{keep:g}.json"
+def expert_run(expert: str, tag: str, seed: int) -> str:
+    """The expert's run name in bench/experts.py's scheme: <model>-s<seed>-<expert>."""
+    return f"{tag}-s{seed}-{expert}"
 
 
-def prune_and_score(checkpoint_dir: Path, score: str, keep: float, sweep: dict, data_dir) -> dict:
+def point_path(run: str, score: str, keep: float) -> Path:
+    return RESULTS / run / f"{score}-keep{keep:g}.json"
+
+
+def prune_and_score(checkpoint_dir: Path, score: str, keep: float, seed: int, sweep: dict, data_dir) -> dict:
     from umtam.checkpoint import load_checkpoint
     from umtam.evaluate import evaluate_checkpoint
     from umtam.prune import write_pruned
@@ -60,62 +69,84 @@ def prune_and_score(checkpoint_dir: Path, score: str, keep: float, sweep: dict, 
                                       scope=sweep["scope"])
         prune_seconds = time.perf_counter() - started
         (task, result), = evaluate_checkpoint(load_checkpoint(pruned.path), task="glue", data_dir=data_dir,
-                                              max_eval_samples=sweep["max_eval_samples"], seed=42).items()
-    return {"expert": checkpoint_dir.name, "task": task, "score": score, "keep": keep, "scope": sweep["scope"],
+                                              max_eval_samples=sweep["max_eval_samples"], seed=seed).items()
+    return {"expert": checkpoint_dir.name, "seed": seed, "task": task, "score": score, "keep": keep,
+            "scope": sweep["scope"],
             "kept_fraction": report.kept_fraction, "prune_seconds": prune_seconds,
             "dev": result["splits"], "dev_score": result["score"], "normalized": result["normalized"]}
 
 
-def run(sweep: dict, data_dir) -> None:
-    for expert in sweep["experts"]:
-        checkpoint_dir = Path(sweep["runs_dir"]) / expert
-        for score in sweep["scores"]:
-            for keep in sweep["keeps"]:
-                path = point_path(expert, score, float(keep))
-                if path.exists():
-                    continue
-                row = prune_and_score(checkpoint_dir, score, float(keep), sweep, data_dir)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(row, indent=1) + "\n")
-                print(f"{expert} {score} keep {keep:g}: dev {100 * row['dev_score']:.2f} "
-                      f"(kept {100 * row['kept_fraction']:.2f}%)", flush=True)
+def run(sweep: dict, tag: str, seeds: tuple[int, ...], data_dir) -> None:
+    for seed in seeds:
+        for expert in sweep["experts"]:
+            name = expert_run(expert, tag, seed)
+            checkpoint_dir = Path(sweep["runs_dir"]) / name
+            for score in sweep["scores"]:
+                for keep in sweep["keeps"]:
+                    path = point_path(name, score, float(keep))
+                    if path.exists():
+                        continue
+                    row = prune_and_score(checkpoint_dir, score, float(keep), seed, sweep, data_dir)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(row, indent=1) + "\n")
+                    print(f"{name} {score} keep {keep:g}: dev {100 * row['dev_score']:.2f} "
+                          f"(kept {100 * row['kept_fraction']:.2f}%)", flush=True)
 
 
-def load_points(sweep: dict) -> dict[str, list[dict]]:
-    points = {}
+def load_points(sweep: dict, tag: str, seeds: tuple[int, ...]) -> dict[str, dict[int, list[dict]]]:
+    """expert -> seed -> its points; a seed asked for with no point at all is refused in one line."""
+    points: dict[str, dict[int, list[dict]]] = {}
     for expert in sweep["experts"]:
-        rows = [json.loads(p.read_text()) for p in sorted((RESULTS / expert).glob("*.json"))]
-        if rows:
-            points[expert] = rows
+        for seed in seeds:
+            rows = [json.loads(p.read_text()) for p in sorted((RESULTS / expert_run(expert, tag, seed)).glob("*.json"))]
+            if rows:
+                points.setdefault(expert, {})[seed] = rows
+    found = {seed for by_seed in points.values() for seed in by_seed}
+    missing = [seed for seed in seeds if seed not in found]
+    if missing:
+        raise SystemExit(f"prune_sweep.py: no points for model {tag!r} seed(s) {', '.join(map(str, missing))} under "
+                         f"{RESULTS}; run the sweep for them first")
     return points
 
 
-def expert_dev_score(expert: str) -> float | None:
-    path = EXPERT_RESULTS / f"{expert}.json"
+def expert_dev_score(run: str) -> float | None:
+    path = EXPERT_RESULTS / f"{run}.json"
     return json.loads(path.read_text())["dev_score"] if path.exists() else None
 
 
-def report(sweep: dict) -> str:
-    """One table per expert: dev score by keep, one column per saliency score, the unpruned expert on top."""
+def spread(values: list[float], *, signed: bool = False) -> str:
+    """'83.28' for one value, '83.28 +- 0.41' (sample standard deviation) for several, in points."""
+    import statistics
+
+    if not values:
+        return "-"
+    mean = f"{100 * statistics.mean(values):{'+' if signed else ''}.2f}"
+    return mean if len(values) == 1 else f"{mean} +- {100 * statistics.stdev(values):.2f}"
+
+
+def report(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
+    """One table per expert: dev score by keep, one column per saliency score (mean +- std over the seeds)."""
     sections = []
-    for expert, rows in load_points(sweep).items():
+    for expert, by_seed in load_points(sweep, tag, seeds).items():
+        rows = [row for seed_rows in by_seed.values() for row in seed_rows]
         scores = [s for s in sweep["scores"] if any(r["score"] == s for r in rows)]
-        by_point = {(r["score"], r["keep"]): r for r in rows}
-        full = expert_dev_score(expert)
-        lines = [f"**{expert}** (unpruned dev {100 * full:.2f})" if full is not None else f"**{expert}**", "",
+        point = {(seed, r["score"], r["keep"]): r for seed, seed_rows in by_seed.items() for r in seed_rows}
+        full = [score for seed in by_seed if (score := expert_dev_score(expert_run(expert, tag, seed))) is not None]
+        title = f"**{expert}** ({tag}, seed {', '.join(map(str, by_seed))}"
+        lines = [title + (f"; unpruned dev {spread(full)})" if full else ")"), "",
                  "| keep | " + " | ".join(scores) + " | curvature - magnitude |",
                  "|---|" + "---|" * (len(scores) + 1)]
         for keep in sorted({r["keep"] for r in rows}):
-            cells = [by_point.get((score, keep)) for score in scores]
-            shown = [f"{100 * c['dev_score']:.2f}" if c else "-" for c in cells]
-            gap = by_point.get(("curvature", keep)), by_point.get(("magnitude", keep))
-            diff = f"{100 * (gap[0]['dev_score'] - gap[1]['dev_score']):+.2f}" if all(gap) else "-"
-            lines.append(f"| {100 * keep:g}% | " + " | ".join(shown) + f" | {diff} |")
+            shown = [spread([point[(seed, score, keep)]["dev_score"] for seed in by_seed
+                             if (seed, score, keep) in point]) for score in scores]
+            gaps = [point[(seed, "curvature", keep)]["dev_score"] - point[(seed, "magnitude", keep)]["dev_score"]
+                    for seed in by_seed if (seed, "curvature", keep) in point and (seed, "magnitude", keep) in point]
+            lines.append(f"| {100 * keep:g}% | " + " | ".join(shown) + f" | {spread(gaps, signed=True)} |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
-def plot(sweep: dict, out: Path = PLOT) -> Path | None:
+def plot(sweep: dict, tag: str, seeds: tuple[int, ...], out: Path = PLOT) -> Path | None:
     from umtam.errors import ConfigError
     from umtam.plots import agg_canvas
 
@@ -125,20 +156,26 @@ def plot(sweep: dict, out: Path = PLOT) -> Path | None:
         return None
     from matplotlib.figure import Figure
 
-    points = load_points(sweep)
-    tasks = sorted({rows[0]["task"] for rows in points.values()})
+    import statistics
+
+    points = load_points(sweep, tag, seeds)
+    first = {expert: next(iter(by_seed.values())) for expert, by_seed in points.items()}
+    tasks = sorted({rows[0]["task"] for rows in first.values()})
     if not tasks:
         return None
     figure = Figure(figsize=(3.6 * len(tasks), 3.4), layout="tight")
     canvas_class(figure)
     axes = figure.subplots(1, len(tasks), squeeze=False)
     for axis, task in zip(axes[0], tasks):
-        for expert, rows in points.items():
-            if rows[0]["task"] != task:
+        for expert, by_seed in points.items():
+            if first[expert][0]["task"] != task:
                 continue
             trained_with = "UMTAM" if "-umtam" in expert else "AdamW"
+            rows = [row for seed_rows in by_seed.values() for row in seed_rows]
             for score, colour in (("curvature", "tab:red"), ("magnitude", "tab:blue")):
-                line = sorted((r["keep"], r["dev_score"]) for r in rows if r["score"] == score)
+                keeps = sorted({r["keep"] for r in rows if r["score"] == score})
+                line = [(keep, statistics.mean(r["dev_score"] for r in rows if (r["score"], r["keep"]) == (score, keep)))
+                        for keep in keeps]
                 if line:
                     axis.plot([100 * k for k, _ in line], [100 * v for _, v in line], marker="o", color=colour,
                               linestyle="-" if trained_with == "UMTAM" else "--", label=f"{score} ({trained_with})")
@@ -154,14 +191,20 @@ def plot(sweep: dict, out: Path = PLOT) -> Path | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep recipe, e.g. recipes/paper/prune-sweep.yaml")
+    parser.add_argument("--model", help="the experts' model, as bench/experts.py --model [default: all-MiniLM-L6-v2]")
+    parser.add_argument("--seeds", default="42", help="comma list of the experts' training seeds")
     parser.add_argument("--data-dir")
     parser.add_argument("--report", action="store_true", help="only print tables and draw the plot")
     args = parser.parse_args()
-    sweep = load_sweep(args.config)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from experts import model_tag
+
+    sweep, tag = load_sweep(args.config), model_tag(args.model)
+    seeds = tuple(int(seed) for seed in args.seeds.split(","))
     if not args.report:
-        run(sweep, args.data_dir)
-    print(report(sweep))
-    drawn = plot(sweep)
+        run(sweep, tag, seeds, args.data_dir)
+    print(report(sweep, tag, seeds))
+    drawn = plot(sweep, tag, seeds)
     if drawn:
         print(f"\nplot: {drawn}")
     return 0
