@@ -9,20 +9,25 @@ A checkpoint is a directory holding
     config.json, tokenizer files   so transformers' from_pretrained(dir) loads it
 
 A directory without a valid sidecar is not a checkpoint. Loading trusts
-nothing: the sidecar is validated (umtam.sidecar), every listed file's sha256
-is checked and the safetensors files are opened (umtam.safetensors_io) before
-anything reads them. Writing builds the whole directory beside the target and
-swaps it into place (umtam.atomic), so a crash leaves the old output or
-nothing that loads.
+nothing: the sidecar is validated (umtam.sidecar), every listed file must be a
+regular file (a symbolic link only to a file beside it), no larger than its
+recorded size allows, and match its sha256, and the safetensors files are
+opened (umtam.safetensors_io) before anything reads them. Each file's identity
+(size, mtime, inode) is recorded as it is hashed, so a reader can check that
+nothing rewrote or truncated it since (``Checkpoint.check_unchanged``).
+Writing builds the whole directory beside the target and renames it into
+place (umtam.atomic), so a crash leaves the old output or nothing that loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from umtam.atomic import check_output_dir, file_records, is_write_leftover, sha256_file, write_directory
+from umtam.atomic import (FileIdentity, changed_error, check_output_dir, check_regular_file, copy_regular_file,
+                          current_identity, file_records, hash_identified, is_write_leftover, write_directory)
 from umtam.errors import CheckpointError, first_line
 from umtam.safetensors_io import load_tensors, open_safetensors, save_tensors
 from umtam.sidecar import (MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Sidecar, TaskRecord, is_plain_file_name,
@@ -31,6 +36,9 @@ from umtam.sidecar import (MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Sidecar, Ta
 STATS_FILE = "stats.safetensors"
 # Written by umtam.resume into each training state (named here, not imported: resume imports torch).
 STATE_MARKER = "umtam-state.json"
+# A file may exceed its recorded size by this much and still be hashed (the sha256 then
+# decides); anything larger cannot match and is refused unread, however large it is.
+SIZE_SLACK = 1 << 20
 
 __all__ = ["MODEL_FILE", "SIDECAR_FILE", "STATS_FILE", "Checkpoint", "check_output_dir", "load_checkpoint",
            "write_checkpoint"]
@@ -42,6 +50,8 @@ class Checkpoint:
 
     path: Path
     sidecar: Sidecar
+    # file name -> identity when it was hashed (empty when loaded without verify)
+    identities: dict[str, FileIdentity] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -82,18 +92,39 @@ class Checkpoint:
         skip = {MODEL_FILE, STATS_FILE, SIDECAR_FILE}
         return {name: self.path / name for name in sorted(self.sidecar.files) if name not in skip}
 
+    def check_unchanged(self, *names: str) -> None:
+        """CheckpointError naming the first file (of ``names``, default all) rewritten since it was hashed.
+
+        A stat per file: cheap enough before every tensor read. It narrows, but
+        cannot close, the window in which a file truncated under a memory map
+        kills the process with SIGBUS (which Python cannot catch): a truncation
+        between this check and the read of the pages it removed still does.
+        """
+        for name in names or tuple(self.identities):
+            recorded = self.identities.get(name)
+            if recorded is None:
+                continue
+            now = current_identity(self.path / name)
+            change = "it was removed" if now is None else recorded.difference(now)
+            if change:
+                raise changed_error(self.path / name, change)
+
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     """Open a checkpoint directory, validating its sidecar and (by default) its files.
 
-    ``verify`` checks every listed file's sha256 and opens the weights and
-    statistics, so a loaded checkpoint's files can be read as they are.
+    ``verify`` checks every listed file's sha256 (recording its identity) and
+    opens the weights and statistics, so a loaded checkpoint's files can be
+    read as they are.
     """
     directory = Path(path)
     try:
-        exists, is_dir = directory.exists(), directory.is_dir()
+        exists, is_dir, is_link = directory.exists(), directory.is_dir(), directory.is_symlink()
     except OSError as exc:  # e.g. a name too long for the file system
         raise CheckpointError(f"{directory}: cannot open ({first_line(exc, 200)})") from exc
+    if not exists and is_link:
+        raise CheckpointError(f"{directory}: a symbolic link to {directory.readlink()}, which does not resolve "
+                              "(it is dangling or a loop)")
     if not exists:
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not is_dir:
@@ -106,13 +137,14 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         raise CheckpointError(f"{directory}: not a umtam checkpoint (no {SIDECAR_FILE})",
                               hint=_not_a_checkpoint_hint(directory))
     sidecar = read_sidecar(sidecar_path)
+    identities = {}
     if verify:
-        verify_files(directory, sidecar)
+        identities = verify_files(directory, sidecar)
         for name in (MODEL_FILE, STATS_FILE):
             if name in sidecar.files:
                 with open_safetensors(directory / name):
                     pass
-    return Checkpoint(directory, sidecar)
+    return Checkpoint(directory, sidecar, identities)
 
 
 def _not_a_checkpoint_hint(directory: Path) -> str:
@@ -121,20 +153,28 @@ def _not_a_checkpoint_hint(directory: Path) -> str:
     return "it may be a plain Hugging Face model or an interrupted write"
 
 
-def verify_files(directory: Path, sidecar: Sidecar) -> None:
+def verify_files(directory: Path, sidecar: Sidecar) -> dict[str, FileIdentity]:
+    """Check every listed file (see the module docstring) and return each one's identity, by name."""
+    identities = {}
     for name, record in sidecar.files.items():
         file_path = directory / name
-        if not file_path.is_file():
+        if not os.path.lexists(file_path):
             raise CheckpointError(f"{file_path}: listed in {SIDECAR_FILE} but missing")
-        try:
-            actual = sha256_file(file_path)
-        except OSError as exc:
-            raise CheckpointError(f"{file_path}: cannot read ({first_line(exc, 200)})") from exc
+        size = check_regular_file(file_path).st_size
+        # Bounded work: a file far larger than recorded (a sparse terabyte) cannot match; say so unread.
+        if "bytes" in record.model_fields_set and size > record.bytes + SIZE_SLACK:
+            raise CheckpointError(f"{file_path}: sha256 mismatch (the file has {size} bytes, {SIDECAR_FILE} "
+                                  f"lists {record.bytes}; not read)", hint=_MODIFIED)
+        actual, identities[name] = hash_identified(file_path)
         if actual != record.sha256:
             raise CheckpointError(
                 f"{file_path}: sha256 mismatch (sidecar {record.sha256[:12]}..., file {actual[:12]}...)",
-                hint="the file was modified or truncated after the checkpoint was written",
+                hint=_MODIFIED,
             )
+    return identities
+
+
+_MODIFIED = "the file was modified or truncated after the checkpoint was written"
 
 
 def write_checkpoint(
@@ -145,29 +185,35 @@ def write_checkpoint(
     stats: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes | Path] | None = None,
     force: bool = False,
+    inputs: Sequence[Checkpoint] = (),
 ) -> Checkpoint:
     """Write a checkpoint atomically and return it.
 
     ``sidecar`` holds everything but ``schema_version`` and ``files``, which are
     filled in here from what was actually written. ``extra_files`` maps a bare
-    file name to bytes or to a file to copy (config.json, tokenizer files).
+    file name to bytes or to a regular file to copy (config.json, tokenizer
+    files). ``inputs`` are the checkpoints the tensors came from: tensors read
+    from a memory map are read again as they are written, so each input is
+    checked unchanged (``Checkpoint.check_unchanged``) once the payload is on
+    disk, before the sidecar seals it. Without ``force`` an output another
+    process wrote meanwhile is left alone and this write fails.
     """
     out = check_output_dir(output, force=force)
     fields = sidecar.as_json() if isinstance(sidecar, Sidecar) else dict(sidecar)
 
     def fill(staging: Path) -> Sidecar:
         _write_payload(staging, tensors, stats, extra_files or {})
+        for checkpoint in inputs:
+            checkpoint.check_unchanged()
         complete = make_sidecar({**fields, "schema_version": SCHEMA_VERSION, "files": file_records(staging)},
                                 staging / SIDECAR_FILE)
         write_sidecar(staging / SIDECAR_FILE, complete)
         return complete
 
-    return Checkpoint(out, write_directory(out, fill))
+    return Checkpoint(out, write_directory(out, fill, replace=force))
 
 
 def _write_payload(staging: Path, tensors, stats, extra_files) -> None:
-    import shutil
-
     save_tensors(tensors, staging / MODEL_FILE)
     if stats:
         save_tensors(stats, staging / STATS_FILE)
@@ -177,4 +223,4 @@ def _write_payload(staging: Path, tensors, stats, extra_files) -> None:
         if isinstance(content, bytes):
             (staging / name).write_bytes(content)
         else:
-            shutil.copyfile(content, staging / name)
+            copy_regular_file(Path(content), staging / name)  # never a link out, a FIFO or a device

@@ -8,7 +8,11 @@ base fingerprint, because nothing in the directory records which weights it
 was fine-tuned from. The merge engine therefore asks for ``--base`` and checks
 the input against that base itself (engine._check_plain_against_base). Weights
 are read from safetensors only: a directory holding pytorch_model.bin or
-another pickle is refused, never unpickled.
+another pickle is refused, never unpickled. Every file taken from such a
+directory (and the tokenizer files taken from a local ``--base``) must be a
+regular file, a symbolic link only to a file beside it (umtam.atomic
+``check_regular_file``): a Hugging Face cache snapshot, whose files link into
+``../../blobs``, is refused; copy it first (``cp -rL``).
 
 Out: a merged checkpoint holds one encoder and one head per task under
 ``heads/<task>/``. Beside config.json (the first input's) it carries
@@ -27,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from umtam.atomic import sha256_file
+from umtam.atomic import check_regular_file, hash_identified, is_write_leftover
 from umtam.checkpoint import MODEL_FILE, SIDECAR_FILE, Checkpoint, load_checkpoint
 from umtam.errors import CheckpointError, ConfigError, first_line
 from umtam.safetensors_io import open_safetensors
@@ -53,9 +57,14 @@ _TASK_FIELDS = ("id2label", "label2id", "num_labels", "_num_labels", "problem_ty
 
 
 def is_plain_hf_dir(path: str | Path) -> bool:
-    """A directory with a config.json and no umtam sidecar."""
+    """A directory with a config.json and no umtam sidecar, and not the staging directory of a write.
+
+    An interrupted write's ``.<name>.tmp-*`` holds config.json before its
+    sidecar; it goes to load_checkpoint, which refuses it by name.
+    """
     directory = Path(path)
-    return directory.is_dir() and (directory / CONFIG_FILE).is_file() and not (directory / SIDECAR_FILE).exists()
+    return (not is_write_leftover(directory) and directory.is_dir() and (directory / CONFIG_FILE).is_file()
+            and not (directory / SIDECAR_FILE).exists())
 
 
 def open_inputs(inputs: Sequence[str | Path | Checkpoint],
@@ -90,6 +99,9 @@ def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
     """A plain Hugging Face directory as a one-task Checkpoint (sidecar made up, not written)."""
     directory = Path(path)
     _check_weights_file(directory)
+    files = [CONFIG_FILE, MODEL_FILE, *(name for name in TOKENIZER_FILES if (directory / name).is_file())]
+    # Checked and hashed before anything reads them, so what is read is what the lineage records.
+    hashed = {name: hash_identified(directory / name) for name in files}
     with open_safetensors(directory / MODEL_FILE):  # garbage is a CheckpointError, not a traceback
         pass
     config = read_config(directory / CONFIG_FILE)
@@ -99,7 +111,6 @@ def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
         "is_regression": spec.is_regression,
         "metrics": {},
     }
-    files = [CONFIG_FILE, MODEL_FILE, *(name for name in TOKENIZER_FILES if (directory / name).is_file())]
     sidecar = {
         "schema_version": SCHEMA_VERSION,
         "kind": "train",  # a one-task fine-tuned model, as far as a merge is concerned
@@ -107,10 +118,10 @@ def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
         "tasks": {spec.name: record},
         # Nothing records the base of a plain directory; the merge checks it against --base.
         "base_model": {"fingerprint": None},
-        "files": {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-                  for name in files},
+        "files": {name: {"sha256": digest, "bytes": identity.size} for name, (digest, identity) in hashed.items()},
     }
-    return Checkpoint(directory, make_sidecar(sidecar, directory))
+    identities = {name: identity for name, (_, identity) in hashed.items()}
+    return Checkpoint(directory, make_sidecar(sidecar, directory), identities)
 
 
 def _check_weights_file(directory: Path) -> None:
@@ -202,7 +213,10 @@ def _tokenizer_files(checkpoints: Sequence[Checkpoint], base: str | None) -> dic
         if found:
             return found
     if base is not None and Path(base).is_dir():
-        return {name: Path(base) / name for name in TOKENIZER_FILES if (Path(base) / name).is_file()}
+        found = {name: Path(base) / name for name in TOKENIZER_FILES if (Path(base) / name).is_file()}
+        for path in found.values():
+            check_regular_file(path)  # a link out of --base is refused, not copied
+        return found
     return {}
 
 

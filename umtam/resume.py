@@ -34,7 +34,16 @@ config); ``tracker`` (beta2); ``rng`` (python ``random`` and numpy states);
 set), checked on resume so a changed model, tokenizer or data set is refused
 rather than silently continued; ``resumed`` (earlier resumes: step, state, lr);
 ``seconds_per_step``; and ``files`` (sha256 and size of state.safetensors).
-No pickles: JSON and safetensors only.
+No pickles: JSON and safetensors only. Reading trusts neither file: the record
+is validated field by field (``StateRecord``, as umtam.sidecar validates a
+sidecar), state.safetensors must match its recorded size and sha256, and
+whatever does not fit the run being resumed (a tensor of another shape, a
+missing key or RNG entry) is one CheckpointError naming the state directory.
+
+One run at a time per state directory: ``StateWriter`` holds an exclusive
+lock (flock on ``umtam-train.lock`` in the directory, which names its pid) for
+the run's lifetime, and a second run is refused, naming that pid. The lock
+file is removed when the writer is closed.
 
 Resuming restores all of it, so on CPU the final weights, statistics and loss
 curve equal an uninterrupted run's bit for bit. Options given with
@@ -51,23 +60,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Iterable, Mapping, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from umtam import __version__
 # the temp-dir-then-rename protocol has one implementation, in umtam.atomic
-from umtam.atomic import file_records, sha256_file, write_directory, write_json_durably
-from umtam.checkpoint import SIDECAR_FILE, STATE_MARKER
+from umtam.atomic import (check_name_fits, check_regular_file, file_records, hash_identified, resolve_path,
+                          write_directory, write_json_durably)
+from umtam.checkpoint import SIDECAR_FILE, SIZE_SLACK, STATE_MARKER
 from umtam.config import build_config
 from umtam.config.train import TrainConfig
 from umtam.errors import CheckpointError, ConfigError, UmtamError, first_line
 from umtam.safetensors_io import load_tensors, save_tensors
+from umtam.sidecar import MAX_SIDECAR_BYTES, describe_first
 
 STATE_FORMAT = "umtam-train-state"
 STATE_SCHEMA_VERSION = 1
@@ -77,6 +91,89 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STEP_LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|old)-")
 _REQUIRED = ("format", "schema_version", "step", "epoch", "batch", "total_steps", "loss_curve", "config",
              "optimizer", "scheduler", "tracker", "rng", "base_fingerprint", "train_digest", "files")
+LOCK_FILE = "umtam-train.lock"
+_DAMAGED = "the state was damaged or saved by another model or optimizer; resume from the previous step-N directory"
+
+
+# ----------------------------------------------------------------------------- the record, validated
+
+
+class _Part(BaseModel):
+    """Strict types (JSON numbers stay numbers), unknown fields allowed: a newer writer may add some."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+
+Count = Annotated[int, Field(ge=0)]
+Scalar = bool | int | float | str | None
+
+
+class ParamGroupRecord(_Part):
+    params: list[Count]
+
+
+class OptimizerStateRecord(_Part):
+    class_name: str = Field(alias="class")
+    param_groups: list[ParamGroupRecord]
+    numbers: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], dict[str, Scalar]]
+
+
+class SchedulerRecord(_Part):
+    base_lrs: list[float]
+    last_epoch: int
+
+
+class TrackerRecord(_Part):
+    beta2: float
+
+
+class RngRecord(_Part):
+    python: tuple[int, list[int], float | None]
+    numpy: tuple[str, list[int], int, int, float]
+    cuda_devices: Count
+
+
+class StateFileRecord(_Part):
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    bytes: Count
+
+
+class ResumeRecord(_Part):
+    step: Count
+    state: str
+    lr: float
+
+
+class StateRecord(_Part):
+    """umtam-state.json: every field ``restore`` and the training loop read, with its type."""
+
+    format: str
+    schema_version: int
+    step: Count
+    epoch: Count
+    batch: Count
+    total_steps: Count
+    loss_curve: list[float]
+    config: dict[str, Any]
+    optimizer: OptimizerStateRecord
+    scheduler: SchedulerRecord
+    tracker: TrackerRecord
+    rng: RngRecord
+    base_fingerprint: str
+    train_digest: str
+    files: dict[str, StateFileRecord]
+    resumed: list[ResumeRecord] = Field(default_factory=list)
+    seconds_per_step: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StateRecord":
+        if STATE_TENSORS not in self.files:
+            raise ValueError(f"files must list {STATE_TENSORS}")
+        if len(self.loss_curve) != self.step:
+            raise ValueError(f"loss_curve has {len(self.loss_curve)} entries for step {self.step}")
+        if self.step > self.total_steps:
+            raise ValueError(f"step {self.step} is past total_steps {self.total_steps}")
+        return self
 
 
 # ----------------------------------------------------------------------------- what a run is
@@ -188,10 +285,15 @@ def complete_states(directory: Path) -> list[Path]:
 
 
 def read_state(directory: Path) -> TrainingState:
+    """The state in ``directory``, its record validated (``StateRecord``); every problem names the file."""
     marker = directory / STATE_MARKER
     try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = check_regular_file(marker).st_size
+        if size > MAX_SIDECAR_BYTES:
+            raise CheckpointError(f"{marker}: {size} bytes, too large for a training-state record")
+        text = marker.read_text(encoding="utf-8")
+        record = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{marker}: not a readable training-state record ({first_line(exc)})") from exc
     if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{marker}: not a umtam training state (format is not {STATE_FORMAT!r})")
@@ -201,6 +303,10 @@ def read_state(directory: Path) -> TrainingState:
     missing = [key for key in _REQUIRED if key not in record]
     if missing:
         raise CheckpointError(f"{marker}: missing field(s) {', '.join(missing)}")
+    try:
+        StateRecord.model_validate_json(text)  # strict JSON types; ``record`` keeps the values as written
+    except ValidationError as exc:
+        raise CheckpointError(f"{marker}: {describe_first(exc)}", hint=_DAMAGED) from None
     return TrainingState(directory, record)
 
 
@@ -271,6 +377,18 @@ def restore(state: TrainingState, parts: Trainables, *, lr: float) -> Position:
     if record["optimizer"]["class"] != type(parts.optimizer).__name__:
         raise CheckpointError(f"{state.path}: saved by {record['optimizer']['class']}, "
                               f"this run builds {type(parts.optimizer).__name__}")
+    check_state_tensors(state, tensors, parts.model)
+    try:
+        _load_into(record, tensors, parts, lr)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # torch's and the tracker's refusals of a state that does not fit, said in one line
+        raise CheckpointError(f"{state.path}: cannot be restored into this run ({_one_line(exc)})",
+                              hint=_DAMAGED) from exc
+    return Position(record["step"], record["epoch"], record["batch"], list(record["loss_curve"]))
+
+
+def _load_into(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], parts: Trainables,
+               lr: float) -> None:
     parts.model.load_state_dict(_with_prefix(tensors, "model/"), strict=True)
     parts.optimizer.load_state_dict(join_optimizer_state(record["optimizer"], _with_prefix(tensors, "optimizer/")))
     parts.tracker.load_state_dict({"beta2": record["tracker"]["beta2"],
@@ -279,15 +397,43 @@ def restore(state: TrainingState, parts: Trainables, *, lr: float) -> Position:
     if parts.scheduler.base_lrs != [lr] * len(parts.scheduler.base_lrs):
         rescale_peak_lr(parts.optimizer, parts.scheduler, lr)
     restore_rng(record["rng"], _with_prefix(tensors, "rng/"))
-    return Position(record["step"], record["epoch"], record["batch"], list(record["loss_curve"]))
+
+
+def _one_line(exc: BaseException) -> str:
+    """torch puts the useful part of load_state_dict's message on its second line; keep both, on one."""
+    lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:240]
+
+
+def check_state_tensors(state: TrainingState, tensors: Mapping[str, torch.Tensor], model) -> None:
+    """The saved model tensors have the model's keys and shapes, and the RNG entries restore_rng reads exist."""
+    path = state.path / STATE_TENSORS
+    saved = _with_prefix(tensors, "model/")
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing:
+        raise CheckpointError(f"{path}: no tensor model/{missing[0]} ({len(missing)} of the model's missing)",
+                              hint=_DAMAGED)
+    if unexpected:
+        raise CheckpointError(f"{path}: tensor model/{unexpected[0]} is not in this run's model", hint=_DAMAGED)
+    for key, shape in expected.items():
+        if tuple(saved[key].shape) != shape:
+            raise CheckpointError(f"{path}: tensor model/{key} has shape {list(saved[key].shape)}, this run's "
+                                  f"model {list(shape)}", hint=_DAMAGED)
+    cuda = min(state.record["rng"]["cuda_devices"], torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    for key in ("rng/torch", *(f"rng/cuda/{index}" for index in range(cuda))):
+        if key not in tensors:
+            raise CheckpointError(f"{path}: no tensor {key} (the random generator's state)", hint=_DAMAGED)
 
 
 def load_state_tensors(state: TrainingState) -> dict[str, torch.Tensor]:
     path = state.path / STATE_TENSORS
-    expected = state.record["files"].get(STATE_TENSORS, {}).get("sha256")
-    if not path.is_file():
+    recorded = state.record["files"][STATE_TENSORS]
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: missing from the training state")
-    if sha256_file(path) != expected:
+    size = check_regular_file(path).st_size
+    # bounded work, as umtam.checkpoint.verify_files: a far larger file is refused unread
+    if size > recorded["bytes"] + SIZE_SLACK or hash_identified(path)[0] != recorded["sha256"]:
         raise CheckpointError(f"{path}: sha256 does not match {STATE_MARKER}",
                               hint="the file was damaged; resume from the previous step-N directory")
     return load_tensors(path)
@@ -390,41 +536,104 @@ class StateWriter:
     """Writes ``step-N/`` states atomically into one directory and keeps the newest ``KEEP_STATES``.
 
     Refuses, before any work, a directory that already holds another run's
-    states (unless ``force``, which replaces them as new ones are written), or
-    one that is, or lies inside, the output. Temporary leftovers of a killed
-    write are removed on construction.
+    states (unless ``force``, which replaces them as new ones are written),
+    one that is, or lies inside, the output or one of ``inputs`` (the data and
+    model directories), a dangling symbolic link or a loop, and a name too
+    long for the file system.
+
+    The directory is locked for this run (``umtam-train.lock``, see
+    ``StateLock``): an existing one at once, so a second run on it is refused
+    before any work, naming the pid that holds it; a new one when the first
+    state creates it, so that a run refused later leaves nothing behind (two
+    fresh runs on one new directory: the second is refused at its first
+    save). Temporary leftovers of a killed write are removed once the lock is
+    held. ``close()`` (or leaving a ``with`` block) releases the lock and
+    removes the lock file, and the directory if this writer made it and it is
+    still empty; an unclosed writer does so when it is collected or at exit.
     """
 
     def __init__(self, directory: str | Path, *, output: str | Path, force: bool = False,
-                 resumed: TrainingState | None = None):
+                 resumed: TrainingState | None = None, inputs: Iterable[str | Path] = ()):
         self.directory = Path(directory)
-        self._check_location(Path(output))
+        self._check_location(Path(output), [Path(source) for source in inputs])
+        self._finalizer: weakref.finalize | None = None
+        if self.directory.is_dir():
+            self._lock()  # before looking at its states: another run may be writing them
         resumed_here = resumed is not None and resumed.path.parent.resolve() == self.directory.resolve()
+        self._may_replace = force or resumed_here
+        try:
+            self._check_no_other_states()
+        except BaseException:
+            self.close()
+            raise
+        self.latest: TrainingState | None = resumed
+        self._kept: list[Path] = [resumed.path] if resumed_here else []
+        self._remove_leftovers()
+
+    def _lock(self) -> None:
+        lock = StateLock.acquire(self.directory)
+        # released by close(), or when the writer is collected, or at exit
+        self._finalizer = weakref.finalize(self, lock.release)
+
+    def _check_no_other_states(self) -> None:
         existing = complete_states(self.directory)
-        if existing and not (force or resumed_here):
+        if existing and not self._may_replace:
             raise ConfigError(
                 f"state directory {self.directory} already holds training states (newest {existing[-1].name})",
                 hint=f"continue that run with --resume {self.directory}, choose another --state-dir, "
                      "or pass --force to replace them",
             )
-        self.latest: TrainingState | None = resumed
-        self._kept: list[Path] = [resumed.path] if resumed_here else []
-        self._remove_leftovers()
 
-    def _check_location(self, output: Path) -> None:
-        state_dir, out = self.directory.resolve(), output.resolve()
+    def close(self) -> None:
+        """Release the directory for other runs (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "StateWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_location(self, output: Path, inputs: Sequence[Path]) -> None:
+        try:
+            self._check_paths(output, inputs)
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise ConfigError(f"state directory {self.directory}: unusable path ({first_line(exc, 200)})") from exc
+
+    def _check_paths(self, output: Path, inputs: Sequence[Path]) -> None:
+        what = f"state directory {self.directory}"
+        if self.directory.is_symlink() and not self.directory.exists():
+            raise ConfigError(f"{what} is a symbolic link to {self.directory.readlink()}, which does not resolve "
+                              "(it is dangling or a loop)", hint="choose another --state-dir")
+        state_dir = resolve_path(self.directory, what, ConfigError)
+        out = resolve_path(output, f"output {output}", ConfigError)
         if state_dir == out or out in state_dir.parents:
-            raise ConfigError(f"state directory {self.directory} is inside the output {output}",
+            raise ConfigError(f"{what} is inside the output {output}",
                               hint="the output is replaced at the end; choose another --state-dir")
+        for source in inputs:
+            resolved = resolve_path(source, f"input {source}")
+            if state_dir == resolved or resolved in state_dir.parents:
+                raise ConfigError(f"{what} is inside {source}",
+                                  hint="states would be written among the data or model files; "
+                                       "choose another --state-dir")
         if self.directory.exists() and not self.directory.is_dir():
-            raise ConfigError(f"state directory {self.directory} exists and is not a directory")
+            raise ConfigError(f"{what} exists and is not a directory")
         if (self.directory / SIDECAR_FILE).is_file():
-            raise ConfigError(f"state directory {self.directory} is a checkpoint",
-                              hint="choose another --state-dir")
+            raise ConfigError(f"{what} is a checkpoint", hint="choose another --state-dir")
+        if not self.directory.exists():
+            ancestor = state_dir.parent
+            while not ancestor.exists():
+                ancestor = ancestor.parent
+            check_name_fits(self.directory, ancestor, state_dir.name, what="state directory")
 
     def save(self, record: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> TrainingState:
         """Write one state (``record`` from ``capture`` plus the run's context) and prune older ones."""
         out = self.directory / f"step-{record['step']:08d}"
+        if self._finalizer is None or not self._finalizer.alive:
+            # a new directory: made and locked at the first state, so a run refused earlier leaves nothing
+            self._lock()
+            self._check_no_other_states()  # a run that ended meanwhile may have left some
 
         def fill(staging: Path) -> dict[str, Any]:
             save_tensors(tensors, staging / STATE_TENSORS)
@@ -433,7 +642,9 @@ class StateWriter:
             write_json_durably(staging / STATE_MARKER, complete)
             return complete
 
-        complete = write_directory(out, fill, what="training state")
+        # replace: a resumed run rewrites the step directories after the one it resumed from
+        # (the lock keeps any other run out of this directory)
+        complete = write_directory(out, fill, what="training state", replace=True)
         self.latest = TrainingState(out, complete)
         self._kept = [path for path in self._kept if path != out][-(KEEP_STATES - 1):] + [out]
         self._remove_older_states()
@@ -451,6 +662,101 @@ class StateWriter:
         for path in self.directory.iterdir():
             if _STEP_LEFTOVER.match(path.name):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class StateLock:
+    """An exclusive flock on ``umtam-train.lock`` in a state directory, held for one run.
+
+    The file holds the holder's pid, for the message that refuses a second run.
+    Release removes the file while still holding the lock; acquiring therefore
+    checks, after locking, that the file it locked is still the one at the path
+    (else a run that opened it just before its removal would lock a dead file).
+    """
+
+    directory: Path
+    fd: int | None
+    created: list[Path]  # directories this lock made, outermost first
+
+    @classmethod
+    def acquire(cls, directory: Path) -> "StateLock":
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no protection against a concurrent run
+            return cls(directory, None, _make_dirs(directory))
+        created = _make_dirs(directory)
+        path = directory / LOCK_FILE
+        while True:
+            fd = _open_lock_file(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _holder(fd)
+                os.close(fd)
+                if isinstance(exc, BlockingIOError):
+                    raise UmtamError(f"state directory {directory} is in use by another umtam train run "
+                                     f"(pid {holder})", hint="wait for it to end, or give this run another "
+                                                             "--state-dir") from None
+                raise UmtamError(f"state directory {directory}: cannot lock {LOCK_FILE} ({first_line(exc)})"
+                                 ) from exc
+            if _same_file(fd, path):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(directory, fd, created)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.directory / LOCK_FILE)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        for path in reversed(self.created):
+            try:
+                path.rmdir()  # only if still empty: a run that wrote states keeps them
+            except OSError:
+                break
+        self.created = []
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    missing = []
+    probe = directory
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UmtamError(f"cannot create state directory {directory} ({first_line(exc, 200)})") from exc
+    return missing[::-1]
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
+                       0o644)
+    except OSError as exc:
+        raise UmtamError(f"state directory {path.parent}: cannot open {path.name} ({first_line(exc, 200)})") from exc
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (here.st_ino, here.st_dev) == (there.st_ino, there.st_dev)
 
 
 def diverged_error(step: int, what: str, latest: TrainingState | None, state_dir: Path | None,

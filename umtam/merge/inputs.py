@@ -6,18 +6,29 @@ any work the inputs must agree: one base fingerprint (plain Hugging Face
 inputs record none and are checked against --base instead, plain_inputs.py),
 the same encoder keys and shapes, distinct tasks, and every statistic the
 method will read.
+
+Inputs must not change while they are read: the lineage records the sha256
+each file had when it was loaded. Every tensor read first checks that its file
+still has the identity it had when hashed (``Checkpoint.check_unchanged``, a
+stat), and ``open_sources`` checks every input once more when the merge is
+done, so a file rewritten in place or truncated is a one-line CheckpointError,
+not an output recorded against the old file. What remains: a file truncated
+between that stat and the read of the pages it removed kills the process with
+SIGBUS (memory-mapped reads cannot raise), and a rewrite that restores size,
+mtime and inode goes unseen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from umtam.checkpoint import Checkpoint
+from umtam.checkpoint import MODEL_FILE, STATS_FILE, Checkpoint
 from umtam.errors import CheckpointError, MergeError
 from umtam.families import family_of_dir
-from umtam.heads import head_key, split_head_key
+from umtam.heads import check_head_labels, head_key, split_head_key
 from umtam.safetensors_io import FLOAT_DTYPES, open_safetensors
 from umtam.saliency import missing_stat_error
 from umtam.scores import required_stats
@@ -42,8 +53,9 @@ class LazyStats(Mapping):
 
     _RECENT = 8
 
-    def __init__(self, handle: Any | None):
+    def __init__(self, handle: Any | None, check: Callable[[], None] = lambda: None):
         self._handle = handle
+        self._check = check  # raises if the file changed since it was hashed
         self._keys = frozenset(handle.keys()) if handle is not None else frozenset()
         self._recent: dict[str, Tensor] = {}
 
@@ -53,6 +65,7 @@ class LazyStats(Mapping):
         if key not in self._recent:
             if len(self._recent) >= self._RECENT:
                 del self._recent[next(iter(self._recent))]
+            self._check()
             self._recent[key] = self._handle.get_tensor(key)
         return self._recent[key]
 
@@ -84,6 +97,8 @@ class Source:
         return self.checkpoint.is_plain
 
     def tensor(self, key: str) -> Tensor:
+        """The mapped tensor ``key``, after checking the file is still the one hashed (see the module docstring)."""
+        self.checkpoint.check_unchanged(MODEL_FILE)
         return self.model.get_tensor(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -110,18 +125,24 @@ class Layout:
 
 @contextlib.contextmanager
 def open_sources(checkpoints: Sequence[Checkpoint]) -> Iterator[list[Source]]:
+    """The inputs, mapped; when the body is done, every input file is checked unchanged since it was hashed."""
     with contextlib.ExitStack() as stack:
         sources = []
         for checkpoint in checkpoints:
+            checkpoint.check_unchanged()  # what is mapped now is what was hashed
             model = stack.enter_context(open_safetensors(checkpoint.model_file))
             stats_file = checkpoint.stats_file
             stats = stack.enter_context(open_safetensors(stats_file)) if stats_file else None
-            sources.append(_describe(checkpoint, model, LazyStats(stats)))
+            check = functools.partial(checkpoint.check_unchanged, STATS_FILE)
+            sources.append(_describe(checkpoint, model, LazyStats(stats, check)))
         yield sources
+        for checkpoint in checkpoints:
+            checkpoint.check_unchanged()
 
 
 def _describe(checkpoint: Checkpoint, model: Any, stats: LazyStats) -> Source:
     family = family_of_dir(checkpoint.path)
+    check_head_labels(checkpoint, {key: tuple(model.get_slice(key).get_shape()) for key in model.keys()}, family)
     encoder, heads = set(), {}
     for key in model.keys():
         if split_head_key(key) is not None:
