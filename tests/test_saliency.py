@@ -197,7 +197,9 @@ def test_means_from_the_factors_equal_the_dense_means():
         got = saliency.second_moment_mean(NAME, shape, stats, checkpoint_label="ckpt", power=power)
         assert got == pytest.approx(float(moment), rel=1e-5)
     zero = {f"exp_avg_sq_row/{NAME}": torch.zeros(30), f"exp_avg_sq_col/{NAME}": torch.ones(20)}
-    assert saliency.second_moment_mean(NAME, shape, zero, checkpoint_label="ckpt") == 0.0
+    # An all-zero R means no gradient ever reached the weight: it ranks nothing and is refused (issue 13).
+    with pytest.raises(CheckpointError, match=rf"'exp_avg_sq_row/{NAME}' is zero for the whole tensor"):
+        saliency.second_moment_mean(NAME, shape, zero, checkpoint_label="ckpt")
 
 
 def test_streaming_threshold_treats_negative_zero_as_zero():

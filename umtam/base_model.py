@@ -78,6 +78,13 @@ def load_base_encoder(record: Mapping[str, Any] | Any, *, override: str | None =
     return {key: value.detach().clone() for key, value in encoder.items()}
 
 
+def describe_base(record: Mapping[str, Any] | Any, override: str | None = None) -> str:
+    """The base model as error messages name it: "the base model <where it was found>"."""
+    record = record.as_json() if hasattr(record, "as_json") else record
+    where = override or record.get("location") or record.get("reference")
+    return f"the base model {where}" if where else "the base model"
+
+
 def identify_base(reference: str, keys: Iterable[str]) -> tuple[dict[str, Any], Mapping[str, Any]]:
     """The base encoder at ``reference`` and a sidecar record naming it, for inputs that record no base.
 
@@ -143,13 +150,48 @@ def read_base_file(source: ModelSource, keys: Iterable[str]) -> dict[str, Any] |
         return None
 
 
-def check_base_covers(base: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], label: str) -> None:
-    """Every tensor of ``shapes`` (a checkpoint's, named ``label``) must be in the base with the same shape."""
+def check_base_covers(base: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], label: str,
+                      dtypes: Mapping[str, Any] | None = None) -> None:
+    """Every tensor of ``shapes`` (a checkpoint's, named ``label``) must be in the base, alike.
+
+    Alike means the same shape and, for the tensors ``dtypes`` names (torch
+    dtypes or safetensors names such as "F32"), the same kind of dtype
+    (``dtype_kind``: floating, integer or bool; bf16 against f32 is fine).
+    Prune and merge pass every encoder tensor, not only the 2-D weights they
+    change: a weight stored as integers, or as a vector where the base has a
+    matrix, would otherwise pass for a buffer or a 1-D parameter and be copied
+    through unpruned and unmerged.
+    """
     for key, shape in shapes.items():
         if key not in base:
             raise CheckpointError(f"the base model has no tensor {key!r}, which {label} has")
         if tuple(base[key].shape) != tuple(shape):
             raise CheckpointError(
                 f"tensor {key!r} has shape {list(base[key].shape)} in the base model "
-                f"but {list(shape)} in {label}"
+                f"but {list(shape)} in {label}",
+                hint="the weights were not saved from the base's architecture",
             )
+        if dtypes is not None and key in dtypes:
+            theirs, ours = dtype_kind(dtypes[key]), dtype_kind(base[key].dtype)
+            if theirs != ours:
+                raise CheckpointError(
+                    f"tensor {key!r} is {theirs} ({dtype_name(dtypes[key])}) in {label} "
+                    f"but {ours} ({dtype_name(base[key].dtype)}) in the base model",
+                    hint="the weights were not saved from a model fine-tuned from this base",
+                )
+
+
+def dtype_kind(dtype: Any) -> str:
+    """'floating', 'integer' or 'bool' for a torch dtype or a safetensors dtype name ("F32", "BF16", "I64")."""
+    if isinstance(dtype, str):
+        if dtype == "BOOL":
+            return "bool"
+        return "floating" if dtype.startswith(("F", "BF")) else "integer"
+    if str(dtype) == "torch.bool":
+        return "bool"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def dtype_name(dtype: Any) -> str:
+    """A dtype as a message shows it: "F32" as it is, torch.int64 as "int64"."""
+    return str(dtype).removeprefix("torch.")

@@ -2,22 +2,32 @@
 
 One checkpoint in, one out (DESIGN section 5). For every 2-D (and higher)
 encoder weight, T = W - W0 is scored by a saliency (``score``, default
-"curvature": T^2 sqrt(R_i C_j)); the entries scoring at or above the threshold
-keep their fine-tuned value, the others go back to W0 exactly
-(``where(mask, W, W0)``, so keep=1.0 returns the input weights bit for bit).
-Heads, 1-D parameters and non-floating tensors are kept as they are.
+"curvature": T^2 sqrt(R_i C_j)); the k most salient entries keep their
+fine-tuned value, the others go back to W0 exactly (``where(mask, W, W0)``, so
+keep=1.0 returns the input weights bit for bit). Heads, 1-D parameters and
+integer buffers are kept as they are.
 
-Threshold: the exact k-th largest score, k = round(keep * N) (at least 1), with
-N the entries of all 2-D encoder weights (``scope="global"``, default) or of
-each tensor (``scope="tensor"``). The global one is found by two streaming
-radix-select passes over the scores (saliency.streaming_thresholds), so no
-concatenated score vector is built. Every entry scoring >= the threshold is
-kept: ties at the threshold keep all tied entries, so the measured kept
-fraction can slightly exceed ``keep`` (the report and sidecar give the measured
-value). Memory: the input model, the base encoder and the output, one model
-each (the base memory-mapped straight from its safetensors file when it is a
-local directory, see base_model.load_base_encoder); scores exist one tensor at
-a time.
+Exactly k = round(keep * N) entries are kept (at least 1), with N the entries
+of all 2-D encoder weights (``scope="global"``, default) or of each tensor
+(``scope="tensor"``). The threshold is the exact k-th largest score; every
+entry above it is kept, and of the entries scoring exactly the threshold the
+first ones in a fixed order (tensors in name order, entries in row-major
+order) until k are kept (saliency.Cut). Without the tie rule the zero
+curvature of rows no gradient reached ties at a threshold of 0 and
+``keep=0.5`` could keep everything. The global cut is found by two streaming
+radix-select passes over the scores (saliency.streaming_cuts), so no
+concatenated score vector is built. Memory: the input model, the base encoder
+and the output, one model each (the base memory-mapped straight from its
+safetensors file when it is a local directory, see
+base_model.load_base_encoder); scores exist one tensor at a time.
+
+Checks, as each tensor is read: every encoder tensor must match the base's
+shape and kind of dtype (base_model.check_base_covers), so a weight stored as
+integers or as a vector is refused instead of copied through unpruned; every
+floating tensor must be finite, and so must the base tensors pruning resets to
+(saliency.task_vector, check_finite). The output then holds only entries of
+the two, each checked, so it is finite too (where a base entry is cast to the
+checkpoint's narrower dtype, the cast is checked).
 
 The options (keep, score, scope) are ``PruneSettings`` (umtam.config.prune):
 their defaults and ranges are declared there once, and the keyword arguments
@@ -34,15 +44,16 @@ import torch
 from torch import Tensor
 
 from umtam.atomic import check_output_dir
-from umtam.base_model import check_base_covers, load_base_encoder
+from umtam.base_model import check_base_covers, describe_base, dtype_name, load_base_encoder
 from umtam.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint, write_checkpoint
 from umtam.config import build_config
 from umtam.config.prune import PruneSettings
+from umtam.errors import CheckpointError
 from umtam.families import family_of_dir
-from umtam.heads import is_head_key
+from umtam.heads import check_head_labels, is_head_key
 from umtam.progress import Progress, ProgressSteps
+from umtam.saliency import Selection, check_finite, streaming_cuts, task_vector, tensor_cut
 from umtam.saliency import score as saliency_score
-from umtam.saliency import streaming_thresholds, tensor_threshold
 from umtam.sidecar import Sidecar
 
 # Sidecar fields a pruned checkpoint must not inherit from its input.
@@ -98,31 +109,37 @@ def prune_checkpoint(ckpt: Checkpoint | str | Path, *, base: str | None = None, 
     tensors = checkpoint.load_tensors()
     stats = checkpoint.load_stats()
     family = family_of_dir(checkpoint.path)
-    names = prunable_names(tensors, is_head=lambda key: is_head_key(key, family))
-    encoder_keys = [key for key in tensors if not is_head_key(key, family)]
+    check_head_labels(checkpoint, {key: tuple(value.shape) for key, value in tensors.items()}, family)
     label = str(checkpoint.path)
+    encoder_keys = [key for key in tensors if not is_head_key(key, family)]
     base_tensors = {}
-    if names:
+    if encoder_keys:
         base_tensors = load_base_encoder(checkpoint.sidecar.base_model, override=base, keys=encoder_keys)
-        check_base_covers(base_tensors, {name: tuple(tensors[name].shape) for name in names}, label)
+        check_base_covers(base_tensors, {key: tuple(tensors[key].shape) for key in encoder_keys}, label,
+                          dtypes={key: tensors[key].dtype for key in encoder_keys})
+    names = prunable_names(tensors, is_head=lambda key: is_head_key(key, family))
+    for key in sorted(set(tensors) - set(names)):  # copied through: heads, 1-D parameters, buffers
+        check_finite(tensors[key], tensor_name=key, owner=label)
+    base_label = describe_base(checkpoint.sidecar.base_model, base)
 
     def scores_of(name: str) -> Tensor:
-        task_vector = tensors[name].to(torch.float32) - base_tensors[name].to(torch.float32)
-        return saliency_score(chosen.score, name, task_vector, stats, checkpoint_label=label)
+        vector = task_vector(name, tensors[name], base_tensors[name], checkpoint_label=label, base_label=base_label)
+        return saliency_score(chosen.score, name, vector, stats, checkpoint_label=label)
 
     steps = ProgressSteps(progress, len(names) * (3 if chosen.scope == "global" and names else 1))
-    threshold = None
+    threshold = shared = None
     if chosen.scope == "global" and names:
-        threshold = _global_threshold(names, scores_of, chosen.keep, steps)
+        cut = _global_cut(names, scores_of, chosen.keep, steps)
+        threshold, shared = cut.threshold, Selection(cut)  # its tie allowance is spent in name order
 
     pruned = dict(tensors)
     kept_per_tensor: dict[str, float] = {}
     kept_entries = total_entries = 0
     for name in names:
         scores = scores_of(name)
-        limit = threshold if threshold is not None else tensor_threshold(scores, chosen.keep)
-        mask = scores >= limit
-        pruned[name] = torch.where(mask, tensors[name], base_tensors[name].to(tensors[name].dtype))
+        selection = shared if shared is not None else Selection(tensor_cut(scores, chosen.keep))
+        mask = selection.mask(scores)
+        pruned[name] = _reset_to_base(name, mask, tensors[name], base_tensors[name], chosen)
         kept = int(mask.sum())
         kept_entries += kept
         total_entries += mask.numel()
@@ -130,6 +147,19 @@ def prune_checkpoint(ckpt: Checkpoint | str | Path, *, base: str | None = None, 
         steps.advance(name)
     report = PruneReport(chosen, threshold, kept_entries, total_entries, kept_per_tensor)
     return pruned, report
+
+
+def _reset_to_base(name: str, mask: Tensor, weight: Tensor, base: Tensor, chosen: PruneSettings) -> Tensor:
+    """W where kept, W0 elsewhere; both are checked finite, but W0 cast to a narrower dtype can overflow."""
+    pruned = torch.where(mask, weight, base.to(weight.dtype))
+    if base.dtype != weight.dtype and not bool(torch.isfinite(pruned).all()):
+        raise CheckpointError(
+            f"pruning ({', '.join(f'{key}={value}' for key, value in chosen.recorded().items())}) would write "
+            f"NaN or inf into tensor {name!r}: the base model's "
+            f"{dtype_name(base.dtype)} values overflow the checkpoint's {dtype_name(weight.dtype)}",
+            hint="nothing was written; the checkpoint's weights were not saved in the base's precision",
+        )
+    return pruned
 
 
 def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, base: str | None = None,
@@ -154,6 +184,7 @@ def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, base: str
         stats=checkpoint.load_stats() or None,
         extra_files=checkpoint.companion_files(),
         force=force,
+        inputs=[checkpoint],  # re-checked before the sidecar: an input rewritten meanwhile is refused
     )
     return written, report
 
@@ -178,16 +209,21 @@ def pruned_sidecar(sidecar: Sidecar, path: Path, report: PruneReport) -> dict[st
 
 
 def prunable_names(tensors: Mapping[str, Tensor], is_head: Callable[[str], bool] = is_head_key) -> list[str]:
-    """Encoder weights of rank >= 2: heads (own or heads/<task>/...) and 1-D parameters stay."""
+    """Floating encoder weights of rank >= 2, in name order: heads (own or heads/<task>/...) and 1-D parameters stay.
+
+    What is left out is copied through as it is, so prune first checks every
+    encoder tensor against the base (shape and kind of dtype): an integer or
+    1-D tensor where the base has a floating matrix is refused, not skipped.
+    """
     return sorted(name for name, tensor in tensors.items()
                   if tensor.dim() >= 2 and tensor.is_floating_point() and not is_head(name))
 
 
-def _global_threshold(names, scores_of: Callable[[str], Tensor], keep: float, steps: ProgressSteps) -> float:
+def _global_cut(names, scores_of: Callable[[str], Tensor], keep: float, steps: ProgressSteps):
     def batches():
         for name in names:
             scores = scores_of(name)
             steps.advance(f"threshold {name}")
             yield (scores,)
 
-    return streaming_thresholds(batches, keep)[0]
+    return streaming_cuts(batches, keep)[0]

@@ -19,11 +19,23 @@ the same rows of the whole weight's scores bit for bit. Means over a whole
 weight come from the factors (``curvature_mean``, ``second_moment_mean``), so
 no m x n matrix is formed for them either.
 
-Thresholds: ``keep`` is the fraction of entries to keep, ``round(keep * N)`` of
-them (at least one). The threshold is the exact k-th largest score and every
-entry scoring ``>= threshold`` is kept, so ties at the threshold keep all tied
-entries (slightly more than k when scores repeat). ``streaming_thresholds`` finds
-the same exact value over many tensors without concatenating them.
+Selection: ``keep`` is the fraction of entries to keep, k = ``round(keep * N)``
+of them (at least one), and exactly k are kept, also when scores tie. A
+``Cut`` says how: the threshold is the exact k-th largest score; every entry
+scoring above it is kept, and of the entries scoring exactly the threshold the
+first ``ties`` in a fixed order (tensors in name order, entries in row-major
+order, so row blocks in row order) are kept, ``ties`` being k minus the count
+strictly above. Without this, scores that tie at the threshold (the zero
+curvature of rows no gradient reached ties at a threshold of 0) would all be
+kept, and ``keep=0.5`` could keep everything. ``Selection`` hands the tie
+allowance out as the tensors (or row blocks) come, first come first served.
+``tensor_cut`` finds the cut of one tensor; ``streaming_cuts`` the same cut
+over many tensors without concatenating them.
+
+Numbers: statistics must be finite, non-negative and not all zero for a whole
+tensor (``read_stat``); weights and task vectors must be finite
+(``check_finite``); scores must be finite (``score``). Each is checked as the
+tensor is read, so nothing silently decides a comparison it should not.
 """
 
 from __future__ import annotations
@@ -54,7 +66,69 @@ def get_score(name: str) -> ScoreFn:
 def score(method: str, name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
           checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """Score every entry of one parameter's task vector (or of a row block of it) with the named score."""
-    return get_score(method)(name, task_vector, stats, checkpoint_label=checkpoint_label, block=block)
+    scores = get_score(method)(name, task_vector, stats, checkpoint_label=checkpoint_label, block=block)
+    check_scores(scores, score_name=method, tensor_name=name, checkpoint_label=checkpoint_label)
+    return scores
+
+
+def check_scores(scores: Tensor, *, score_name: str, tensor_name: str, checkpoint_label: str) -> None:
+    """Scores must be finite: a NaN passes no threshold and an exact top-k would count it all the same.
+
+    With finite weights and statistics a score overflows float32 only where the
+    task vector or the statistics pass about 1e19 (T^2 > 3.4e38), and inf
+    times a zero curvature is NaN.
+    """
+    if not bool(torch.isfinite(scores).all()):
+        raise CheckpointError(
+            f"{checkpoint_label}: the {score_name} saliency of tensor {tensor_name!r} overflows float32 "
+            f"in {count_entries(int((~torch.isfinite(scores)).sum()))}",
+            hint="its task vector or statistics are far beyond anything fine-tuning gives; the checkpoint is corrupt",
+        )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def check_finite(tensor: Tensor, *, tensor_name: str, owner: str, block: RowBlock | None = None) -> None:
+    """Refuse NaN or inf in weights read from ``owner`` (a checkpoint path, or the base model), naming the tensor.
+
+    Called as each tensor (or row block) is read, so a diverged or corrupt input
+    is caught without a pass of its own over the whole model. Integer tensors
+    cannot hold either and are not read.
+    """
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    raise CheckpointError(
+        f"{owner}: tensor {tensor_name!r} holds NaN or infinite values ({non_finite_where(tensor, block)})",
+        hint="it comes from a diverged run or was damaged; use weights saved before that",
+    )
+
+
+def non_finite_where(tensor: Tensor, block: RowBlock | None = None) -> str:
+    """Where a message says the NaN and inf are: "3 entries", or "3 entries in rows 16 to 23" of a row block."""
+    count = count_entries(int((~torch.isfinite(tensor)).sum()))
+    return count if block is None else f"{count} in rows {block.start} to {block.stop - 1}"
+
+
+def count_entries(count: int) -> str:
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
+def task_vector(name: str, weight: Tensor, base: Tensor, *, checkpoint_label: str, base_label: str) -> Tensor:
+    """T = W - W0 in float32, refused unless finite, naming the side at fault.
+
+    One check of T covers both sides (NaN or inf in W or W0 leaves T
+    non-finite); only when it fails are W and W0 read again to say which.
+    """
+    vector = weight.to(torch.float32) - base.to(torch.float32)
+    if not bool(torch.isfinite(vector).all()):
+        check_finite(weight, tensor_name=name, owner=checkpoint_label)
+        check_finite(base, tensor_name=name, owner=base_label)
+        raise CheckpointError(
+            f"{checkpoint_label}: the task vector W - W0 of tensor {name!r} overflows float32",
+            hint="the weights are about 1e38 away from the base's: they were not fine-tuned from this base",
+        )
+    return vector
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -66,6 +140,12 @@ def missing_stat_error(checkpoint_label: str, key: str, stats: Mapping[str, Tens
 
 
 def read_stat(stats: Mapping[str, Tensor], key: str, *, checkpoint_label: str) -> Tensor:
+    """One statistic of one parameter, in float32: finite, non-negative and not all zero, or refused by key.
+
+    Every factor reader (``row_col_factors``, ``full_fisher``, the 1-D
+    statistic) reads through here, so the means built from the factors
+    (``curvature_mean``, ``second_moment_mean``) are checked too.
+    """
     try:
         value = stats[key]
     except KeyError:
@@ -77,6 +157,26 @@ def read_stat(stats: Mapping[str, Tensor], key: str, *, checkpoint_label: str) -
         bad = int((~torch.isfinite(value)).sum())
         raise CheckpointError(f"{checkpoint_label}: statistic {key!r} holds {bad} NaN or infinite value(s)",
                               hint="the run that wrote it diverged; use a state from before it did")
+    # An EMA of squared gradients cannot go below zero; the score functions would
+    # clamp a negative value to 0 and rank the entry as if no gradient reached it.
+    negative = int((value < 0).sum())
+    if negative:
+        raise CheckpointError(
+            f"{checkpoint_label}: statistic {key!r} holds {negative} negative value(s) (as low as "
+            f"{float(value.min()):.3g})",
+            hint="a mean of squared gradients is never negative: the stats file was damaged or not written by umtam",
+        )
+    # The EMA of G^2 stays exactly zero for the whole tensor only if no gradient ever
+    # reached the parameter (frozen, or unused by the task). Its curvature is then 0
+    # everywhere: it cannot rank any entry above another, and a trim over it would
+    # keep an arbitrary set (or, weighted by it, the tensor would vanish from a merge).
+    if value.numel() and not bool(value.any()):
+        raise CheckpointError(
+            f"{checkpoint_label}: statistic {key!r} is zero for the whole tensor: no gradient ever reached it, "
+            "so it cannot rank the entries",
+            hint="the run froze or never used this parameter; use a score that needs no statistics: "
+                 "--score magnitude, or merge with trim=magnitude weights=uniform",
+        )
     return value
 
 
@@ -254,11 +354,75 @@ def keep_count(keep: float, total: int) -> int:
     return min(total, max(1, round(keep * total)))
 
 
+@dataclass(frozen=True)
+class Cut:
+    """Where keeping exactly k entries cuts: every score above ``threshold``, then ``ties`` of those equal to it.
+
+    The tied entries kept are the first ``ties`` in the fixed order: tensors in
+    name order, entries in row-major order (row blocks in row order). A
+    ``Selection`` applies it.
+    """
+
+    threshold: float  # the exact k-th largest score
+    ties: int  # k minus the entries scoring strictly above the threshold (>= 1)
+
+
+class Selection:
+    """A Cut applied to score tensors in the fixed order: the first tied entries use up the tie allowance.
+
+    Call ``mask`` once per tensor (or row block), in that order; what is left
+    of the allowance carries over to the next call, so masks taken block by
+    block equal the whole tensor's bit for bit. ``Selection.at_least(t)``
+    keeps every entry >= t instead (an explicit threshold, ties and all).
+    """
+
+    def __init__(self, cut: Cut):
+        self.threshold = cut.threshold
+        self.remaining: int | None = cut.ties
+
+    @classmethod
+    def at_least(cls, threshold: float) -> Selection:
+        selection = cls(Cut(threshold, 0))
+        selection.remaining = None
+        return selection
+
+    def mask(self, scores: Tensor, out: Tensor | None = None) -> Tensor:
+        """The entries kept (True) among ``scores``, the next tensor or row block in order."""
+        if self.remaining is None:
+            return torch.ge(scores, self.threshold, out=out)
+        mask = torch.gt(scores, self.threshold, out=out)
+        if self.remaining > 0:
+            tied = scores == self.threshold
+            count = int(tied.sum())
+            if count > self.remaining:
+                flat = tied.reshape(-1)
+                # int32 where it can count every entry: the running count is the one
+                # temporary as large as the tensor (prune hands it whole tensors).
+                running = flat.cumsum(0, dtype=torch.int32 if flat.numel() < 2**31 else torch.int64)
+                tied = (flat & (running <= self.remaining)).reshape(tied.shape)
+                count = self.remaining
+            mask |= tied
+            self.remaining -= count
+        return mask
+
+
 def tensor_threshold(scores: Tensor, keep: float) -> float:
-    """The exact k-th largest score of one tensor (entries >= it are kept)."""
+    """The exact k-th largest score of one tensor."""
     flat = scores.reshape(-1)
     k = keep_count(keep, flat.numel())
     return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+
+
+def tensor_cut(scores: Tensor, keep: float) -> Cut:
+    """The Cut that keeps exactly k = keep_count(keep, N) entries of one tensor."""
+    threshold = tensor_threshold(scores, keep)
+    k = keep_count(keep, scores.numel())
+    return Cut(threshold, k - int((scores > threshold).sum()))
+
+
+def top_k_mask(scores: Tensor, keep: float) -> Tensor:
+    """Exactly keep_count(keep, N) entries of one tensor: the highest, ties broken in row-major order."""
+    return Selection(tensor_cut(scores, keep)).mask(scores)
 
 
 _HIGH_BINS = 1 << 15  # sign bit is always 0 for non-negative scores
@@ -266,7 +430,12 @@ _LOW_BINS = 1 << 16
 
 
 def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep: float) -> list[float]:
-    """Exact per-series k-th largest score over many tensors, never concatenating them.
+    """The thresholds of ``streaming_cuts``: equal to ``tensor_threshold`` on each series' concatenation."""
+    return [cut.threshold for cut in streaming_cuts(batches, keep)]
+
+
+def streaming_cuts(batches: Callable[[], Iterable[Sequence[Tensor]]], keep: float) -> list[Cut]:
+    """Exact per-series Cut over many tensors, never concatenating them.
 
     ``batches()`` is called twice and must yield the same sequence each time: for
     every tensor (or row block), a sequence with one score tensor per series (e.g.
@@ -275,7 +444,9 @@ def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep
     high 16 bits to find the bin holding the k-th largest, pass two histograms
     the low 16 bits of the entries inside that bin. The bits are read in place as
     int32 (no widening copy); memory is two histograms per series. The result
-    equals ``tensor_threshold`` on the concatenation, bit for bit.
+    equals ``tensor_cut`` on the concatenation, bit for bit: the entries above
+    the threshold are counted from the bins above it, so the tie allowance
+    comes for free.
     """
     high: list[Tensor] = []
     for scores in batches():
@@ -284,7 +455,7 @@ def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep
         for histogram, tensor in zip(high, scores):
             histogram += torch.bincount(_score_bits(tensor) >> 16, minlength=_HIGH_BINS)
     if not high:
-        raise ValueError("streaming_thresholds needs at least one tensor of scores")
+        raise ValueError("streaming_cuts needs at least one tensor of scores")
     targets = [_locate(histogram, keep_count(keep, int(histogram.sum()))) for histogram in high]
 
     low = [torch.zeros(_LOW_BINS, dtype=torch.int64) for _ in high]
@@ -294,11 +465,11 @@ def streaming_thresholds(batches: Callable[[], Iterable[Sequence[Tensor]]], keep
             inside = bits[(bits >> 16) == bin_index]
             if inside.numel():
                 histogram += torch.bincount(inside & 0xFFFF, minlength=_LOW_BINS)
-    thresholds = []
+    cuts = []
     for histogram, (bin_index, rank) in zip(low, targets):
-        low_index, _ = _locate(histogram, rank)
-        thresholds.append(_bits_to_float((bin_index << 16) | low_index))
-    return thresholds
+        low_index, ties = _locate(histogram, rank)  # rank inside the exact value = the ties to keep
+        cuts.append(Cut(_bits_to_float((bin_index << 16) | low_index), ties))
+    return cuts
 
 
 def _score_bits(scores: Tensor) -> Tensor:

@@ -3,12 +3,12 @@
 ``saliency_breakdown`` answers "which parts of the encoder did fine-tuning
 move in ways that matter?" for one checkpoint. For each score (default
 curvature and magnitude, saliency.py) it finds the global top-``keep``
-threshold over all 2-D encoder weights (the entries ``umtam prune --keep``
-would keep: same threshold, same ">= threshold" rule), then reports, per layer
-and per module type,
+cut over all 2-D encoder weights (the entries ``umtam prune --keep`` would
+keep: the same exact k, ties at the threshold broken in the same fixed order,
+saliency.Selection), then reports, per layer and per module type,
 
     parameters_share   the group's share of all 2-D encoder entries
-    topk_share         its share of the entries at or above the threshold
+    topk_share         its share of the k entries kept
     mass_share         its share of the saliency summed over those entries
 
 so a group whose topk_share exceeds its parameters_share is over-represented
@@ -17,8 +17,8 @@ module type) cell, for a heatmap (``plot_breakdown``).
 
 Memory: the checkpoint and the base encoder, one model each (as in prune);
 scores exist one tensor at a time per score, plus the two histograms per
-score that saliency.streaming_thresholds needs. Three passes over the
-tensors: two to find the exact thresholds, one to tally.
+score that saliency.streaming_cuts needs. Three passes over the tensors: two
+to find the exact cuts, one to tally.
 
 Module types come from the checkpoint's model family (umtam.families: BERT,
 RoBERTa and MiniLM names, DistilBERT's ``q_lin``, ``ffn.lin1``, ...); anything
@@ -44,7 +44,7 @@ from umtam.plots import agg_canvas
 from umtam.prune import prunable_names
 from umtam.saliency import check_keep, keep_count
 from umtam.saliency import score as saliency_score
-from umtam.saliency import streaming_thresholds
+from umtam.saliency import Cut, Selection, streaming_cuts
 from umtam.scores import SCORES, required_stats
 
 ScoresOf = Callable[[str], list[Tensor]]
@@ -120,9 +120,9 @@ def saliency_breakdown(checkpoint, *, scores: Iterable[str] = DEFAULT_SCORES, ke
     if not usable:
         return report
     scores_of = _scorer(ckpt, tensors, stats, names, usable, base)
-    thresholds = _thresholds(names, scores_of, keep)
-    for score_name, threshold, tally in zip(usable, thresholds, _tally(names, scores_of, thresholds, family)):
-        report["scores"][score_name] = _score_report(threshold, tally, params, layers, modules, keep)
+    cuts = _cuts(names, scores_of, keep)
+    for score_name, cut, tally in zip(usable, cuts, _tally(names, scores_of, cuts, family)):
+        report["scores"][score_name] = _score_report(cut.threshold, tally, params, layers, modules, keep)
     return report
 
 
@@ -131,7 +131,8 @@ def _scorer(ckpt: Checkpoint, tensors: Mapping[str, Tensor], stats: Mapping[str,
     """name -> one score tensor per usable score, from the task vector against the verified base."""
     label = str(ckpt.path)
     base_tensors = load_base_encoder(ckpt.sidecar.base_model, override=base)
-    check_base_covers(base_tensors, {name: tuple(tensors[name].shape) for name in names}, label)
+    check_base_covers(base_tensors, {name: tuple(tensors[name].shape) for name in names}, label,
+                      dtypes={name: tensors[name].dtype for name in names})
 
     def scores_of(name: str) -> list[Tensor]:
         # One task vector feeds every score, so each pass reads a tensor once.
@@ -157,14 +158,14 @@ def _usable_scores(requested: Sequence[str], names: Sequence[str], tensors: Mapp
     return usable, skipped
 
 
-def _thresholds(names: Sequence[str], scores_of: ScoresOf, keep: float) -> list[float]:
-    """The exact global threshold of every score, found together in two streaming passes."""
+def _cuts(names: Sequence[str], scores_of: ScoresOf, keep: float) -> list[Cut]:
+    """The exact global cut of every score, found together in two streaming passes."""
 
     def batches():
         for name in names:
             yield scores_of(name)
 
-    return streaming_thresholds(batches, keep)
+    return streaming_cuts(batches, keep)
 
 
 class _Tally:
@@ -175,13 +176,13 @@ class _Tally:
         self.mass: dict[tuple[str, str], float] = defaultdict(float)
 
 
-def _tally(names: Sequence[str], scores_of: ScoresOf, thresholds: Sequence[float],
-           family: ModelFamily) -> list[_Tally]:
-    tallies = [_Tally() for _ in thresholds]
+def _tally(names: Sequence[str], scores_of: ScoresOf, cuts: Sequence[Cut], family: ModelFamily) -> list[_Tally]:
+    tallies = [_Tally() for _ in cuts]
+    selections = [Selection(cut) for cut in cuts]  # prune's rule: names in order, ties in row-major order
     for name in names:
         cell = (layer_group(name, family), module_type(name, family))
-        for tally, threshold, scores in zip(tallies, thresholds, scores_of(name)):
-            kept = scores[scores >= threshold]  # prune's rule: ties at the threshold are kept
+        for tally, selection, scores in zip(tallies, selections, scores_of(name)):
+            kept = scores[selection.mask(scores)]
             tally.count[cell] += int(kept.numel())
             # float64: the mass of a large model would lose the small cells in float32.
             tally.mass[cell] += float(kept.sum(dtype=torch.float64))

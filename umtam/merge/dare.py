@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from umtam.config.schema import SEED_LIMIT
 from umtam.merge.base import MergeMethod, MethodOptions, lambda_option, option
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 class DareOptions(MethodOptions):
     drop: float = option(0.5, ge=0, lt=1, help="Probability of dropping each task-vector entry.")
-    seed: int = option(0, help="Seed of the drop masks.")
+    seed: int = option(0, ge=0, lt=SEED_LIMIT, help="Seed of the drop masks.")
     lambda_: float = lambda_option()
 
 

@@ -23,13 +23,25 @@ Which tensors go where:
                                                   heads/... are carried over
 
 Methods that trim over all 2-D weights at once (``scope="global"``) get an
-exact per-input threshold from a prepare pass: two extra streaming passes of
-radix selection over the scores (``saliency.streaming_thresholds``), so no
-concatenated score vector is built either. A per-tensor trim of a tensor split
-into several row blocks gets its exact thresholds the same way, from two extra
-passes over that tensor only. The block loop runs on one torch thread
-(``_one_torch_thread``): its ops are too small for intra-op threads to pay for
-their synchronisation.
+exact per-input cut from a prepare pass: two extra streaming passes of radix
+selection over the scores (``saliency.streaming_cuts``), so no concatenated
+score vector is built either. A per-tensor trim of a tensor split into several
+row blocks gets its exact cuts the same way, from two extra passes over that
+tensor only. A trim keeps exactly k entries per input: those above the
+threshold, then the entries tied at it in a fixed order (tensors in name
+order, rows in order) until k are kept, so each input's cut is one
+``saliency.Selection`` whose tie allowance the groups use up as they come.
+The block loop runs on one torch thread (``_one_torch_thread``): its ops are
+too small for intra-op threads to pay for their synchronisation.
+
+Numbers are checked as the data streams, never in a pass of their own: every
+input's (and the base's) rows are checked finite the first time a pass reads
+them, 1-D parameters and heads when they are read, and every merged block
+before it is kept, so a method's overflow (``task-arithmetic`` with a huge
+lambda) is refused naming the tensor and the options before anything is
+written. Every input tensor must also have the kind of dtype of the base's
+(and of the other inputs'), so an integer or 1-D weight is refused rather than
+copied through unmerged.
 
 Inputs are umtam checkpoints or plain Hugging Face directories (hf_interop,
 plain_inputs.py); the output carries a config.<task>.json per task, so
@@ -47,9 +59,10 @@ import torch
 from torch import Tensor
 
 from umtam.atomic import check_output_dir
-from umtam.base_model import check_base_covers, identify_base, load_base_encoder
+from umtam.base_model import (check_base_covers, describe_base, dtype_kind, dtype_name, identify_base,
+                              load_base_encoder)
 from umtam.checkpoint import Checkpoint, write_checkpoint
-from umtam.errors import ConfigError
+from umtam.errors import ConfigError, MergeError
 from umtam.hf_interop import merged_companion_files, open_inputs
 from umtam.merge.base import MergeMethod
 from umtam.merge.blocks import BLOCK_ENTRIES, row_blocks, row_slice
@@ -61,7 +74,8 @@ from umtam.merge.plain_inputs import check_against_base, check_plain_inputs
 from umtam.merge.planning import MergePlan, make_plan, needs_base
 from umtam.merge.record import merged_sidecar
 from umtam.progress import Progress, ProgressSteps
-from umtam.saliency import streaming_thresholds
+from umtam.safetensors_io import FLOAT_DTYPES
+from umtam.saliency import Cut, RowBlock, Selection, check_finite, non_finite_where, streaming_cuts
 
 InputLike = Union[str, Path, Checkpoint]
 
@@ -69,7 +83,7 @@ InputLike = Union[str, Path, Checkpoint]
 @dataclass(frozen=True)
 class MergeReport:
     plan: MergePlan
-    thresholds: dict[str, float] | None  # per input (task ids) for a global trim
+    thresholds: dict[str, float] | None  # per input (task ids) for a global trim: the k-th largest score
     sidecar: dict[str, Any] = field(repr=False)
 
 
@@ -84,6 +98,7 @@ def plan(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
     spec, resolved, checkpoints = _prepare(inputs, method, options, base, task_names)
     with open_sources(checkpoints) as sources:
         layout = check_compatible(sources)
+        check_dtype_kinds(sources, layout)
         check_stats(spec, resolved, sources, layout)
         return make_plan(spec, resolved, sources, layout, block_entries)
 
@@ -108,20 +123,22 @@ def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
     spec, resolved, checkpoints = _prepare(inputs, method, options, base, task_names)
     with open_sources(checkpoints) as sources:
         layout = check_compatible(sources)
+        check_dtype_kinds(sources, layout)
         check_stats(spec, resolved, sources, layout)
         merge_plan = make_plan(spec, resolved, sources, layout, block_entries)
         pages = MappedPages()
         base_record, base_tensors = _load_base(spec, resolved, sources, layout, base, pages)
         base_checks = check_against_base(sources, layout, base_tensors, pages)
-        stream = _Stream(spec, resolved, sources, layout, base_tensors, pages, block_entries)
+        stream = _Stream(spec, resolved, sources, layout, base_tensors, pages, block_entries,
+                         describe_base(base_record, base))
         steps = ProgressSteps(progress, merge_plan.progress_steps)
-        thresholds = None
+        cuts = None
         with _one_torch_thread():
             if spec.uses_global_trim(resolved) and layout.method_keys():
-                thresholds = _global_thresholds(stream, steps)
-            merged = _merge_encoder(stream, thresholds, steps)
+                cuts = _global_cuts(stream, steps)
+            merged = _merge_encoder(stream, cuts, steps)
         merged.update(_collect_heads(sources))
-    threshold_record = None if thresholds is None else dict(zip((s.task_id for s in sources), thresholds))
+    threshold_record = None if cuts is None else {s.task_id: cut.threshold for s, cut in zip(sources, cuts)}
     sidecar = merged_sidecar(spec, resolved, sources, threshold_record, base_record, base_checks)
     return merged, MergeReport(merge_plan, threshold_record, sidecar)
 
@@ -142,12 +159,13 @@ def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method
     """
     checkpoints = _as_checkpoints(inputs, task_names)
     check_output_dir(output, inputs=[c.path for c in checkpoints], force=force)
+    # companion files first: a --base tokenizer link that is refused is refused before the work
+    tasks = {task: record.as_json() for checkpoint in checkpoints for task, record in checkpoint.tasks.items()}
+    companions = merged_companion_files(checkpoints, tasks, base)
     tensors, report = merge_tensors(checkpoints, method=method, options=options, base=base, progress=progress,
                                     block_entries=block_entries)
-    written = write_checkpoint(
-        output, tensors=tensors, sidecar=report.sidecar,
-        extra_files=merged_companion_files(checkpoints, report.sidecar["tasks"], base), force=force,
-    )
+    written = write_checkpoint(output, tensors=tensors, sidecar=report.sidecar, extra_files=companions, force=force,
+                               inputs=checkpoints)  # heads are still mapped: checked once more before the sidecar
     return written, report
 
 
@@ -186,8 +204,30 @@ def _load_base(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[
             return record, None
         base = load_base_encoder(record, override=override, keys=layout.keys)
     pages.release(*base.values())  # the fingerprint read every page; blocks fault back what they use
-    check_base_covers(base, layout.shapes, (recorded or sources)[0].label)
+    check_base_covers(base, layout.shapes, (recorded or sources)[0].label, dtypes=layout.dtypes)
     return record, base
+
+
+def check_dtype_kinds(sources: Sequence[Source], layout: Layout) -> None:
+    """Every input's tensor has the first input's kind of dtype, and floating weights are ones merge reads.
+
+    The layout (which tensors the method merges, which are copied from the
+    first input) comes from the first input's headers, so an integer weight in
+    any input would otherwise be copied through or silently cast to float.
+    """
+    first = sources[0]
+    for key in layout.keys:
+        kind = dtype_kind(layout.dtypes[key])
+        if kind == "floating" and layout.dtypes[key] not in FLOAT_DTYPES:
+            raise MergeError(f"tensor {key!r} is {layout.dtypes[key]} in {first.label}; merge reads "
+                             f"{', '.join(FLOAT_DTYPES)} weights", hint="save the weights in one of those dtypes")
+        for other in sources[1:]:
+            if dtype_kind(other.dtype(key)) != kind:
+                raise MergeError(
+                    f"tensor {key!r} is {kind} ({layout.dtypes[key]}) in {first.label} "
+                    f"but {dtype_kind(other.dtype(key))} ({other.dtype(key)}) in {other.label}",
+                    hint="checkpoints of different architectures cannot be merged",
+                )
 
 
 # ----------------------------------------------------------------------------- streaming passes
@@ -197,21 +237,29 @@ class _Stream:
     """The method tensors of every input, served row block by row block to each pass."""
 
     def __init__(self, spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[Source],
-                 layout: Layout, base: Mapping[str, Tensor] | None, pages: MappedPages, block_entries: int):
+                 layout: Layout, base: Mapping[str, Tensor] | None, pages: MappedPages, block_entries: int,
+                 base_label: str = "the base model"):
         self.spec, self.options, self.sources, self.layout = spec, options, sources, layout
         self.base, self.pages, self.block_entries = base, pages, block_entries
         self.stats = tuple(source.stats for source in sources)
         self.labels = tuple(source.label for source in sources)
         self.task_ids = tuple(source.task_id for source in sources)
+        self.base_label = base_label
+        self.checked: set[str] = set()  # tensors whose rows a pass has read (and checked finite) in full
 
     def blocks(self, key: str):
         return row_blocks(self.layout.shapes[key], self.block_entries)
 
-    def groups(self, key: str, thresholds: Sequence[float] | None = None,
+    def groups(self, key: str, selections: Sequence[Selection] | None = None,
                streams: tuple[torch.Generator, ...] | None = None) -> Iterator[TensorGroup]:
-        """The groups of ``key`` in row order; each block's mapped pages are handed back after use."""
+        """The groups of ``key`` in row order; each block's mapped pages are handed back after use.
+
+        The first pass to read a tensor checks its rows finite (inputs and base)
+        as it goes; later passes read the same bytes and skip the check.
+        """
         weights = [source.tensor(key) for source in self.sources]
         base = None if self.base is None else self.base[key]
+        check = key not in self.checked
         for block in self.blocks(key):
             rows = row_slice(block)
             group = TensorGroup(
@@ -221,12 +269,21 @@ class _Stream:
                 stats=self.stats,
                 labels=self.labels,
                 task_ids=self.task_ids,
-                thresholds=None if thresholds is None else tuple(thresholds),
+                thresholds=None if selections is None else tuple(selections),
                 block=block,
                 streams=streams,
             )
+            if check:
+                self.check_rows(group)
             yield group
             self.pages.release(*group.weights, group.base)
+        self.checked.add(key)
+
+    def check_rows(self, group: TensorGroup) -> None:
+        for weight, label in zip(group.weights, self.labels):
+            check_finite(weight, tensor_name=group.name, owner=label, block=group.block)
+        if group.base is not None:
+            check_finite(group.base, tensor_name=group.name, owner=self.base_label, block=group.block)
 
     def release_files(self, key: str) -> None:
         """Hand back every mapped page of the inputs (and base) that hold ``key``."""
@@ -237,23 +294,41 @@ class _Stream:
         for group in self.groups(key):
             yield self.spec.trim_scores(group, self.options)
 
-    def merge(self, key: str, thresholds: Sequence[float] | None) -> Tensor:
-        """The merged tensor ``key``, built block by block."""
+    def merge(self, key: str, selections: Sequence[Selection] | None) -> Tensor:
+        """The merged tensor ``key``, built block by block, each block checked finite once cast."""
         spec, options = self.spec, self.options
         blocks = self.blocks(key)
-        if thresholds is None and spec.trim_scores is not None and len(blocks) > 1:
-            # A per-tensor trim needs the whole tensor's exact thresholds before any block.
-            thresholds = streaming_thresholds(lambda: self.trim_scores(key), options["keep"])
+        if selections is None and spec.trim_scores is not None and len(blocks) > 1:
+            # A per-tensor trim needs the whole tensor's exact cuts before any block; the
+            # blocks then use up each cut's tie allowance in row order, as the whole tensor would.
+            cuts = streaming_cuts(lambda: self.trim_scores(key), options["keep"])
+            selections = tuple(Selection(cut) for cut in cuts)
         streams = None
         if spec.random_streams is not None and len(blocks) > 1:
             streams = spec.random_streams(key, self.task_ids, options)
         # Allocated before the block's temporaries, so that those are freed from the top
         # of the heap and the held outputs do not pin holes between them.
         merged = torch.empty(self.layout.shapes[key], dtype=self.sources[0].tensor(key).dtype)
-        for group, block in zip(self.groups(key, thresholds, streams), blocks):
+        for group, block in zip(self.groups(key, selections, streams), blocks):
             rows = merged if block is None else merged[block.start:block.stop]
             rows.copy_(spec.merge(group, options))
+            self.check_output(key, rows, block)
         return merged
+
+    def check_output(self, key: str, rows: Tensor, block: RowBlock | None = None) -> None:
+        """Refuse NaN or inf in merged rows (in the output dtype), naming the tensor, the method and its options.
+
+        The inputs are finite by now, so only the method's arithmetic (or the cast
+        to a narrower output dtype) can have overflowed.
+        """
+        if bool(torch.isfinite(rows).all()):
+            return
+        raise MergeError(
+            f"merge method {self.spec.name} with {describe_options(self.spec, self.options)} gives NaN or "
+            f"infinite values in tensor {key!r} ({non_finite_where(rows, block)})",
+            hint=f"every input is finite, so the merged values overflowed {dtype_name(rows.dtype)}; "
+                 "nothing was written; use smaller options (e.g. lambda)",
+        )
 
 
 @contextlib.contextmanager
@@ -273,8 +348,16 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _global_thresholds(stream: _Stream, steps: ProgressSteps) -> list[float]:
-    """Each input's exact trim threshold over all its 2-D weights (two streaming passes)."""
+def describe_options(spec: MergeMethod, options: Mapping[str, Any]) -> str:
+    """The options that differ from the method's defaults, as "lambda=1e+308" (or "its default options")."""
+    defaults = spec.resolve_options()
+    changed = [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+               for key, value in options.items() if defaults.get(key) != value]
+    return ", ".join(changed) if changed else "its default options"
+
+
+def _global_cuts(stream: _Stream, steps: ProgressSteps) -> list[Cut]:
+    """Each input's exact trim cut over all its 2-D weights (two streaming passes)."""
 
     def batches():
         for key in stream.layout.method_keys():
@@ -282,20 +365,21 @@ def _global_thresholds(stream: _Stream, steps: ProgressSteps) -> list[float]:
             stream.release_files(key)
             steps.advance(f"prepare {key}")
 
-    return streaming_thresholds(batches, stream.options["keep"])
+    return streaming_cuts(batches, stream.options["keep"])
 
 
-def _merge_encoder(stream: _Stream, thresholds: Sequence[float] | None,
-                   steps: ProgressSteps) -> dict[str, Tensor]:
+def _merge_encoder(stream: _Stream, cuts: Sequence[Cut] | None, steps: ProgressSteps) -> dict[str, Tensor]:
     merged: dict[str, Tensor] = {}
     layout, sources = stream.layout, stream.sources
     method_keys = set(layout.method_keys())
     vector_keys = set(layout.vector_keys())
+    # A global cut's tie allowance is spent across the tensors in name order (layout.keys is sorted).
+    selections = None if cuts is None else tuple(Selection(cut) for cut in cuts)
     for key in layout.keys:
         if key in method_keys:
-            merged[key] = stream.merge(key, thresholds)
+            merged[key] = stream.merge(key, selections)
         elif key in vector_keys:
-            merged[key] = _merge_vector(key, sources, stream.base, stream.options["norms"])
+            merged[key] = _merge_vector(key, stream)
         else:
             merged[key] = sources[0].tensor(key)  # integer buffers: nothing to merge
         stream.release_files(key)
@@ -303,15 +387,25 @@ def _merge_encoder(stream: _Stream, thresholds: Sequence[float] | None,
     return merged
 
 
-def _merge_vector(key: str, sources: Sequence[Source], base: Mapping[str, Tensor] | None,
-                  norms: str) -> Tensor:
-    """1-D parameters follow the ``norms`` option, whatever the method."""
-    weights = [source.tensor(key) for source in sources]
-    if norms == "base":
-        return base[key].to(weights[0].dtype, copy=True)
-    return torch.stack([w.to(torch.float32) for w in weights]).mean(dim=0).to(weights[0].dtype)
+def _merge_vector(key: str, stream: _Stream) -> Tensor:
+    """1-D parameters follow the ``norms`` option, whatever the method; what it reads is checked finite."""
+    weights = [source.tensor(key) for source in stream.sources]
+    if stream.options["norms"] == "base":
+        check_finite(stream.base[key], tensor_name=key, owner=stream.base_label)
+        merged = stream.base[key].to(weights[0].dtype, copy=True)
+    else:
+        for weight, label in zip(weights, stream.labels):
+            check_finite(weight, tensor_name=key, owner=label)
+        merged = torch.stack([w.to(torch.float32) for w in weights]).mean(dim=0).to(weights[0].dtype)
+    stream.check_output(key, merged)  # a mean, or a cast to a narrower dtype, can overflow
+    return merged
 
 
 def _collect_heads(sources: Sequence[Source]) -> dict[str, Tensor]:
-    """Every input's own head, under heads/<task>/<key>: heads are never averaged."""
-    return {out_key: source.tensor(in_key) for source in sources for out_key, in_key in source.heads.items()}
+    """Every input's own head, under heads/<task>/<key>, checked finite: heads are never averaged."""
+    heads = {}
+    for source in sources:
+        for out_key, in_key in source.heads.items():
+            heads[out_key] = source.tensor(in_key)
+            check_finite(heads[out_key], tensor_name=in_key, owner=source.label)
+    return heads

@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from umtam.saliency import RowBlock, whole_shape
+from umtam.saliency import RowBlock, Selection, whole_shape
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,13 @@ class TensorGroup:
 
     ``labels`` name the inputs in error messages (checkpoint paths); ``task_ids``
     identify them stably (their task names) so that seeded methods do not depend
-    on input order. ``thresholds`` carries per-input trim thresholds from the
-    engine: global ones from its prepare pass, or this tensor's own when the
-    engine splits it into row blocks (None: the method trims per tensor itself).
+    on input order. ``thresholds`` carries per-input trim cuts from the engine,
+    as ``saliency.Selection``s: global ones from its prepare pass, or this
+    tensor's own when the engine splits it into row blocks (None: the method
+    trims per tensor itself). A Selection's tie allowance is used up by the
+    groups in the order they are merged (rows in order, tensors in name
+    order), so a method trims each group once. A plain float t instead keeps
+    every entry >= t (an explicit threshold, e.g. a hand-computed test).
 
     ``block`` says which rows of the whole tensor the weights hold (None: all of
     them); statistics are always the whole tensor's. ``streams`` are per-input
@@ -43,7 +47,7 @@ class TensorGroup:
     stats: tuple[Mapping[str, Tensor], ...] = ()
     labels: tuple[str, ...] = ()
     task_ids: tuple[str, ...] = ()
-    thresholds: tuple[float, ...] | None = None
+    thresholds: tuple[Selection | float, ...] | None = None
     block: RowBlock | None = None
     streams: tuple[torch.Generator, ...] | None = None
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from umtam.saliency import score, tensor_threshold
+from umtam.saliency import Selection, check_scores, score, tensor_cut
 
 from umtam.merge.group import TensorGroup
 
@@ -31,17 +31,32 @@ def saliencies(group: TensorGroup, method: str) -> Tensor:
     ])
 
 
-def top_fraction_masks(scores: Tensor, keep: float, thresholds: Sequence[float] | None = None) -> Tensor:
-    """Per input, keep entries scoring >= its threshold (ties at the threshold all kept).
+def top_fraction_masks(scores: Tensor, keep: float, thresholds: Sequence[Selection | float] | None = None) -> Tensor:
+    """Per input, exactly its top-k entries: those above the threshold, then tied ones in row-major order.
 
-    Without ``thresholds`` each input's threshold is the exact k-th largest of its
-    own scores in this tensor (per-tensor trim); with them (global trim) they come
-    from the engine's prepare pass over every 2-D tensor.
+    Without ``thresholds`` each input keeps k = keep_count(keep, n) of its own
+    n scores in this tensor (per-tensor trim, saliency.tensor_cut). With them,
+    one per input from the engine (TensorGroup.thresholds): a Selection, whose
+    tie allowance this group's rows use up (a global trim's, shared by every
+    tensor in name order, or this tensor's, shared by its row blocks), or a
+    plain float t, which keeps every entry >= t.
     """
-    if thresholds is None:
-        thresholds = [tensor_threshold(s, keep) for s in scores]
-    limits = torch.tensor(list(thresholds), dtype=scores.dtype).reshape(-1, *([1] * (scores.dim() - 1)))
-    return scores >= limits
+    masks = torch.empty(scores.shape, dtype=torch.bool)
+    for index, (slot, own) in enumerate(zip(masks, scores)):
+        given = None if thresholds is None else thresholds[index]
+        if given is None:
+            selection = Selection(tensor_cut(own, keep))
+        else:
+            selection = given if isinstance(given, Selection) else Selection.at_least(float(given))
+        selection.mask(own, out=slot)
+    return masks
+
+
+def check_trim_scores(group: TensorGroup, scores: Tensor, score_name: str) -> Tensor:
+    """Scores a method built itself (not through saliency.score) must be finite too; returns them."""
+    for own, label in zip(scores, group.labels):
+        check_scores(own, score_name=score_name, tensor_name=group.name, checkpoint_label=label)
+    return scores
 
 
 def elect_sign(values: Tensor) -> Tensor:
@@ -89,9 +104,10 @@ def per_input_mean_normalised(values: Tensor, means: Sequence[float]) -> Tensor:
     """Divide each input's values by its own mean over the whole tensor; a zero mean gives all ones.
 
     The means are passed in (computed from the statistics' factors) rather than
-    taken over ``values``, which may be one row block of the tensor. The
-    fallback keeps an input that recorded no curvature for this tensor at
-    uniform weight instead of silently dropping it.
+    taken over ``values``, which may be one row block of the tensor. Statistics
+    that are all zero are refused when read (saliency.read_stat), so a zero
+    mean is left only where a mean of tiny values underflows; the fallback
+    keeps such an input at uniform weight instead of silently dropping it.
     """
     means = torch.tensor(list(means), dtype=values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
     positive = means > 0

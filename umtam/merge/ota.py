@@ -78,7 +78,7 @@ def ota(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     moments = second_moments(group)
     if options["graft"] == "second-moment":
         # The registry's second-moment score T^2 * v, reusing the dense v the weights need.
-        scores = vectors.square().mul_(moments)
+        scores = ops.check_trim_scores(group, vectors.square().mul_(moments), "second-moment")
     else:
         scores = ota_trim_scores(group, options)
     masks = ops.top_fraction_masks(scores, options["keep"], group.thresholds)

@@ -15,6 +15,7 @@ from umtam.checkpoint import Checkpoint
 from umtam.errors import ConfigError, MergeError
 from umtam.merge.blocks import BLOCK_ENTRIES, row_blocks, row_slice
 from umtam.merge.methods import METHODS
+from umtam.saliency import check_finite
 from umtam.scores import reads_statistics
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ def relative_distance(source: Source, layout: Layout, base: Mapping[str, Tensor]
         weight, start = source.tensor(key), base[key]
         for block in row_blocks(layout.shapes[key], BLOCK_ENTRIES):
             rows = row_slice(block)
+            # a NaN would read as "not fine-tuned from this base": name it for what it is
+            check_finite(weight[rows], tensor_name=key, owner=source.label, block=block)
             start32 = start[rows].to(torch.float32)
             moved += float(torch.sum((weight[rows].to(torch.float32) - start32) ** 2))
             total += float(torch.sum(start32 ** 2))

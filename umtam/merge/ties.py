@@ -6,7 +6,8 @@ https://arxiv.org/abs/2306.01708 (Yadav et al., "TIES-Merging").
    T^2, the same order). ``scope="global"`` (default, the paper's variant) ranks
    each task's entries over all its 2-D weights at once, with the threshold
    found exactly in the engine's prepare pass; ``scope="tensor"`` ranks within
-   each tensor. Ties at the threshold are all kept.
+   each tensor. Exactly k entries are kept: ties at the threshold are broken in
+   a fixed order (tensors in name order, entries in row-major order).
 2. elect: sign = sign(sum_t trimmed T_t), the sign of the larger total mass.
 3. disjoint merge of the kept entries that agree with the elected sign:
    ``agg="mean"`` (the paper) averages over the agreeing tasks only,

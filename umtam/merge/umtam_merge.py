@@ -7,14 +7,16 @@ For each 2-D weight, with T_t = W_t - W0 and s_t the saliency T_t^2 sqrt(R_i C_j
 
 1. trim: m_t = the top ``keep`` fraction of s_t, per tensor (default) or over
    all 2-D weights (``scope="global"``, exact thresholds from the prepare pass);
-   ``trim="magnitude"`` ranks by T^2 instead (ablation). Ties at the threshold kept.
+   ``trim="magnitude"`` ranks by T^2 instead (ablation). Exactly k entries are
+   kept: ties at the threshold are broken in row-major order (saliency.Cut).
 2. elect: sign = sign(sum_t m_t s_t sign(T_t)), a saliency-weighted vote;
    ``elect=False`` (ablation) skips it and every kept non-zero entry aggregates.
 3. aggregate the kept entries that agree (a_t), weighted by each task's
    curvature c_t = sqrt(R_t C_t^T) divided by its mean over the tensor (so a
    task's overall gradient scale does not decide, only where it is curved):
    delta = sum_t a_t c_t T_t / sum_t a_t c_t; ``weights="uniform"`` (ablation)
-   uses c_t = 1. A task with no recorded curvature on a tensor gets c_t = 1.
+   uses c_t = 1. A task whose statistics for a tensor are all zero (no gradient
+   ever reached it) is refused when they are read (saliency.read_stat).
    The mean is mean(sqrt R) * mean(sqrt C), taken from the factors (equal to
    the dense mean up to rounding), so a row block is normalised like its tensor.
 4. W = W0 + lambda * delta (lambda 1.0).
@@ -80,7 +82,7 @@ def umtam(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     if options["trim"] == "curvature" and raw is not None:
         # The registry's curvature score T^2 * sqrt(R_i C_j), reusing the dense curvature
         # the weights need instead of building it twice.
-        scores = vectors.square().mul_(raw)
+        scores = ops.check_trim_scores(group, vectors.square().mul_(raw), "curvature")
     else:
         scores = umtam_trim_scores(group, options)
     masks = ops.top_fraction_masks(scores, options["keep"], group.thresholds)

@@ -38,6 +38,7 @@ __all__ = [
     "OptimizerSpec",
     "UMTAM",
     "build_optimizer",
+    "effective_ranks",
     "optimizer_hparams",
     "optimizer_state_bytes",
 ]
@@ -148,6 +149,31 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
+
+
+def effective_ranks(optimizer: torch.optim.Optimizer,
+                    named_parameters: Iterable[tuple[str, Parameter]] | None = None) -> dict[str, int]:
+    """{parameter: rank used} for the matrices whose rank was clamped below the one asked for.
+
+    UMTAM, GaLore and MoFaSGD clamp ``rank`` to min(m, n) per matrix
+    (common.clamped_rank): rank 8 on a 2 x 384 token-type embedding or a
+    2-label head uses 2. Clamping is right, but a sidecar that records only
+    ``rank: 8`` would hide it, so the trainer records this map too. Empty when
+    nothing was clamped or the optimizer takes no rank (adamw, adafactor).
+    Parameters are named by ``named_parameters`` (the model's), otherwise as
+    "group<g>.param<i>". Read from the param groups: no step is needed.
+    """
+    rank_used = getattr(optimizer, "rank_used", None)
+    if rank_used is None:
+        return {}
+    names = {id(p): name for name, p in (named_parameters or ())}
+    clamped = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            used = rank_used(p, group)
+            if used is not None and used < group["rank"]:
+                clamped[names.get(id(p), f"group{g}.param{i}")] = used
+    return clamped
 
 
 def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

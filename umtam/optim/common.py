@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from itertools import chain
+from math import prod
 from typing import Any
 
 import torch
@@ -47,6 +48,17 @@ def check_rank(rank: Any) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"Invalid rank: {rank!r} (must be an integer >= 1)")
     return rank
+
+
+def clamped_rank(requested: int, shape: Iterable[int]) -> int:
+    """The rank used for a weight of ``shape`` read as m x n = (shape[0], rest): ``requested``, at most min(m, n).
+
+    An m x n matrix has no more than min(m, n) independent directions, so a
+    larger rank is clamped per matrix (rank 8 on a 2 x 384 token-type
+    embedding uses 2); ``umtam.optim.effective_ranks`` reports which were.
+    """
+    m, *rest = shape
+    return min(requested, m, prod(rest))
 
 
 class WorkingMatrix:
@@ -123,6 +135,12 @@ class FP32StateOptimizer(Optimizer):
 
     def _uses_matrix_step(self, p: Tensor, group: dict[str, Any]) -> bool:
         return p.dim() >= 2
+
+    def rank_used(self, p: Tensor, group: dict[str, Any]) -> int | None:
+        """The rank the matrix step uses for ``p`` (``clamped_rank``), or None where it takes no rank (AdamW)."""
+        if "rank" not in group or not self._uses_matrix_step(p, group):
+            return None
+        return clamped_rank(group["rank"], p.shape)
 
     def _matrix_step(self, p: Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError

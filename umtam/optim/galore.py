@@ -18,6 +18,7 @@ from umtam.optim.common import (
     WorkingMatrix,
     check_common_hparams,
     check_rank,
+    clamped_rank,
     grad_matrix,
     state_dtype,
 )
@@ -109,7 +110,7 @@ class GaLoreAdamW(FP32StateOptimizer):
     def _matrix_step(self, p: Tensor, group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
         G = grad_matrix(p, dtype)
-        rank = min(group["rank"], *G.shape)
+        rank = clamped_rank(group["rank"], G.shape)
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)

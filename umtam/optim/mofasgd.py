@@ -18,6 +18,7 @@ from umtam.optim.common import (
     WorkingMatrix,
     check_common_hparams,
     check_rank,
+    clamped_rank,
     grad_matrix,
     state_dtype,
 )
@@ -33,7 +34,7 @@ def orthogonalized_factors(U: Tensor, s: Tensor, V: Tensor) -> tuple[Tensor, Ten
     """Factors (A, B) with ``A B^T = U V^T`` over the momentum's numerically nonzero singular values.
 
     Directions whose singular value is at most ``max(s) * max(m, n) * machine
-    eps`` (the ``torch.linalg.matrix_rank`` tolerance) carry no momentum: the
+    eps`` (the ``torch.linalg.clamped_rank`` tolerance) carry no momentum: the
     SVD returns arbitrary orthonormal vectors for them (a rank-1 gradient at
     r = 8, or an all-zero one), which ``U V^T`` would turn into full-size steps.
     Their columns of U are zeroed.
@@ -88,7 +89,7 @@ class MoFaSGD(FP32StateOptimizer):
     def _matrix_step(self, p: Tensor, group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
         G = grad_matrix(p, dtype)
-        rank = min(group["rank"], *G.shape)
+        rank = clamped_rank(group["rank"], G.shape)
         state = self.state[p]
         if not state:
             U, _, V = init_factors_from_gradient(G, rank)

@@ -20,6 +20,7 @@ from umtam.optim.common import (
     WorkingMatrix,
     check_common_hparams,
     check_rank,
+    clamped_rank,
     grad_matrix,
     state_dtype,
 )
@@ -153,7 +154,7 @@ class UMTAM(FP32StateOptimizer):
         dtype = state_dtype(p)
         G = grad_matrix(p, dtype)
         m, n = G.shape
-        rank = min(group["rank"], m, n)
+        rank = clamped_rank(group["rank"], G.shape)
         beta1, beta2 = group["betas"]
         state = self.state[p]
         if not state:
