@@ -7,7 +7,7 @@ recomputes any epoch's order and skips the batches it has already seen.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -63,6 +63,50 @@ def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
         regression = any(isinstance(label, float) for label in labels)
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
     return batch
+
+
+# Eval batches may take this share of the memory available when evaluation starts: the
+# rest is for the model's weights, the tokenised data and whatever else runs on the machine.
+EVAL_MEMORY_FRACTION = 0.25
+
+
+def available_memory_bytes(device=None) -> int | None:
+    """Memory a new allocation can take now, or None where it is not known (nothing is capped then).
+
+    On a CUDA device its free memory; otherwise MemAvailable of /proc/meminfo
+    (Linux: free memory plus what the kernel can reclaim without swapping).
+    """
+    if device is not None and getattr(device, "type", None) == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def capped_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                   bytes_per_example: Callable[[int], int], budget: int | None) -> list[list[int]]:
+    """``order`` cut into consecutive batches of at most ``batch_size`` whose activations fit ``budget``.
+
+    ``order`` runs longest first, so a batch pads to its first example's length
+    and ``bytes_per_example(length)`` times its size must stay within the
+    budget; a batch holds at least one example whatever the budget. Without a
+    budget every batch is ``batch_size`` long (the last one shorter).
+    """
+    check_positive("batch_size", batch_size)
+    batches, start = [], 0
+    while start < len(order):
+        size = batch_size
+        if budget is not None:
+            size = max(1, min(batch_size, budget // max(1, bytes_per_example(lengths[order[start]]))))
+        batches.append(list(order[start:start + size]))
+        start += size
+    return batches
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -212,12 +212,29 @@ def _columns_to_examples(columns: dict[str, list], spec: TaskSpec, where: str) -
     if missing:
         raise DataError(f"{where}: no column {', '.join(map(repr, missing))} "
                         f"(columns: {', '.join(columns)})")
-    texts = [columns[name] for name in spec.text_fields]
     if not columns["label"]:
         raise DataError(f"{where} has no rows")
+    for name in spec.text_fields:
+        _check_text_column(columns[name], name, where)
+    texts = [columns[name] for name in spec.text_fields]
     return [Example(texts[0][i], texts[1][i] if len(texts) > 1 else None,
-                    _parse_label(raw, spec, f"{where}: row {i}"))
+                    _parse_label(_not_null(raw, "label", where, i), spec, f"{where}: row {i}"))
             for i, raw in enumerate(columns["label"])]
+
+
+def _check_text_column(values: list, name: str, where: str) -> None:
+    """Every row's text is a string: the tokenizer fails deep inside on a null or a number."""
+    for row, value in enumerate(values):
+        if not isinstance(_not_null(value, name, where, row), str):
+            raise DataError(f"{where}: row {row}: column {name!r} holds {type(value).__name__} {value!r:.60}, "
+                            "not text")
+
+
+def _not_null(value: Any, name: str, where: str, row: int) -> Any:
+    # parquet columns are nullable: a missing value reads as None
+    if value is None:
+        raise DataError(f"{where}: row {row}: column {name!r} is null")
+    return value
 
 
 def _read_parquet(path: Path, spec: TaskSpec) -> list[Example]:

@@ -21,7 +21,11 @@ def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size:
     Batches are formed from length-sorted examples, so each pads to nearly its
     own length (about 1.5-2x faster on GLUE pairs than arrival order); the
     predictions are put back in the original order before scoring. Padding is
-    masked, so only float noise in the logits depends on the grouping.
+    masked, so only float noise in the logits depends on the grouping. A batch
+    holds at most ``batch_size`` examples, and fewer where its padded
+    activations (activation_bytes) would not fit EVAL_MEMORY_FRACTION of the
+    memory available (umtam.batching): ``--batch-size 1000000`` on a big dev
+    set then runs in memory-sized batches instead of one that cannot fit.
     """
     import torch
 
@@ -29,16 +33,16 @@ def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size:
 
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # longest first
     predictions: list = [None] * len(features)
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    batches = _memory_capped(model, features, order, batch_size, parameter, task, progress)
     was_training = model.training
     model.eval()
     progress("start", {"total": len(features), "what": f"eval {task}"})
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
+        for indices in batches:
             batch = batching.collate([features[i] for i in indices], pad_token_id)
             batch.pop("labels", None)
-            logits = model(**{key: value.to(device) for key, value in batch.items()}).logits.float().cpu()
+            logits = model(**{key: value.to(parameter.device) for key, value in batch.items()}).logits.float().cpu()
             values = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
             for index, value in zip(indices, values.tolist()):
                 predictions[index] = value
@@ -48,13 +52,72 @@ def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size:
     return metrics.compute_metrics(task, predictions, [feature["labels"] for feature in features])
 
 
+def _memory_capped(model, features, order, batch_size: int, parameter, task: str, progress) -> list[list[int]]:
+    from umtam import batching
+
+    available = batching.available_memory_bytes(parameter.device)
+    budget = None if available is None else int(available * batching.EVAL_MEMORY_FRACTION)
+    lengths = [len(feature["input_ids"]) for feature in features]
+    itemsize = parameter.element_size()
+    batches = batching.capped_batches(order, lengths, batch_size,
+                                      lambda length: activation_bytes(model.config, length, itemsize), budget)
+    largest = max((len(batch) for batch in batches), default=0)
+    if largest < min(batch_size, len(features)):
+        progress("status", f"eval {task}: batches of at most {largest} examples (not {batch_size}), "
+                           f"so that their activations fit in {budget / 2**20:.0f} MiB of memory")
+    return batches
+
+
+def activation_bytes(config, length: int, itemsize: int = 4) -> int:
+    """Bytes of activations one sequence of ``length`` tokens needs in an inference forward pass: an estimate.
+
+    Under inference mode each layer's activations are freed as the next layer
+    runs, so the peak is one layer's and the number of layers does not multiply
+    it. Per token that is about 8 hidden-size vectors (the layer's input, query,
+    key, value, attention context and output, the two residual sums), 2
+    intermediate-size vectors (the feed-forward's expansion before and after
+    its activation) and, per attention head, 2 rows of ``length`` scores (the
+    scores and their softmax). From the config: hidden_size,
+    num_attention_heads, intermediate_size (4 x hidden when absent, as BERT's).
+    """
+    hidden = _config_int(config, "hidden_size", 768)
+    heads = _config_int(config, "num_attention_heads", 12)
+    intermediate = _config_int(config, "intermediate_size", 4 * hidden)
+    return itemsize * length * (8 * hidden + 2 * intermediate + 2 * heads * length)
+
+
+def _config_int(config, name: str, default: int) -> int:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
 def resolve_tasks(checkpoint, requested: str) -> list[str]:
-    """``glue`` means every task the checkpoint has a head for; otherwise a comma list."""
+    """``glue`` means every task the checkpoint has a head for; otherwise a comma list.
+
+    Names are matched as the task registry matches them ("SST-2" is sst2). An
+    empty list and a task named twice are refused: the first would average
+    nothing, the second evaluate (and count) a task twice.
+    """
+    from umtam.tasks import normalise_task_name
+
     available = list(checkpoint.tasks)
-    if requested == "glue":
+    if requested.strip() == "glue":
         return available
-    names = [name.strip() for name in requested.split(",") if name.strip()]
-    missing = [name for name in names if name not in available]
+    given = [name.strip() for name in requested.split(",") if name.strip()]
+    if not given:
+        raise ConfigError(f"--task {requested!r} names no task",
+                          hint=f"it has: {', '.join(available)}; use --task glue for all")
+    by_key = {normalise_task_name(name): name for name in available}
+    names, seen = [], {}
+    for name in given:
+        resolved = by_key.get(normalise_task_name(name), name)
+        if resolved in seen:
+            spellings = f" (as {seen[resolved]!r} and {name!r})" if seen[resolved] != name else ""
+            raise ConfigError(f"--task {requested!r} names task {resolved} twice{spellings}",
+                              hint="name each task once")
+        seen[resolved] = name
+        names.append(resolved)
+    missing = [given_name for resolved, given_name in seen.items() if resolved not in available]
     if missing:
         raise ConfigError(
             f"{checkpoint.path} has no head for task(s) {', '.join(missing)}",
@@ -63,20 +126,23 @@ def resolve_tasks(checkpoint, requested: str) -> list[str]:
     return names
 
 
+def checkpoint_source(checkpoint):
+    """The checkpoint as the model source of its own config.json and tokenizer files."""
+    from umtam.models import ModelSource
+
+    return ModelSource(str(checkpoint.path), str(checkpoint.path), "checkpoint")
+
+
 def build_task_model(checkpoint, task: str, tensors: dict):
     """The encoder plus ``task``'s head, as a transformers sequence-classification model."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
+    from umtam import models
     from umtam.families import family_of
     from umtam.heads import split_head_key
 
     record = checkpoint.tasks[task]
     regression = record.is_regression
-    try:
-        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:  # transformers' ways of saying "no usable config.json"
-        raise CheckpointError(f"{checkpoint.path / 'config.json'}: not a usable model config "
-                              f"({first_line(exc, 200)})") from exc
+    source = checkpoint_source(checkpoint)
+    config = models.load_config(source)
     config.num_labels = 1 if regression else len(record.label_names)
     if regression:
         config.problem_type = "regression"
@@ -92,7 +158,7 @@ def build_task_model(checkpoint, task: str, tensors: dict):
         parsed = split_head_key(key)
         if parsed and parsed[0] == task:
             state[parsed[1]] = value
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = models.classifier_from_config(config, source)
     _load_weights(model, state, checkpoint, task)
     return model
 
@@ -128,19 +194,25 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
     --holdout-fraction`` kept unseen), so merge and prune settings can be chosen
     without looking at dev; the normalised score then divides by the expert's
     own holdout score.
+
+    Before any data is read: the tasks, config.json (and --max-length against
+    the positions it gives) and every head's size against its task's labels.
     """
-    from umtam import batching, data
+    from umtam import batching, data, models
     from umtam.config import build_config
     from umtam.config.evaluate import EvalSettings
-    from umtam.families import family_of_dir
-    from umtam.models import ModelSource, load_tokenizer
+    from umtam.families import family_of
+    from umtam.heads import check_head_labels
+    from umtam.safetensors_io import tensor_shapes
 
     options = build_config(EvalSettings, settings, source="eval options")
     requested, holdout_fraction = options.task, options.holdout_fraction
     tasks = resolve_tasks(checkpoint, requested)
-    _check_model_config(checkpoint)
-    tokenizer = load_tokenizer(ModelSource(str(checkpoint.path), str(checkpoint.path), "checkpoint"),
-                               family_of_dir(checkpoint.path))
+    source = checkpoint_source(checkpoint)
+    config = models.load_config(source)
+    max_length = models.fit_max_length(options.max_length, config, source)
+    check_head_labels(checkpoint, tensor_shapes(checkpoint.model_file))
+    tokenizer = models.load_tokenizer(source, family_of(config))
     tensors = checkpoint.load_tensors()
     results: dict[str, Any] = {}
     for task in tasks:
@@ -149,7 +221,7 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
         model = build_task_model(checkpoint, task, tensors)
         chosen = {"holdout": task_data.holdout} if holdout_fraction else task_data.eval
         splits = {
-            split: evaluate_model(model, batching.encode(examples, tokenizer, options.max_length), task,
+            split: evaluate_model(model, batching.encode(examples, tokenizer, max_length), task,
                                   pad_token_id=tokenizer.pad_token_id, batch_size=options.batch_size,
                                   progress=progress)
             for split, examples in chosen.items()
@@ -162,21 +234,6 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
                                   f"{task} score ({first_line(exc, 200)})") from exc
         results[task] = {"splits": splits, "score": task_score(task, splits), "normalized": normalized}
     return results
-
-
-def _check_model_config(checkpoint) -> None:
-    """config.json must be a JSON object before transformers reads it (its errors blame the hub)."""
-    import json
-
-    path = checkpoint.path / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing", hint="eval builds the model from the checkpoint's config.json") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({first_line(exc, 200)})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: must be a JSON object")
 
 
 def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:

@@ -5,7 +5,9 @@ in-memory record of a plain Hugging Face input) and every reader (inspect,
 prune, merge, eval). Reading trusts nothing: ``read_sidecar`` caps the size,
 parses the JSON, checks ``schema_version`` first (a newer one may mean other
 fields) and then validates every field a reader uses; the first problem
-becomes a CheckpointError naming the file and the field. Unknown fields are
+becomes a CheckpointError naming the file and the field. Counts are bounded
+to int64 and the floats a reader formats must be finite; a task must be a
+registered one (umtam.tasks) with that task's label count. Unknown fields are
 kept (a newer writer of the same schema version may add some), so reading
 and writing again preserves them.
 
@@ -16,6 +18,7 @@ what was recorded and nothing more (tests/golden/umtam.*.json pin each kind).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
@@ -23,6 +26,8 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 
 from umtam.errors import CheckpointError, first_line
+from umtam.registry import unknown_choice_message
+from umtam.tasks import TASKS, normalise_task_name
 
 SIDECAR_FILE = "umtam.json"
 MODEL_FILE = "model.safetensors"
@@ -43,19 +48,33 @@ def is_plain_file_name(name: Any) -> bool:
 
 
 def _metrics(value: Any) -> Any:
-    """{metric: number} or {split: {metric: number}}; null anywhere means "not measured"."""
+    """{metric: number} or {split: {metric: number}}; null anywhere means "not measured".
+
+    NaN is a number here (a correlation of diverged predictions is recorded as
+    NaN, metrics.spearman); infinities and integers past int64 are not scores.
+    """
     def number(item: Any) -> bool:
-        return item is None or (isinstance(item, (int, float)) and not isinstance(item, bool))
+        if isinstance(item, float):
+            return not math.isinf(item)
+        return item is None or (isinstance(item, int) and not isinstance(item, bool) and abs(item) <= INT64_MAX)
 
     if value is None or (isinstance(value, dict) and all(
             number(item) or (isinstance(item, dict) and all(number(inner) for inner in item.values()))
             for item in value.values())):
         return value
-    raise ValueError("must be an object of numbers (or of such objects per split)")
+    raise ValueError("must be an object of numbers (or of such objects per split); NaN is allowed, infinities "
+                     "and integers past int64 are not")
 
 
 Metrics = Annotated[Any, PlainValidator(_metrics)]
-Count = Annotated[int, Field(ge=0)]
+# Readers format, sum and convert these: bounded to int64 (what torch and numpy hold) and
+# finite floats, so that 10**400 bytes or an Infinity time per step is refused on reading
+# instead of overflowing in a renderer.
+INT64_MAX = 2**63 - 1
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# Seeds go to torch.manual_seed, which takes int64 and uint64 values (base_model reseeds with init_seed).
+Seed = Annotated[int, Field(ge=-INT64_MAX - 1, le=2**64 - 1)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class Record(BaseModel):
@@ -114,7 +133,7 @@ class BaseRecord(Record):
     reference: str | None = None
     location: str | None = None
     origin: str | None = None
-    init_seed: int = 0
+    init_seed: Seed = 0
 
 
 class FileRecord(Record):
@@ -144,12 +163,12 @@ class Lineage(Record):
 
 class TrainingRecord(Record):
     config: dict[str, Any]
-    final_loss: float
-    loss_curve: list[float]
+    final_loss: Finite  # a NaN or inf loss stops training: a finished run records finite ones
+    loss_curve: list[Finite]
 
 
 class StatsRecord(Record):
-    beta2: float
+    beta2: Annotated[float, Field(ge=0, lt=1)]
     bias_corrected: bool
     tracked_steps: Count
 
@@ -163,10 +182,10 @@ class Sidecar(Record):
     umtam_version: str | None = None
     format: str | None = None
     steps: Count | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     peak_rss_bytes: Count | None = None
     peak_gpu_bytes: Count | None = None
-    seconds_per_step: float | None = None
+    seconds_per_step: Annotated[Finite, Field(ge=0)] | None = None
     optimizer: OptimizerRecord | None = None
     training: TrainingRecord | None = None
     stats: StatsRecord | None = None
@@ -182,6 +201,12 @@ class Sidecar(Record):
             if not name or "/" in name or not name.isprintable():
                 raise ValueError(f"task name {name!r} must be non-empty and printable, without '/'")
         return tasks
+
+    @model_validator(mode="after")
+    def _registered_tasks(self) -> "Sidecar":
+        for name, record in self.tasks.items():
+            _check_registered(name, record)
+        return self
 
     @field_validator("files", mode="before")
     @classmethod
@@ -205,6 +230,25 @@ class Sidecar(Record):
 
     def file_sha256(self, name: str = MODEL_FILE) -> str:
         return self.files[name].sha256
+
+
+def _check_registered(name: str, record: TaskRecord) -> None:
+    """A task is a registered one (eval reads its data and metrics by name), with that task's labels.
+
+    Writers record the registered name ("sst2", not "SST-2") and the task's
+    label count; a head of another size would be scored against the wrong labels.
+    """
+    where = _location(("tasks", name))
+    if name not in TASKS.names():
+        raise ValueError(f"{where}: " + unknown_choice_message("task", name, TASKS.names(),
+                                                               match=normalise_task_name(name)))
+    spec = TASKS.get(name)
+    if record.is_regression != spec.is_regression:
+        kind = "a regression" if spec.is_regression else "a classification"
+        raise ValueError(f"{where}.is_regression is {str(record.is_regression).lower()} but {name} is {kind} task")
+    if not spec.is_regression and len(record.label_names) != spec.num_labels:
+        raise ValueError(f"{where}.label_names has {len(record.label_names)} label(s) but task {name} has "
+                         f"{spec.num_labels} ({', '.join(spec.label_names)})")
 
 
 def make_sidecar(fields: Mapping[str, Any], where: str | Path = "sidecar") -> Sidecar:
@@ -250,12 +294,19 @@ _EXPECTED = {
     "int_type": "must be an integer", "float_type": "must be a number", "string_type": "must be a string",
     "bool_type": "must be true or false", "list_type": "must be a list", "dict_type": "must be an object",
     "model_type": "must be an object", "literal_error": "must be one of " + ", ".join(KINDS),
-    "greater_than_equal": "must be non-negative", "string_pattern_mismatch": "must be 64 lowercase hex digits",
-    "model_attributes_type": "must be an object",
+    "string_pattern_mismatch": "must be 64 lowercase hex digits", "model_attributes_type": "must be an object",
+    "finite_number": "must be a finite number",
 }
+# Bounds, worded from the bound itself (pydantic's ctx): ge=0 reads "non-negative".
+_BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
+           "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
 
 
 def _expected(error: Mapping[str, Any]) -> str:
+    if error["type"] in _BOUNDS:
+        key, words = _BOUNDS[error["type"]]
+        bound = error.get("ctx", {}).get(key)
+        return "must be non-negative" if (key, bound) == ("ge", 0) else f"must be {words} {bound}"
     return _EXPECTED.get(error["type"], error["msg"][0].lower() + error["msg"][1:])
 
 

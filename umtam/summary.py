@@ -29,12 +29,13 @@ def summarize(checkpoint, *, saliency: bool = False, keep: float = 0.05, base: s
     overrides where the base model is found).
     """
     from umtam.families import family_of_dir
-    from umtam.heads import is_head_key
+    from umtam.heads import check_head_labels, is_head_key
     from umtam.safetensors_io import tensor_shapes
 
     sidecar = checkpoint.sidecar
     shapes = tensor_shapes(checkpoint.model_file)
     family = family_of_dir(checkpoint.path)
+    check_head_labels(checkpoint, shapes, family)  # labels listed that the head cannot produce, or the reverse
     encoder = {k: s for k, s in shapes.items() if not is_head_key(k, family)}
     summary = {
         "path": str(checkpoint.path),

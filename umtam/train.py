@@ -57,7 +57,7 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     from umtam.families import family_of
     from umtam.heads import encoder_tensors
     from umtam.hf_interop import hf_files
-    from umtam.optim import build_optimizer, optimizer_hparams, optimizer_state_bytes
+    from umtam.optim import build_optimizer, effective_ranks, optimizer_hparams, optimizer_state_bytes
     from umtam.optim.tracker import CurvatureTracker
     from umtam.tasks import get_task
 
@@ -78,8 +78,11 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     if saved is not None:
         resume.check_resumable(saved, config)
     states = (resume.StateWriter(resume.state_dir_for(config), output=config.output, force=config.force,
-                                 resumed=saved) if config.save_every and context.is_main else None)
+                                 resumed=saved, inputs=[p for p in (config.data_dir, model_dir) if p])
+              if config.save_every and context.is_main else None)
     progress("status", f"loading model {source.location}")
+    # config.json first: a --max-length past its position table fails only once a long sentence comes
+    max_length = models.fit_max_length(config.max_length, models.load_config(source), source)
     tokenizer = models.load_tokenizer(source, models.family_of_source(source))
     seed_everything(config.seed)
     progress("status", f"loading {spec.name} data")
@@ -98,7 +101,7 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     device = resolve_device(config.device, context.local_rank if context.enabled else None)
     distributed.setup(context, device.type)
     model.to(device)
-    train_features = batching.encode(task_data.train, tokenizer, config.max_length)
+    train_features = batching.encode(task_data.train, tokenizer, max_length)
     total_steps = planned_steps(len(train_features), config)
 
     optimizer = build_optimizer(
@@ -119,7 +122,11 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
                                               total_steps)
     if saved is not None:
         _continue_from(saved, parts, run_log, progress)
-    run = _run_loop(parts, train_features, tokenizer, config, total_steps, progress, run_log, states, context)
+    try:
+        run = _run_loop(parts, train_features, tokenizer, config, total_steps, progress, run_log, states, context)
+    finally:
+        if states is not None:
+            states.close()  # releases the state directory's lock, whether the run finished or not
     if not context.is_main:
         distributed.teardown(context)
         return None
@@ -127,15 +134,17 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     progress("status", "evaluating on dev")
 
     def measure(examples):
-        return evaluate_model(model, batching.encode(examples, tokenizer, config.max_length), spec.name,
+        return evaluate_model(model, batching.encode(examples, tokenizer, max_length), spec.name,
                               pad_token_id=tokenizer.pad_token_id, batch_size=config.eval_batch_size,
                               progress=progress)
 
     metrics = {split: measure(examples) for split, examples in task_data.eval.items()}
     holdout_metrics = measure(task_data.holdout) if task_data.holdout else None
     state = {"optimizer_bytes": optimizer_state_bytes(optimizer), "tracker_bytes": tracker.state_bytes()}
+    if ranks := effective_ranks(optimizer, model.named_parameters()):  # --rank above min(m, n): clamped, said here
+        state["clamped_ranks"] = ranks
     sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics, holdout_metrics,
-                             hparams, state, run_log.resumed)
+                             hparams, state, run_log.resumed, max_length)
     progress("status", f"writing {config.output}")
     extra_files = hf_files(model, tokenizer)
     if config.plot_loss:
@@ -360,7 +369,7 @@ def loss_plot(loss_curve: list[float], config: TrainConfig) -> bytes:
 
 
 def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metrics, holdout_metrics, hparams,
-                   state: dict[str, int], resumed: list[dict[str, Any]]):
+                   state: dict[str, int], resumed: list[dict[str, Any]], max_length: int):
     return {
         "kind": "train",
         "umtam_version": __version__,
@@ -379,7 +388,7 @@ def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metr
         "optimizer": {"name": config.optimizer, "hyperparameters": hparams,
                       "state_bytes": state["optimizer_bytes"] + state["tracker_bytes"], **state},
         "training": {
-            "config": config.sidecar_record(),
+            "config": {**config.sidecar_record(), "max_length": max_length},  # the length used, when defaulted
             "final_loss": run.final_loss,
             "loss_curve": run.loss_curve,
             **({"resumed": resumed} if resumed else {}),
