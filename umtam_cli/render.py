@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -25,7 +26,24 @@ def recipe_option(function):
 
 
 def emit_json(payload: Any) -> None:
-    click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    """One JSON document on stdout, valid whatever the payload holds.
+
+    A NaN or infinite float (a diverged metric, a ratio over zero) is written
+    as null: json.dumps would write bare NaN / Infinity, which no strict JSON
+    parser (jq, JavaScript, Go) accepts. allow_nan=False then guards the rule.
+    """
+    click.echo(json.dumps(finite_json(payload), indent=2, sort_keys=True, default=str, allow_nan=False))
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf, -inf) replaced by None, containers rebuilt."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
 
 
 def stdout_console():

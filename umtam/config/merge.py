@@ -18,16 +18,34 @@ from pydantic.fields import FieldInfo
 from umtam.config.schema import OptionInfo, PathText, Schema, build_config, option, registered
 from umtam.errors import ConfigError
 from umtam.merge.methods import DEFAULT_METHOD, METHODS
+from umtam.tasks import normalise_task_name
 
 
 def _comma_list(value: Any) -> Any:
-    """"sst2,rte" (the command line) or a recipe's list, as a list of names; empty means not given."""
+    """"sst2,rte" (the command line) or a recipe's list, as a list of names, each named once.
+
+    An empty entry ("a,,b", "") or a name given twice is refused rather than
+    dropped: the names pair with the plain inputs in order, so a lost or
+    repeated one would give an input another's task.
+    """
+    given = value
     if isinstance(value, str):
-        value = [item.strip() for item in value.split(",")]
-    if isinstance(value, list):
-        value = [str(item).strip() for item in value if str(item).strip()]
-        return value or None
-    return value
+        value = value.split(",")
+    if not isinstance(value, list):
+        return value  # None (not given), or a type the field's own check names
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError(f"expected task names, got {given!r}")
+    names = [item.strip() for item in value]
+    if not names:
+        raise ValueError(f"names no task, got {given!r}")
+    if not all(names):
+        raise ValueError(f"empty task name in {given!r}")
+    seen = set()
+    for name in names:
+        if normalise_task_name(name) in seen:  # "SST-2" and "sst2" are one task
+            raise ValueError(f"task {name!r} given twice in {given!r}")
+        seen.add(normalise_task_name(name))
+    return names
 
 
 class MergeConfig(Schema):

@@ -37,6 +37,23 @@ from umtam.registry import did_you_mean
 
 S = TypeVar("S", bound="Schema")
 
+# Upper bounds of numeric options. Every number a schema declares has one, so a
+# value past it is refused here, naming the flag, instead of reaching torch,
+# numpy or tokenizers and failing there with a traceback (or running for ever).
+SEED_LIMIT = 2**63  # torch.manual_seed takes a 64-bit int; numpy is seeded with seed % 2**32
+# Steps, samples, batch sizes, tokens, ranks: int64 would do for Python and
+# torch (tokenizers refuse past it), but two billion is already far past any
+# data set (QQP: 364k rows), run or sequence, so a larger count is a typo. A
+# rank above a weight's smaller side is clamped to that side by the optimizers.
+COUNT_LIMIT = 2**31 - 1
+# A scale applied to float32 tensors (lr, decay, clipping, eps): above this
+# torch's float32 scalar is inf. Below it, an update that still overflows is
+# reported as divergence by training, as non-finite output by merges.
+FLOAT32_MAX = 3.4028234663852886e38
+# These bounds are what the libraries take, not advice: a value below a field's
+# lower bound is told that bound alone ("rank: must be at least 1").
+LIBRARY_LIMITS = (SEED_LIMIT, COUNT_LIMIT, FLOAT32_MAX)
+
 
 class Schema(BaseModel):
     """Options of one command or merge method: unknown keys refused, types strict, floats finite."""
@@ -171,12 +188,21 @@ def describe_errors(exc: ValidationError, schema: type[Schema], shown: Mapping[s
         if error["type"] == "missing":
             problems.append(f"{label}: required")
         elif owner is not None:
-            problems.append(f"{owner} option {info.key}={error['input']!r}: {what['text']}")
+            problems.append(f"{owner} option {info.key}={_shown(error['input'])}: {what['text']}")
         elif what["show_input"]:
-            problems.append(f"{label}: {what['text']}, got {error['input']!r}")
+            problems.append(f"{label}: {what['text']}, got {_shown(error['input'])}")
         else:
             problems.append(f"{label}: {what['text']}")
     return problems
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """The value a user gave, as Python writes it, cut short: a recipe value can be a whole document."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit on int -> str (a Python caller's)
+        text = f"an int of {value.bit_length()} bits"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 _TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "true or false",
@@ -188,7 +214,8 @@ def _what_is_wrong(error: Mapping[str, Any], field: FieldInfo | None) -> dict[st
     if kind in _TYPE_NAMES:
         return {"text": f"expected {_TYPE_NAMES[kind]}", "show_input": True}
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return {"text": f"must be {range_text(field)}", "show_input": True}
+        below = kind.startswith("greater")
+        return {"text": f"must be {range_text(field, below=below)}", "show_input": True}
     if kind == "finite_number":
         return {"text": "must be a finite number", "show_input": True}
     if kind == "literal_error":
@@ -198,12 +225,18 @@ def _what_is_wrong(error: Mapping[str, Any], field: FieldInfo | None) -> dict[st
     return {"text": error["msg"][0].lower() + error["msg"][1:], "show_input": True}
 
 
-def range_text(field: FieldInfo | None) -> str:
-    """'in (0, 1]', 'positive', 'at least 1' ... from the field's bounds."""
+def range_text(field: FieldInfo | None, *, below: bool = False) -> str:
+    """'in (0, 1]', 'positive', 'at least 1' ... from the field's bounds.
+
+    ``below``: the value fell under the lower bound, so an upper bound that is
+    one of the LIBRARY_LIMITS is left out.
+    """
     bounds = {name: getattr(item, name) for item in (field.metadata if field else [])
               for name in ("gt", "ge", "lt", "le") if getattr(item, name, None) is not None}
     low = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
     high = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if below and low and high and high[1] in LIBRARY_LIMITS:
+        high = None
     if low and high:
         return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
     if low:
@@ -216,42 +249,127 @@ def range_text(field: FieldInfo | None) -> str:
 
 
 def _number(value: float) -> str:
+    """A bound as people write it: 1 (not 1.0), 2**63 and 2**31 - 1 (not 19 digits), 3.40282e+38."""
+    if isinstance(value, int) and value >= 2**20:
+        exponent = (value + 1).bit_length() - 1
+        if value == 2**exponent:
+            return f"2**{exponent}"
+        if value + 1 == 2**exponent:
+            return f"2**{exponent} - 1"
+    if isinstance(value, float) and math.isfinite(value) and abs(value) >= 1e16:
+        return f"{value:g}"
     return str(int(value)) if isinstance(value, float) and math.isfinite(value) and value.is_integer() else str(value)
 
 
 # ----------------------------------------------------------------------------- files and KEY=VALUE
 
 
+# A recipe is a few hundred bytes of options; anything near this is not one.
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a flat mapping of option key -> value (dashes read as underscores)."""
-    import yaml
-
     recipe_path = Path(path)
-    if not recipe_path.is_file():
-        raise ConfigError(f"recipe {recipe_path} does not exist")
-    try:
-        payload = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe {recipe_path}: not valid YAML ({first_line(exc)})") from exc
+    where = f"recipe {recipe_path}"
+    payload = parse_yaml(_recipe_text(recipe_path), where)
     if payload is None:
         return {}
     if not isinstance(payload, dict):
-        raise ConfigError(f"recipe {recipe_path}: must be a mapping of option names to values")
-    return {str(key).replace("-", "_"): value for key, value in payload.items()}
+        raise ConfigError(f"{where}: must be a mapping of option names to values, not {_yaml_kind(payload)}")
+    for key in payload:
+        if not isinstance(key, str):  # YAML reads `1:`, `true:` and `null:` as a number, bool and None
+            raise ConfigError(f"{where}: key {key!r} is not an option name",
+                              hint="keys are option names, e.g. rank or keep")
+    return {key.replace("-", "_"): value for key, value in payload.items()}
+
+
+def _recipe_text(path: Path) -> str:
+    if not path.exists():
+        raise ConfigError(f"recipe {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} is not a file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe {path} is {size} bytes, not a recipe",
+                              hint=f"recipes are YAML option files of at most {MAX_RECIPE_BYTES} bytes")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path}: not valid YAML (byte {exc.start} is not UTF-8 text)") from exc
+    except OSError as exc:
+        raise ConfigError(f"recipe {path}: cannot read it ({(exc.strerror or type(exc).__name__).lower()})") from exc
+
+
+# Options are flat; a sweep recipe nests lists in mappings three deep. PyYAML
+# builds nested nodes recursively, so a few hundred '[' exhaust Python's stack.
+MAX_YAML_DEPTH = 32
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of a recipe or an option value; any problem is one ConfigError naming ``where``.
+
+    The events are read first, before anything is built, and two shapes are
+    refused: aliases (nested ten deep, a few hundred bytes of ``&a [*a, *a]``
+    expand to billions of nodes, the "billion laughs"; an option file has no
+    need to repeat a value by reference) and nesting deeper than MAX_YAML_DEPTH.
+    """
+    import yaml
+
+    try:
+        _check_events(yaml.parse(text, Loader=yaml.SafeLoader), where)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(exc)})") from exc
+    except (ValueError, OverflowError) as exc:
+        # a scalar the constructors cannot turn into a value: date 2020-13-45, an int of 5000 digits
+        raise ConfigError(f"{where}: not valid YAML ({first_line(exc).split(';')[0]})") from exc
+
+
+def _check_events(events, where: str) -> None:
+    import yaml
+
+    depth = 0
+    for event in events:
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"{where}: YAML alias *{event.anchor} is not allowed",
+                              hint="write the value out; aliases can expand without bound")
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} deep "
+                                  f"(line {event.start_mark.line + 1})", hint="options are flat")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """'expected ',' or ']', but got '<stream end>' at line 2, column 1' (PyYAML's own text spans lines)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem:
+        return first_line(exc)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _yaml_kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
 
 
 def parse_assignments(pairs: list[str] | tuple[str, ...], *, option: str = "--option") -> dict[str, Any]:
-    """KEY=VALUE pairs; values parsed as YAML scalars, so numbers and booleans come out typed."""
-    import yaml
+    """KEY=VALUE pairs; values read as YAML (aliases refused), so numbers and booleans come out typed.
 
-    parsed = {}
+    A key given twice is refused: the second would silently win.
+    """
+    parsed: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
-        try:
-            parsed[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{option} {pair!r}: the value is not valid YAML ({first_line(exc)})") from exc
+        key, shown = key.strip().replace("-", "_"), f"{option} {_shown(pair)}"
+        if not sep or not key:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {_shown(pair)}")
+        if key in parsed:
+            raise ConfigError(f"{shown}: {key} is already given", hint="give each key once")
+        if not value.strip():  # `--option lambda=$LAMBDA` with the variable unset would silently mean the default
+            raise ConfigError(f"{shown}: no value", hint=f"write {key}=VALUE")
+        parsed[key] = parse_yaml(value, shown)
     return parsed
-

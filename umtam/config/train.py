@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, model_validator
 
-from umtam.config.schema import PathText, Schema, option, registered
+from umtam.config.schema import COUNT_LIMIT, FLOAT32_MAX, SEED_LIMIT, PathText, Schema, option, registered
 from umtam.models import DEFAULT_MODEL
 from umtam.optim.registry import OPTIMIZERS
 from umtam.tasks import TASKS
@@ -19,6 +19,12 @@ def _device(name: str) -> str:
     if not _DEVICE.fullmatch(name):
         raise ValueError(f"must be auto, cpu or cuda[:N], got {name!r}")
     return name
+
+
+# Fine-tuning runs 1-20 epochs; ten thousand leaves room for tiny subsets and keeps
+# the planned step count (epochs x steps per epoch) a number a run can reach:
+# 1e300 epochs would plan a 300-digit step count and train until killed.
+EPOCHS_LIMIT = 1e4
 
 
 def _default_lrs() -> str:
@@ -35,33 +41,36 @@ class TrainConfig(Schema):
                         default_text="all-MiniLM-L6-v2")
     optimizer: Annotated[str, registered(OPTIMIZERS)] = option("adamw", help="Optimizer (listed below).",
                                                                metavar="NAME")
-    rank: int = option(8, ge=1, help="Rank of the low-rank momentum / projection.")
-    lr: float | None = option(None, gt=0, resumable=True, help="Peak learning rate.", default_text=_default_lrs())
-    epochs: float = option(3.0, gt=0, help="Training epochs.")
-    max_steps: int | None = option(None, ge=1, help="Stop after this many optimizer steps.")
-    batch_size: int = option(32, ge=1, help="Training batch size.")
-    max_length: int = option(128, ge=1, help="Truncate inputs to this many tokens.")
-    seed: int = option(42, help="Seed for data order, subsampling and head init.")
-    weight_decay: float = option(0.01, ge=0, help="Decoupled weight decay.")
+    rank: int = option(8, ge=1, le=COUNT_LIMIT, help="Rank of the low-rank momentum / projection.")
+    lr: float | None = option(None, gt=0, le=FLOAT32_MAX, resumable=True, help="Peak learning rate.",
+                              default_text=_default_lrs())
+    epochs: float = option(3.0, gt=0, le=EPOCHS_LIMIT, help="Training epochs.")
+    max_steps: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Stop after this many optimizer steps.")
+    batch_size: int = option(32, ge=1, le=COUNT_LIMIT, help="Training batch size.")
+    max_length: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Truncate inputs to this many tokens.",
+                                    default_text="128, or the model's positions if fewer")
+    seed: int = option(42, ge=0, lt=SEED_LIMIT, help="Seed for data order, subsampling and head init.")
+    weight_decay: float = option(0.01, ge=0, le=FLOAT32_MAX, help="Decoupled weight decay.")
     beta1: float = option(0.9, ge=0, lt=1, help="Momentum decay.")
     beta2: float = option(0.999, ge=0, lt=1, help="Second-moment decay, also the curvature tracker's.")
     warmup_ratio: float = option(0.06, ge=0, lt=1, help="Fraction of steps for linear warmup.")
-    max_grad_norm: float = option(1.0, gt=0, help="Clip the global gradient norm to this (as the HF Trainer).")
+    max_grad_norm: float = option(1.0, gt=0, le=FLOAT32_MAX,
+                                  help="Clip the global gradient norm to this (as the HF Trainer).")
     error_feedback: bool = option(False, flag="--error-feedback/--no-error-feedback",
                                   help="UMTAM's dense error-feedback buffer.")
     dense_embeddings: bool = option(False, flag="--dense-embeddings/--lowrank-embeddings",
                                     help="UMTAM: dense AdamW state for the embedding matrices instead of low-rank.")
-    max_train_samples: int | None = option(None, ge=1, help="Subsample the training set (seeded).")
-    max_eval_samples: int | None = option(None, ge=1, help="Subsample the dev set (seeded).")
+    max_train_samples: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Subsample the training set (seeded).")
+    max_eval_samples: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Subsample the dev set (seeded).")
     holdout_fraction: float = option(0.0, ge=0, lt=1,
                                      help="Hold out this fixed fraction of train and report metrics on it "
                                           "(for tuning without dev).")
-    eval_batch_size: int = option(64, ge=1, resumable=True, help="Evaluation batch size.")
+    eval_batch_size: int = option(64, ge=1, le=COUNT_LIMIT, resumable=True, help="Evaluation batch size.")
     data_dir: PathText | None = option(None, resumable=True, metavar="DIRECTORY",
                                   help="GLUE directory (TSV or parquet layout).")
     device: Annotated[str, AfterValidator(_device)] = option(
         "auto", resumable=True, help="auto, cpu or cuda[:N] (auto: CUDA when available).")
-    save_every: int | None = option(None, ge=1, recorded=False, resumable=True,
+    save_every: int | None = option(None, ge=1, le=COUNT_LIMIT, recorded=False, resumable=True,
                                     help="Write a resumable training state every N optimizer steps.")
     state_dir: PathText | None = option(None, recorded=False, resumable=True, metavar="DIRECTORY",
                                    help="Where --save-every writes states.", default_text="OUTPUT-state")
