@@ -17,7 +17,7 @@ from glue_fixtures import (GLUE_WORDS, glue_examples, make_word_tokenizer, write
 from umtam import batching
 from umtam.batching import batch_order, collate, encode, iter_batches
 from umtam.data import load_task, resolve_data_dirs
-from umtam.tasks import TASKS, Example, get_task
+from umtam.tasks import Example, get_task, task_names
 from umtam.errors import ConfigError, DataError
 
 REAL_GLUE = Path(os.environ.get("UMTAM_DATA_DIR")
@@ -34,9 +34,9 @@ def _no_ambient_data(monkeypatch):
 @pytest.fixture(scope="module")
 def all_tasks_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("glue")
-    for task in TASKS.names():
+    for task in task_names("classification"):
         write_parquet_glue_dir(root, task)
-    return write_glue_dir(root, tasks=TASKS.names())
+    return write_glue_dir(root, tasks=task_names("classification"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def _rewrite(path: Path, transform) -> None:
 # ---------------------------------------------------------------- task specs
 
 def test_every_glue_task_has_a_spec():
-    assert TASKS.names() == ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+    assert task_names("classification") == ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
     assert get_task("stsb").num_labels == 1 and get_task("stsb").is_regression
     assert get_task("mnli").num_labels == 3
     assert get_task("mnli").eval_splits == ("validation_matched", "validation_mismatched")
@@ -76,7 +76,7 @@ def test_unknown_task_lists_choices_and_suggests():
 
 # ---------------------------------------------------------------- layouts
 
-@pytest.mark.parametrize("task", TASKS.names())
+@pytest.mark.parametrize("task", task_names("classification"))
 def test_tsv_layout_parses_every_task(all_tasks_dir, task):
     loaded = load_task(task, data_dir=all_tasks_dir, allow_hub=False)
     spec = get_task(task)
@@ -88,7 +88,7 @@ def test_tsv_layout_parses_every_task(all_tasks_dir, task):
         assert examples == [Example(*row) for row in glue_examples(task, split, 12)]
 
 
-@pytest.mark.parametrize("task", TASKS.names())
+@pytest.mark.parametrize("task", task_names("classification"))
 def test_parquet_layout_matches_tsv_layout(all_tasks_dir, task):
     from_tsv = load_task(task, data_dir=all_tasks_dir, allow_hub=False)
     from_parquet = load_task(task, data_dir=all_tasks_dir.parent / "glue_hf_parquet", allow_hub=False)
@@ -325,7 +325,7 @@ def test_encode_truncates_and_keeps_float_labels(tokenizer):
 
 def test_fixture_words_cover_every_fixture_sentence(all_tasks_dir, tokenizer):
     assert tokenizer.unk_token_id == 1 and len(tokenizer) == 4 + len(GLUE_WORDS)
-    for task in TASKS.names():
+    for task in task_names("classification"):
         features = encode(load_task(task, data_dir=all_tasks_dir, allow_hub=False).train, tokenizer, 64)
         assert all(tokenizer.unk_token_id not in f["input_ids"] for f in features), task
 

@@ -1,4 +1,4 @@
-"""evaluate_model's length-sorted batches against a slow reference: one example at a time, no padding."""
+"""Classification evaluation's length-sorted batches against a slow reference: one example at a time, no padding."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from umtam import batching, data, metrics
-from umtam.evaluate import evaluate_model
+from umtam.objectives.classification import evaluate as evaluate_model
 
 
 def one_at_a_time(model, features, task):

@@ -215,7 +215,7 @@ def test_an_oversized_sidecar_is_refused_before_it_is_read(seed_dir, tmp_path):
     (lambda s: s["files"].update({"a\nb": s["files"]["config.json"]}), "points outside the checkpoint directory"),
     (lambda s: s["tasks"]["mrpc"].update(is_regression="no"), "tasks.mrpc.is_regression must be true or false"),
     (lambda s: s["tasks"]["mrpc"].update(label_names=[1, 2]), "tasks.mrpc.label_names[0] must be a string, got 1"),
-    (lambda s: s["tasks"]["mrpc"].update(label_names=[]), "non-empty for a classification task"),
+    (lambda s: s["tasks"]["mrpc"].update(label_names=[]), "label_names has 0 label(s) but task mrpc has 2"),
     (lambda s: s["tasks"]["mrpc"].update(metrics=[0.5]), "tasks.mrpc.metrics must be an object of numbers"),
     (lambda s: s["tasks"].update({"a/b": s["tasks"]["mrpc"]}), "task name 'a/b' must be non-empty and printable, without '/'"),
     (lambda s: s["files"]["config.json"].update(sha256="XYZ"), "files['config.json'].sha256 must be 64 lowercase hex"),

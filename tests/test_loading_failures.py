@@ -431,7 +431,7 @@ def test_capped_batches_by_hand():
 def test_activation_estimate_by_hand():
     from transformers import BertConfig
 
-    from umtam.evaluate import activation_bytes
+    from umtam.objectives.classification import activation_bytes
 
     config = BertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32)
     # 4 bytes x 10 tokens x (8 x 16 hidden + 2 x 32 intermediate + 2 heads x 2 x 10 scores)
@@ -464,7 +464,7 @@ def tiny_features(tiny_model_dir, glue_dir):
 
 
 def test_eval_batches_shrink_to_fit_memory_and_score_the_same(tiny_model_dir, glue_dir, monkeypatch):
-    from umtam.evaluate import activation_bytes, evaluate_model
+    from umtam.objectives.classification import activation_bytes, evaluate as evaluate_model
 
     model, features, pad = tiny_features(tiny_model_dir, glue_dir)
     longest = max(len(f["input_ids"]) for f in features)
@@ -496,7 +496,7 @@ def test_eval_command_with_a_huge_batch_and_little_memory_scores_the_same(env, m
 
 
 def test_without_a_memory_reading_nothing_is_capped(tiny_model_dir, glue_dir, monkeypatch):
-    from umtam.evaluate import evaluate_model
+    from umtam.objectives.classification import evaluate as evaluate_model
 
     model, features, pad = tiny_features(tiny_model_dir, glue_dir)
     monkeypatch.setattr(batching, "available_memory_bytes", lambda device=None: None)

@@ -113,7 +113,7 @@ def test_stsb_score_averages_pearson_and_spearman():
 def test_each_task_spec_names_the_glue_metrics():
     from umtam.tasks import TASKS
 
-    assert {spec.name: spec.metrics for spec in TASKS} == {
+    assert {spec.name: spec.metrics for spec in TASKS if spec.kind == "classification"} == {
         "cola": ("matthews_correlation",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"),
         "stsb": ("pearson", "spearmanr"), "qqp": ("f1", "accuracy"), "mnli": ("accuracy",),
         "qnli": ("accuracy",), "rte": ("accuracy",), "wnli": ("accuracy",)}

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 from umtam.errors import CheckpointError
 from umtam.families import family_of
 from umtam.heads import encoder_tensors
-from umtam.models import ModelSource, load_classifier, resolve_model
+from umtam.models import ModelSource, resolve_model
 from umtam.safetensors_io import open_safetensors
 
 
@@ -36,9 +36,37 @@ def fingerprint(tensors: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def base_record(source: ModelSource, base_encoder: Mapping[str, Any], init_seed: int) -> dict[str, Any]:
-    """The sidecar's description of the weights fine-tuning started from."""
-    return {**source.as_record(), "fingerprint": fingerprint(base_encoder), "init_seed": init_seed}
+def base_record(source: ModelSource, base_encoder: Mapping[str, Any], init_seed: int, *,
+                architecture: str = "sequence-classification", from_config: bool = False) -> dict[str, Any]:
+    """The sidecar's description of the weights training started from.
+
+    ``architecture`` says which model class holds them (umtam.models); with
+    ``from_config`` they are not pretrained weights but the initialisation of
+    the source's config.json from ``init_seed``, which rebuilds them.
+    """
+    record = {**source.as_record(), "fingerprint": fingerprint(base_encoder), "init_seed": init_seed,
+              "architecture": architecture}
+    return {**record, "from_config": True} if from_config else record
+
+
+def _rebuild(source: ModelSource, record: Mapping[str, Any]):
+    """The base model as training built it: pretrained, or from its config with the recorded init seed."""
+    import torch
+
+    from umtam.models import load_config, load_pretrained, model_from_config
+
+    architecture = record.get("architecture", "sequence-classification")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(record.get("init_seed", 0)))
+        if record.get("from_config"):
+            return model_from_config(load_config(source), source, architecture)
+        return load_pretrained(source, architecture, num_labels=2)
+
+
+def _encoder_of(model) -> dict[str, Any]:
+    from umtam.weights import model_tensors
+
+    return encoder_tensors(model_tensors(model), family_of(model.config))
 
 
 def load_base_encoder(record: Mapping[str, Any] | Any, *, override: str | None = None,
@@ -57,18 +85,13 @@ def load_base_encoder(record: Mapping[str, Any] | Any, *, override: str | None =
     names, another dtype) the base is rebuilt through transformers as without
     ``keys``.
     """
-    import torch
-
     record = record.as_json() if hasattr(record, "as_json") else record  # a sidecar BaseRecord
     source = _base_source(record, override)
-    if keys is not None:
+    if keys is not None and not record.get("from_config"):
         direct = read_base_file(source, keys)
         if direct is not None and fingerprint(direct) == record["fingerprint"]:
             return direct
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(record.get("init_seed", 0)))
-        model = load_classifier(source, num_labels=2)
-    encoder = encoder_tensors(model.state_dict(), family_of(model.config))
+    encoder = _encoder_of(_rebuild(source, record))
     if fingerprint(encoder) != record["fingerprint"]:
         raise CheckpointError(
             f"base model {source.location} does not match the recorded fingerprint "
@@ -95,18 +118,27 @@ def identify_base(reference: str, keys: Iterable[str]) -> tuple[dict[str, Any], 
     transformers with init seed 0. The record's fingerprint therefore matches a
     later ``load_base_encoder(record, keys=keys)``.
     """
-    import torch
-
     source = resolve_model(reference)
     keys = list(keys)
     encoder = read_base_file(source, keys)
+    architecture = architecture_of_keys(keys)
     if encoder is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = load_classifier(source, num_labels=2)
-        state = encoder_tensors(model.state_dict(), family_of(model.config))
+        state = _encoder_of(_rebuild(source, {"architecture": architecture, "init_seed": 0}))
         encoder = {key: value.detach().clone() for key, value in state.items()}
-    return base_record(source, encoder, 0), encoder
+    return base_record(source, encoder, 0, architecture=architecture), encoder
+
+
+def architecture_of_keys(keys: Iterable[str]) -> str:
+    """"causal-lm" when the weights have an ``lm_head`` or no classification head, as a plain decoder's."""
+    keys = list(keys)
+    if any(key == "lm_head.weight" for key in keys):
+        return "causal-lm"
+    from umtam.families import generic_family
+
+    family = generic_family()
+    has_head = any(family.is_head_key(key) for key in keys)
+    decoder = any(family.module_type(key) in ("qkv", "ffn_gate") or "embed_tokens" in key for key in keys)
+    return "causal-lm" if decoder and not has_head else "sequence-classification"
 
 
 def _base_source(record: Mapping[str, Any], override: str | None) -> ModelSource:

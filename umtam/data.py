@@ -256,8 +256,9 @@ def _load_from_hub(spec: TaskSpec, splits: Sequence[str]) -> dict[str, list[Exam
             for split in splits}
 
 
-def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
-    # Keep the chosen rows in file order, so a subset reads like the original data.
+def subsample(examples: list, limit: int | None, seed: int) -> list:
+    """A seeded random ``limit`` of the rows (all when None or more), kept in file order."""
+    # File order, so a subset reads like the original data.
     if limit is None or limit >= len(examples):
         return examples
     chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
@@ -269,7 +270,7 @@ def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Ex
 HOLDOUT_SEED = 17
 
 
-def split_holdout(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+def split_holdout(examples: list, fraction: float) -> tuple[list, list]:
     """(rest, held out): a fixed random ``fraction`` of the rows, both kept in file order."""
     if not 0 <= fraction < 1:
         raise ConfigError(f"holdout fraction must be in [0, 1), got {fraction}")
@@ -297,8 +298,8 @@ def load_task(task: str, *, data_dir: str | Path | None = None,
     source, by_split = _load_splits(spec, splits, data_dir, allow_hub)
     train, holdout = split_holdout(by_split.get("train", []), holdout_fraction)
     return TaskData(spec=spec,
-                    train=_subsample(train, max_train_samples, seed) if need_train else [],
-                    eval={split: _subsample(by_split[split], max_eval_samples, seed)
+                    train=subsample(train, max_train_samples, seed) if need_train else [],
+                    eval={split: subsample(by_split[split], max_eval_samples, seed)
                           for split in spec.eval_splits},
                     source=source,
-                    holdout=_subsample(holdout, max_eval_samples, seed))
+                    holdout=subsample(holdout, max_eval_samples, seed))

@@ -1,102 +1,33 @@
-"""Evaluate checkpoints on GLUE dev sets with the official metric per task.
+"""Evaluate checkpoints: GLUE dev sets with the official metric per task, and language tasks by perplexity.
 
-A trained or pruned checkpoint has one head; a merged one has one head per
+A trained or pruned classifier has one head; a merged one has one head per
 task under ``heads/<task>/``. Either way each task is evaluated with a model
-built from the shared encoder plus that task's own head. For merges, scores
-are also reported normalised by each expert's own score (from the sidecar).
+built from the shared encoder plus that task's own head. A language-task
+checkpoint (``lm:<data>``, ``sft:<data>``) is the causal LM itself, with no
+head: it is scored by token-weighted loss and perplexity on each task's
+recorded validation text, or on the text ``data`` names. For merges, scores
+are also reported normalised by each expert's own score (from the sidecar):
+score / expert's where higher is better, expert's / score for perplexity, so
+1.0 always means "as good as the expert".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from umtam.errors import CheckpointError, ConfigError, first_line
 from umtam.progress import ProgressFn, no_progress
-
-
-def evaluate_model(model, features, task: str, *, pad_token_id: int, batch_size: int = 64,
-                   progress: ProgressFn = no_progress) -> dict[str, float]:
-    """Metrics of ``model`` on encoded ``features`` (which carry their labels).
-
-    Batches are formed from length-sorted examples, so each pads to nearly its
-    own length (about 1.5-2x faster on GLUE pairs than arrival order); the
-    predictions are put back in the original order before scoring. Padding is
-    masked, so only float noise in the logits depends on the grouping. A batch
-    holds at most ``batch_size`` examples, and fewer where its padded
-    activations (activation_bytes) would not fit EVAL_MEMORY_FRACTION of the
-    memory available (umtam.batching): ``--batch-size 1000000`` on a big dev
-    set then runs in memory-sized batches instead of one that cannot fit.
-    """
-    import torch
-
-    from umtam import batching, metrics
-
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # longest first
-    predictions: list = [None] * len(features)
-    parameter = next(model.parameters())
-    batches = _memory_capped(model, features, order, batch_size, parameter, task, progress)
-    was_training = model.training
-    model.eval()
-    progress("start", {"total": len(features), "what": f"eval {task}"})
-    with torch.inference_mode():
-        for indices in batches:
-            batch = batching.collate([features[i] for i in indices], pad_token_id)
-            batch.pop("labels", None)
-            logits = model(**{key: value.to(parameter.device) for key, value in batch.items()}).logits.float().cpu()
-            values = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
-            for index, value in zip(indices, values.tolist()):
-                predictions[index] = value
-            progress("advance", len(indices))
-    progress("end", {"what": f"eval {task}"})
-    model.train(was_training)
-    return metrics.compute_metrics(task, predictions, [feature["labels"] for feature in features])
-
-
-def _memory_capped(model, features, order, batch_size: int, parameter, task: str, progress) -> list[list[int]]:
-    from umtam import batching
-
-    available = batching.available_memory_bytes(parameter.device)
-    budget = None if available is None else int(available * batching.EVAL_MEMORY_FRACTION)
-    lengths = [len(feature["input_ids"]) for feature in features]
-    itemsize = parameter.element_size()
-    batches = batching.capped_batches(order, lengths, batch_size,
-                                      lambda length: activation_bytes(model.config, length, itemsize), budget)
-    largest = max((len(batch) for batch in batches), default=0)
-    if largest < min(batch_size, len(features)):
-        progress("status", f"eval {task}: batches of at most {largest} examples (not {batch_size}), "
-                           f"so that their activations fit in {budget / 2**20:.0f} MiB of memory")
-    return batches
-
-
-def activation_bytes(config, length: int, itemsize: int = 4) -> int:
-    """Bytes of activations one sequence of ``length`` tokens needs in an inference forward pass: an estimate.
-
-    Under inference mode each layer's activations are freed as the next layer
-    runs, so the peak is one layer's and the number of layers does not multiply
-    it. Per token that is about 8 hidden-size vectors (the layer's input, query,
-    key, value, attention context and output, the two residual sums), 2
-    intermediate-size vectors (the feed-forward's expansion before and after
-    its activation) and, per attention head, 2 rows of ``length`` scores (the
-    scores and their softmax). From the config: hidden_size,
-    num_attention_heads, intermediate_size (4 x hidden when absent, as BERT's).
-    """
-    hidden = _config_int(config, "hidden_size", 768)
-    heads = _config_int(config, "num_attention_heads", 12)
-    intermediate = _config_int(config, "intermediate_size", 4 * hidden)
-    return itemsize * length * (8 * hidden + 2 * intermediate + 2 * heads * length)
-
-
-def _config_int(config, name: str, default: int) -> int:
-    value = getattr(config, name, None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+from umtam.weights import load_weights
 
 
 def resolve_tasks(checkpoint, requested: str) -> list[str]:
-    """``glue`` means every task the checkpoint has a head for; otherwise a comma list.
+    """``glue`` means every task the checkpoint has; otherwise a comma list of its task keys.
 
-    Names are matched as the task registry matches them ("SST-2" is sst2). An
-    empty list and a task named twice are refused: the first would average
-    nothing, the second evaluate (and count) a task twice.
+    Names are matched as the task registry matches them ("SST-2" is sst2); a
+    language task's name ("lm") stands for every one of its keys ("lm:fineweb",
+    ...). An empty list and a task named twice are refused: the first would
+    average nothing, the second evaluate (and count) a task twice.
     """
     from umtam.tasks import normalise_task_name
 
@@ -110,13 +41,14 @@ def resolve_tasks(checkpoint, requested: str) -> list[str]:
     by_key = {normalise_task_name(name): name for name in available}
     names, seen = [], {}
     for name in given:
-        resolved = by_key.get(normalise_task_name(name), name)
-        if resolved in seen:
-            spellings = f" (as {seen[resolved]!r} and {name!r})" if seen[resolved] != name else ""
-            raise ConfigError(f"--task {requested!r} names task {resolved} twice{spellings}",
-                              hint="name each task once")
-        seen[resolved] = name
-        names.append(resolved)
+        expanded = _language_keys(available, name) or [by_key.get(normalise_task_name(name), name)]
+        for resolved in expanded:
+            if resolved in seen:
+                spellings = f" (as {seen[resolved]!r} and {name!r})" if seen[resolved] != name else ""
+                raise ConfigError(f"--task {requested!r} names task {resolved} twice{spellings}",
+                                  hint="name each task once")
+            seen[resolved] = name
+            names.append(resolved)
     missing = [given_name for resolved, given_name in seen.items() if resolved not in available]
     if missing:
         raise ConfigError(
@@ -124,6 +56,13 @@ def resolve_tasks(checkpoint, requested: str) -> list[str]:
             hint=f"it has: {', '.join(available)}; use --task glue for all",
         )
     return names
+
+
+def _language_keys(available: list[str], name: str) -> list[str]:
+    """The checkpoint's keys of language task ``name`` ("lm" -> ["lm:fineweb", ...]), else []."""
+    from umtam.tasks import KEY_SEPARATOR, is_language_key
+
+    return [key for key in available if is_language_key(key) and key.split(KEY_SEPARATOR)[0] == name.strip()]
 
 
 def checkpoint_source(checkpoint):
@@ -159,35 +98,24 @@ def build_task_model(checkpoint, task: str, tensors: dict):
         if parsed and parsed[0] == task:
             state[parsed[1]] = value
     model = models.classifier_from_config(config, source)
-    _load_weights(model, state, checkpoint, task)
+    load_weights(model, state, f"{checkpoint.model_file} (task {task})")
     return model
 
 
-def _load_weights(model, state: dict, checkpoint, task: str) -> None:
-    """Load ``state`` into ``model``, naming the first tensor that is missing, extra or misshapen."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshapen = sorted(key for key in set(expected) & set(state)
-                       if tuple(expected[key].shape) != tuple(state[key].shape))
-    where = f"{checkpoint.model_file} (task {task})"
-    if missing:
-        raise CheckpointError(f"{where}: no tensor {missing[0]!r} ({len(missing)} missing), which config.json's "
-                              f"model needs")
-    if unexpected:
-        raise CheckpointError(f"{where}: tensor {unexpected[0]!r} ({len(unexpected)} unexpected) is not in "
-                              f"config.json's model")
-    if misshapen:
-        key = misshapen[0]
-        raise CheckpointError(f"{where}: tensor {key!r} has shape {list(state[key].shape)} but config.json's "
-                              f"model needs {list(expected[key].shape)}")
-    model.load_state_dict(state, strict=True)
+def build_language_model(checkpoint, tensors: dict):
+    """The causal LM a language-task checkpoint holds (its tied weights tied again on loading)."""
+    from umtam import models
+
+    source = checkpoint_source(checkpoint)
+    model = models.model_from_config(models.load_config(source), source, "causal-lm")
+    load_weights(model, tensors, str(checkpoint.model_file))
+    return model
 
 
 def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **settings: Any) -> dict[str, Any]:
     """{task: {"splits": {split: metrics}, "score": float, "normalized": float | None}}.
 
-    ``settings`` are EvalSettings' (umtam.config.evaluate: task, data_dir,
+    ``settings`` are EvalSettings' (umtam.config.evaluate: task, data_dir, data,
     max_eval_samples, max_length, batch_size, seed, holdout_fraction), validated
     with their declared defaults and ranges. With ``holdout_fraction`` the fixed
     holdout slice of train is evaluated instead of dev (the slice ``umtam train
@@ -198,46 +126,122 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
     Before any data is read: the tasks, config.json (and --max-length against
     the positions it gives) and every head's size against its task's labels.
     """
-    from umtam import batching, data, models
+    from umtam import models
     from umtam.config import build_config
     from umtam.config.evaluate import EvalSettings
     from umtam.families import family_of
     from umtam.heads import check_head_labels
     from umtam.safetensors_io import tensor_shapes
+    from umtam.tasks import is_language_key
 
     options = build_config(EvalSettings, settings, source="eval options")
-    requested, holdout_fraction = options.task, options.holdout_fraction
-    tasks = resolve_tasks(checkpoint, requested)
+    tasks = resolve_tasks(checkpoint, options.task)
+    language = [task for task in tasks if is_language_key(task)]
+    if options.data is not None and (not language or len(language) != len(tasks)):
+        raise ConfigError("--data is the text a language task is evaluated on",
+                          hint="use it with --task lm or --task sft on a language-model checkpoint")
     source = checkpoint_source(checkpoint)
     config = models.load_config(source)
     max_length = models.fit_max_length(options.max_length, config, source)
     check_head_labels(checkpoint, tensor_shapes(checkpoint.model_file))
     tokenizer = models.load_tokenizer(source, family_of(config))
     tensors = checkpoint.load_tensors()
-    results: dict[str, Any] = {}
+    setup = _Setup(options, tokenizer, max_length, tensors, progress)
+    if language:
+        return _evaluate_language(checkpoint, language, setup)
+    return {task: _evaluate_classification(checkpoint, task, setup) for task in tasks}
+
+
+@dataclass
+class _Setup:
+    options: Any  # EvalSettings
+    tokenizer: Any
+    max_length: int
+    tensors: dict
+    progress: ProgressFn
+
+
+def _evaluate_classification(checkpoint, task: str, setup: _Setup) -> dict[str, Any]:
+    from umtam import batching, data
+    from umtam.objectives.classification import evaluate
+
+    options = setup.options
+    holdout_fraction = options.holdout_fraction
+    task_data = data.load_task(task, data_dir=options.data_dir, max_eval_samples=options.max_eval_samples,
+                               seed=options.seed, need_train=False, holdout_fraction=holdout_fraction)
+    model = build_task_model(checkpoint, task, setup.tensors)
+    chosen = {"holdout": task_data.holdout} if holdout_fraction else task_data.eval
+    splits = {
+        split: evaluate(model, batching.encode(examples, setup.tokenizer, setup.max_length), task,
+                        pad_token_id=setup.tokenizer.pad_token_id, batch_size=options.batch_size,
+                        progress=setup.progress)
+        for split, examples in chosen.items()
+    }
+    reference = "expert_holdout_metrics" if holdout_fraction else "expert_metrics"
+    return _result(checkpoint, task, splits, checkpoint.tasks[task].as_json(), reference)
+
+
+def _result(checkpoint, task: str, splits, record: dict[str, Any], reference: str) -> dict[str, Any]:
+    try:
+        normalized = normalized_score(task, splits, record, reference)
+    except (ValueError, TypeError, KeyError) as exc:  # the expert's recorded metrics lack this task's metric
+        raise CheckpointError(f"{checkpoint.path / 'umtam.json'}: tasks.{task}.{reference} gives no "
+                              f"{task} score ({first_line(exc, 200)})") from exc
+    return {"splits": splits, "score": task_score(task, splits), "normalized": normalized}
+
+
+def _evaluate_language(checkpoint, tasks: list[str], setup: _Setup) -> dict[str, Any]:
+    """Each language task on its recorded validation text, or the model once on ``data`` per task kind."""
+    from umtam.data import split_holdout, subsample
+    from umtam.objectives import language
+    from umtam.tasks import task_spec
+
+    options = setup.options
+    model = build_language_model(checkpoint, setup.tensors)
+    jobs: dict[str, tuple[list, dict[str, Any], str]] = {}  # key -> (features, record, split)
     for task in tasks:
-        task_data = data.load_task(task, data_dir=options.data_dir, max_eval_samples=options.max_eval_samples,
-                                   seed=options.seed, need_train=False, holdout_fraction=holdout_fraction)
-        model = build_task_model(checkpoint, task, tensors)
-        chosen = {"holdout": task_data.holdout} if holdout_fraction else task_data.eval
-        splits = {
-            split: evaluate_model(model, batching.encode(examples, tokenizer, max_length), task,
-                                  pad_token_id=tokenizer.pad_token_id, batch_size=options.batch_size,
-                                  progress=progress)
-            for split, examples in chosen.items()
-        }
-        reference = "expert_holdout_metrics" if holdout_fraction else "expert_metrics"
-        try:
-            normalized = normalized_score(task, splits, checkpoint.tasks[task].as_json(), reference)
-        except (ValueError, TypeError) as exc:  # the expert's recorded metrics lack this task's metric
-            raise CheckpointError(f"{checkpoint.path / 'umtam.json'}: tasks.{task}.{reference} gives no "
-                                  f"{task} score ({first_line(exc, 200)})") from exc
-        results[task] = {"splits": splits, "score": task_score(task, splits), "normalized": normalized}
+        spec, record = task_spec(task), checkpoint.tasks[task].as_json()
+        featurize = language.featurizer(spec, setup.tokenizer, setup.max_length)
+        if options.data is not None:
+            key = language.task_key(spec, options.data)
+            if key not in jobs:
+                jobs[key] = (featurize(language.read_items(spec, options.data)),
+                             _record_on(checkpoint, spec, options.data), "data")
+        elif options.holdout_fraction:
+            items = split_holdout(language.read_items(spec, record["data_source"]), options.holdout_fraction)[1]
+            jobs[task] = (featurize(items), record, "holdout")
+        else:
+            jobs[task] = (language.validation_features(spec, record, setup.tokenizer, setup.max_length),
+                          record, language.VALIDATION)
+    results = {}
+    for key, (features, record, split) in jobs.items():
+        if not features:
+            raise ConfigError(f"{key}: no text to evaluate on")
+        features = subsample(features, options.max_eval_samples, options.seed)
+        metrics = language.evaluate(model, features, key, pad_token_id=setup.tokenizer.pad_token_id,
+                                    batch_size=options.batch_size, progress=setup.progress)
+        reference = "expert_holdout_metrics" if split == "holdout" else "expert_metrics"
+        results[key] = _result(checkpoint, key, {split: metrics}, record, reference)
     return results
 
 
+def _record_on(checkpoint, spec, data: str) -> dict[str, Any]:
+    """The record of the checkpoint's task of ``spec``'s kind whose validation text is ``data``, else {}.
+
+    Its expert's perplexity normalises the score only when it was measured on the same text.
+    """
+    from pathlib import Path
+
+    target = str(Path(data).resolve()) if Path(data).exists() else data
+    for key, record in checkpoint.tasks.items():
+        fields = record.as_json()
+        if key.split(":")[0] == spec.name and fields.get("eval_data") == target:
+            return fields
+    return {}
+
+
 def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:
-    """The GLUE score of a task: its metrics' mean, averaged over dev splits (MNLI m/mm)."""
+    """A task's score: its metrics' mean (GLUE's rule; perplexity for a language task), averaged over splits."""
     from umtam import metrics
 
     values = [metrics.score(task, split_metrics) for split_metrics in splits.values()]
@@ -245,11 +249,19 @@ def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:
 
 
 def normalized_score(task: str, splits, record: dict[str, Any], reference: str = "expert_metrics") -> float | None:
-    """Score divided by the expert's own score on the same task, when the sidecar has it."""
+    """The score against the expert's own on the same task (1.0: as good), when the sidecar has it.
+
+    score / expert's where higher is better (GLUE), expert's / score where
+    lower is (a language task's perplexity).
+    """
+    from umtam.tasks import task_spec
+
     expert = record.get(reference)
     if not expert:
         return None
     if reference == "expert_holdout_metrics":
         expert = {"holdout": expert}
-    expert_score = task_score(task, expert)
-    return task_score(task, splits) / expert_score if expert_score else None
+    expert_score, score = task_score(task, expert), task_score(task, splits)
+    if task_spec(task).higher_is_better:
+        return score / expert_score if expert_score else None
+    return expert_score / score if score else None

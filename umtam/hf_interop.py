@@ -44,6 +44,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 # Weight files that are pickles: named in the refusal instead of being read.
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt.index",
@@ -258,13 +259,17 @@ def _task_config(encoder: Mapping[str, Any], task: str, record: Mapping[str, Any
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def hf_files(model, tokenizer) -> dict[str, bytes]:
-    """config.json and tokenizer files, so transformers' from_pretrained(dir) loads a trained checkpoint."""
+def hf_files(model, tokenizer=None) -> dict[str, bytes]:
+    """config.json, generation_config.json (a causal LM's) and tokenizer files, for transformers' from_pretrained."""
     import tempfile
 
     # from_pretrained(dir) picks the class from "architectures"; the base's says BertModel
     model.config.architectures = [type(model).__name__]
     with tempfile.TemporaryDirectory() as scratch:
         model.config.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(scratch)
+        if tokenizer is not None:  # a Trainer run without a processing class has none to carry
+            tokenizer.save_pretrained(scratch)
         return {path.name: path.read_bytes() for path in sorted(Path(scratch).iterdir()) if path.is_file()}

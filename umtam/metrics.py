@@ -121,9 +121,9 @@ _METRIC_FUNCTIONS = {
 
 
 def _metric_names(task: str) -> tuple[str, ...]:
-    from umtam.tasks import get_task
+    from umtam.tasks import task_spec
 
-    return get_task(task).metrics
+    return task_spec(task).metrics
 
 
 def compute_metrics(task: str, predictions, labels) -> dict[str, float]:

@@ -1,4 +1,10 @@
-"""Finding and loading Hugging Face models with sequence-classification heads, and their tokenizers.
+"""Finding and loading Hugging Face models and their tokenizers: classifiers and causal LMs.
+
+Two architectures, as the task's objective asks (umtam.objectives):
+``sequence-classification`` (transformers' ``*ForSequenceClassification``, any
+family: an encoder's ``classifier`` or a decoder's ``score`` head) and
+``causal-lm`` (``*ForCausalLM``). Either loads pretrained weights or, for a
+run from scratch, is built from config.json alone.
 
 ``--model`` takes a local directory or a hub id. The default model,
 all-MiniLM-L6-v2, is looked for offline first: ``UMTAM_MODEL_DIR``, the
@@ -76,9 +82,14 @@ def _local_default_model() -> tuple[Path, str] | None:
 
 
 def load_tokenizer(source: ModelSource, family: ModelFamily | None = None):
-    """The model's tokenizer, checked: a real vocabulary, and a pad token as the family's policy wants."""
+    """The model's tokenizer, checked: a real vocabulary, and a pad token as the family's policy wants.
+
+    ``family`` is the model's (its config.json's when not given): a tokenizer
+    loaded with ``--tokenizer`` follows the policy of the model it serves.
+    """
     from transformers import AutoTokenizer
 
+    family = family or family_of_source(source)
     tokenizer = _from_pretrained(AutoTokenizer, source, suspects=(_tokenizer_files_problem,))
     # transformers 5 builds a BERT tokenizer from config.json alone when the vocabulary
     # files are missing: it loads, and maps every word to [UNK]. Refuse it here.
@@ -86,10 +97,22 @@ def load_tokenizer(source: ModelSource, family: ModelFamily | None = None):
         raise _load_error(
             source, f"cannot load model {source.reference!r}: its tokenizer has no vocabulary beyond its "
                     f"{len(tokenizer)} special tokens (tokenizer files missing from {source.location}?)")
-    if tokenizer.pad_token_id is None and (family is None or family.pad_token == "require"):
+    if tokenizer.pad_token_id is None and family.pad_token == "eos":
+        if tokenizer.eos_token is None:
+            raise _load_error(source, f"cannot use model {source.reference!r}: its tokenizer has neither a padding "
+                                      "nor an end-of-sequence token", hint="use a tokenizer that defines eos_token")
+        # A decoder's usual case (GPT-2, Llama): eos pads, and padded positions are masked out of
+        # attention and of the loss (labels -100), so they never count as its occurrences.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
         raise _load_error(source, f"cannot use model {source.reference!r}: its tokenizer has no padding token",
                           hint="use a model whose tokenizer defines a pad token")
     return tokenizer
+
+
+def tokenizer_source(model: ModelSource, tokenizer: str | None) -> ModelSource:
+    """Where the tokenizer comes from: ``--tokenizer`` when given, else the model itself."""
+    return model if tokenizer is None else resolve_model(tokenizer)
 
 
 def family_of_source(source: ModelSource) -> ModelFamily:
@@ -119,6 +142,45 @@ def load_classifier(source: ModelSource, *, num_labels: int, label_names: tuple[
                             **kwargs)
 
 
+ARCHITECTURES = ("sequence-classification", "causal-lm")
+
+
+def _auto_class(architecture: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}")
+    return AutoModelForCausalLM if architecture == "causal-lm" else AutoModelForSequenceClassification
+
+
+def load_causal_lm(source: ModelSource):
+    """A pretrained causal LM (its ``lm_head`` tied to the embedding when its config says so), safetensors only."""
+    return _from_pretrained(_auto_class("causal-lm"), source, suspects=(_weight_files_problem,),
+                            use_safetensors=True)
+
+
+def load_pretrained(source: ModelSource, architecture: str, **head):
+    """The model of ``architecture`` with pretrained weights; ``head`` as load_classifier takes it."""
+    return load_causal_lm(source) if architecture == "causal-lm" else load_classifier(source, **head)
+
+
+def model_from_config(config, source: ModelSource, architecture: str = "sequence-classification"):
+    """A model of ``architecture`` built from ``config`` alone, initialised from the global RNG (seed it first).
+
+    Only config.json shaped ``config``, so whatever transformers or torch raise
+    while building it (a hidden size the heads do not divide, an impossible
+    size) is that file's fault.
+    """
+    with _quiet_transformers():
+        try:
+            return _auto_class(architecture).from_config(config)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see _from_pretrained: any failure here is the config's
+            raise _load_error(source, f"{_config_path(source)}: cannot build the model it describes "
+                                      f"({_reason(exc)})") from exc
+
+
 def load_config(source: ModelSource):
     """The model's transformers config (config.json checked first when the model is a local directory)."""
     from transformers import AutoConfig
@@ -127,22 +189,8 @@ def load_config(source: ModelSource):
 
 
 def classifier_from_config(config, source: ModelSource):
-    """A sequence-classification model built from ``config`` alone (weights left to the caller).
-
-    Only config.json shaped ``config``, so whatever transformers or torch raise
-    while building it (a hidden size the heads do not divide, an impossible
-    size) is that file's fault.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    with _quiet_transformers():
-        try:
-            return AutoModelForSequenceClassification.from_config(config)
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - see _from_pretrained: any failure here is the config's
-            raise _load_error(source, f"{_config_path(source)}: cannot build the model it describes "
-                                      f"({_reason(exc)})") from exc
+    """A sequence-classification model built from ``config`` alone (weights left to the caller)."""
+    return model_from_config(config, source, "sequence-classification")
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -156,8 +204,9 @@ class ConfigFile(BaseModel):
 
     A wrong value there ("hidden_size": "x", a negative vocabulary) otherwise
     surfaces as a TypeError or RuntimeError deep inside transformers or torch;
-    checked here it is named by its key. BERT and RoBERTa names, and DistilBERT's
-    (dim, n_layers, n_heads, hidden_dim); absent fields are transformers' defaults.
+    checked here it is named by its key. BERT, RoBERTa, Llama, Mistral and Qwen2
+    names, DistilBERT's (dim, n_layers, n_heads, hidden_dim) and GPT-2's (n_embd,
+    n_layer, n_head, n_positions, n_inner); absent fields are transformers' defaults.
     """
 
     model_config = ConfigDict(extra="allow", strict=True)
@@ -175,6 +224,12 @@ class ConfigFile(BaseModel):
     n_layers: _Size | None = None
     n_heads: _Size | None = None
     hidden_dim: _Size | None = None
+    n_embd: _Size | None = None
+    n_layer: _Size | None = None
+    n_head: _Size | None = None
+    n_positions: _Size | None = None
+    n_inner: _Size | None = None
+    num_key_value_heads: _Size | None = None
     num_labels: _Size | None = None
     pad_token_id: Annotated[int, Field(ge=0)] | None = None
     id2label: dict[str, str] | None = None

@@ -215,6 +215,7 @@ class Trainables:
     optimizer: Any
     tracker: Any
     scheduler: Any
+    scaler: Any = None  # fp16's torch.amp.GradScaler (umtam.precision), else None
 
 
 @dataclass
@@ -363,6 +364,8 @@ def capture(parts: Trainables, position: Position) -> tuple[dict[str, Any], dict
         "tracker": {"beta2": tracker_state["beta2"]},
         "rng": rng_record,
     }
+    if parts.scaler is not None:  # its scale and growth counter: plain numbers
+        record["scaler"] = parts.scaler.state_dict()
     return record, {**tensors, **optimizer_tensors, **rng_tensors}
 
 
@@ -394,6 +397,10 @@ def _load_into(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], p
     parts.tracker.load_state_dict({"beta2": record["tracker"]["beta2"],
                                    "state": _nest(_with_prefix(tensors, "tracker/"))})
     parts.scheduler.load_state_dict(dict(record["scheduler"]))
+    if parts.scaler is not None:
+        if "scaler" not in record:
+            raise KeyError("the state has no loss-scaler record, which an fp16 run needs")
+        parts.scaler.load_state_dict(dict(record["scaler"]))
     if parts.scheduler.base_lrs != [lr] * len(parts.scheduler.base_lrs):
         rescale_peak_lr(parts.optimizer, parts.scheduler, lr)
     restore_rng(record["rng"], _with_prefix(tensors, "rng/"))

@@ -27,7 +27,6 @@ else counts as "other".
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -49,11 +48,10 @@ from umtam.scores import SCORES, required_stats
 
 ScoresOf = Callable[[str], list[Tensor]]
 
-MODULE_TYPES = ("embeddings", "query", "key", "value", "attention_output", "ffn_in", "ffn_out", "pooler", "other")
+# Every family's module types, in the order the map's columns show them (umtam.families declares them).
+MODULE_TYPES = ("embeddings", "query", "key", "value", "qkv", "attention_output", "ffn_gate", "ffn_in", "ffn_out",
+                "pooler", "lm_head", "other")
 DEFAULT_SCORES = ("curvature", "magnitude")
-
-_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)(?:\.|$)")
-
 
 # ----------------------------------------------------------------------------- names
 
@@ -63,10 +61,9 @@ def module_type(name: str, family: ModelFamily | None = None) -> str:
     return (family or generic_family()).module_type(name)
 
 
-def layer_index(name: str) -> int | None:
-    """i from ".layer.<i>." in a parameter name, or None outside the layer stack."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
+def layer_index(name: str, family: ModelFamily | None = None) -> int | None:
+    """The layer index in a parameter name (the family's pattern), or None outside the layer stack."""
+    return (family or generic_family()).layer_index(name)
 
 
 def layer_group(name: str, family: ModelFamily | None = None) -> str:
@@ -74,7 +71,7 @@ def layer_group(name: str, family: ModelFamily | None = None) -> str:
     kind = module_type(name, family)
     if kind in ("embeddings", "pooler"):
         return kind
-    index = layer_index(name)
+    index = layer_index(name, family)
     return "other" if index is None else str(index)
 
 

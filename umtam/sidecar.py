@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationErr
 
 from umtam.errors import CheckpointError, first_line
 from umtam.registry import unknown_choice_message
-from umtam.tasks import TASKS, normalise_task_name
+from umtam.tasks import TASKS, is_language_key, language_task_key, normalise_task_name, task_names
 
 SIDECAR_FILE = "umtam.json"
 MODEL_FILE = "model.safetensors"
@@ -98,9 +98,8 @@ class TaskRecord(Record):
     data_source: str | None = None
 
     @model_validator(mode="after")
-    def _labels_and_extra_metrics(self) -> "TaskRecord":
-        if not self.is_regression and not self.label_names:
-            raise ValueError("label_names must be non-empty for a classification task")
+    def _extra_metrics(self) -> "TaskRecord":
+        # (the label count is the task's to check: Sidecar._registered_tasks; a language task has none)
         for key, value in (self.model_extra or {}).items():
             if key.endswith("metrics"):
                 _metrics(value)
@@ -134,6 +133,9 @@ class BaseRecord(Record):
     location: str | None = None
     origin: str | None = None
     init_seed: Seed = 0
+    # which model class holds the weights (umtam.models); absent in sidecars before decoders: a classifier
+    architecture: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
+    from_config: bool = False  # a run from scratch: the base is config.json initialised from init_seed
 
 
 class FileRecord(Record):
@@ -239,8 +241,14 @@ def _check_registered(name: str, record: TaskRecord) -> None:
     label count; a head of another size would be scored against the wrong labels.
     """
     where = _location(("tasks", name))
-    if name not in TASKS.names():
-        raise ValueError(f"{where}: " + unknown_choice_message("task", name, TASKS.names(),
+    if is_language_key(name):
+        if record.label_names or record.is_regression:
+            raise ValueError(f"{where}: a language task has no labels (label_names must be empty, "
+                             "is_regression false)")
+        return
+    if name not in task_names("classification"):
+        choices = [*task_names("classification"), *(language_task_key(n, "<data>") for n in task_names("language"))]
+        raise ValueError(f"{where}: " + unknown_choice_message("task", name, choices,
                                                                match=normalise_task_name(name)))
     spec = TASKS.get(name)
     if record.is_regression != spec.is_regression:

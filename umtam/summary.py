@@ -63,9 +63,13 @@ def summarize(checkpoint, *, saliency: bool = False, keep: float = 0.05, base: s
 
 
 def task_summary(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Labels and metrics of one task; a merged task also has its expert's metrics."""
+    """Labels and metrics of one task (a language task: the text it trained on); a merged task's expert's too."""
     summary = {"labels": record["label_names"], "is_regression": record.get("is_regression", False),
                "metrics": record.get("metrics", {})}
+    if record.get("data_name") is not None:  # a language task (umtam.objectives.language)
+        summary["text"] = {"train": record.get("data_source"),
+                           "validation": record.get("eval_data") or (
+                               f"{record.get('eval_holdout_fraction')} of the training text held out")}
     if "expert_metrics" in record:
         summary["expert_metrics"] = record["expert_metrics"]
     return summary

@@ -1,4 +1,4 @@
-"""Fine-tune an encoder on one GLUE task and write a checkpoint with its statistics.
+"""Train a model on one task (GLUE, or causal language modelling) and write a checkpoint with its statistics.
 
 Every optimizer runs beside a CurvatureTracker, so every checkpoint carries the
 factorized second moments that pruning and merging reuse. The loop is plain
@@ -36,7 +36,11 @@ class StepEvent:
 
 
 def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_from: str | Path | None = None):
-    """Run one fine-tuning job end to end and return the written Checkpoint.
+    """Run one training job end to end and return the written Checkpoint.
+
+    The task's objective (umtam.objectives) decides the model (a classifier
+    for GLUE, the causal LM for ``lm`` and ``sft``), its data and its scoring;
+    the loop, optimizers, curvature tracker, states and checkpoint are shared.
 
     With ``config.save_every`` a resumable state is written every that many
     optimizer steps (umtam.resume describes the layout); ``resume_from`` (a
@@ -51,59 +55,53 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     """
     import torch
 
-    from umtam import atomic, batching, checkpoint, data, distributed, models, resume
-    from umtam.base_model import base_record
-    from umtam.evaluate import evaluate_model
-    from umtam.families import family_of
-    from umtam.heads import encoder_tensors
-    from umtam.hf_interop import hf_files
+    from umtam import atomic, checkpoint, distributed, models, resume
+    from umtam.objectives import objective_for
     from umtam.optim import build_optimizer, effective_ranks, optimizer_hparams, optimizer_state_bytes
     from umtam.optim.tracker import CurvatureTracker
+    from umtam.precision import precision_for
     from umtam.tasks import get_task
+    from umtam.weights import model_tensors
 
-    # Cheap checks first (task, model location, output, states), so a mistake is
+    # Cheap checks first (task, model location, output, device, states), so a mistake is
     # reported before minutes of data loading and tokenisation.
     spec = get_task(config.task)
+    objective = objective_for(spec)
     source = models.resolve_model(config.model)  # a local lookup, no network
+    tokenizer_source = models.tokenizer_source(source, config.tokenizer)
+    inputs = _input_dirs(config, source, tokenizer_source)
     # an output inside the data or model directory would write there (and --force would delete them)
-    model_dir = source.location if source.origin == "directory" else None
-    atomic.check_output_dir(config.output, inputs=[p for p in (config.data_dir, model_dir) if p],
-                            force=config.force)
+    atomic.check_output_dir(config.output, inputs=inputs, force=config.force)
     if config.plot_loss:
         from umtam.plots import agg_canvas
 
         agg_canvas()  # no matplotlib: say so now, not after the training
     context = distributed.from_environment()
+    device = resolve_device(config.device, context.local_rank if context.enabled else None)
+    precision = precision_for(config.dtype, device)
     saved = resume.find_state(resume_from) if resume_from is not None else None
     if saved is not None:
         resume.check_resumable(saved, config)
     states = (resume.StateWriter(resume.state_dir_for(config), output=config.output, force=config.force,
-                                 resumed=saved, inputs=[p for p in (config.data_dir, model_dir) if p])
+                                 resumed=saved, inputs=inputs)
               if config.save_every and context.is_main else None)
     progress("status", f"loading model {source.location}")
     # config.json first: a --max-length past its position table fails only once a long sentence comes
-    max_length = models.fit_max_length(config.max_length, models.load_config(source), source)
-    tokenizer = models.load_tokenizer(source, models.family_of_source(source))
+    model_config = models.load_config(source)
+    max_length = models.fit_max_length(config.max_length, model_config, source)
+    tokenizer = models.load_tokenizer(tokenizer_source, models.family_of_source(source))
     seed_everything(config.seed)
-    progress("status", f"loading {spec.name} data")
-    task_data = data.load_task(
-        spec.name, data_dir=config.data_dir, max_train_samples=config.max_train_samples,
-        max_eval_samples=config.max_eval_samples, seed=config.seed, holdout_fraction=config.holdout_fraction,
-    )
-    if not task_data.train:
-        raise UmtamError(f"task {spec.name}: the training split is empty ({task_data.source})")
+    prepared = objective.prepare(spec, config, tokenizer, max_length, progress)
     torch.manual_seed(config.seed)
-    model = models.load_classifier(
-        source, num_labels=spec.num_labels, label_names=spec.label_names, is_regression=spec.is_regression
-    )
-    family = family_of(model.config)
-    base = base_record(source, encoder_tensors(model.state_dict(), family), config.seed)
-    device = resolve_device(config.device, context.local_rank if context.enabled else None)
+    model = objective.build_model(source, spec, from_config=config.from_scratch)
+    share_pad_token(model, tokenizer)
+    base = _base(model, source, config, objective.ARCHITECTURE)
+    model.float()  # fp32 master weights, whatever dtype the base is stored in (umtam.precision)
     distributed.setup(context, device.type)
     model.to(device)
-    train_features = batching.encode(task_data.train, tokenizer, max_length)
-    total_steps = planned_steps(len(train_features), config)
+    total_steps = planned_steps(len(prepared.train), config)
 
+    family = _family(model)
     optimizer = build_optimizer(
         config.optimizer, list(model.named_parameters()), lr=config.learning_rate, rank=config.rank,
         betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
@@ -115,15 +113,16 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(total_steps, config.warmup_ratio)
     )
-    parts = resume.Trainables(model, optimizer, tracker, scheduler)
+    parts = resume.Trainables(model, optimizer, tracker, scheduler, precision.scaler)
     run_log = _RunLog(config, resume.Position())
     if saved is not None or states is not None:
-        run_log.identity = resume.RunIdentity(base["fingerprint"], resume.features_digest(train_features),
+        run_log.identity = resume.RunIdentity(base["fingerprint"], resume.features_digest(prepared.train),
                                               total_steps)
     if saved is not None:
         _continue_from(saved, parts, run_log, progress)
+    loop = _Loop(parts, objective, tokenizer.pad_token_id, precision, config, context)
     try:
-        run = _run_loop(parts, train_features, tokenizer, config, total_steps, progress, run_log, states, context)
+        run = _run_loop(loop, prepared.train, total_steps, progress, run_log, states)
     finally:
         if states is not None:
             states.close()  # releases the state directory's lock, whether the run finished or not
@@ -131,30 +130,68 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
         distributed.teardown(context)
         return None
 
-    progress("status", "evaluating on dev")
+    progress("status", "evaluating")
 
-    def measure(examples):
-        return evaluate_model(model, batching.encode(examples, tokenizer, max_length), spec.name,
-                              pad_token_id=tokenizer.pad_token_id, batch_size=config.eval_batch_size,
-                              progress=progress)
+    def measure(features):
+        with precision.autocast():
+            return objective.evaluate(model, features, prepared.task_key, pad_token_id=tokenizer.pad_token_id,
+                                      batch_size=config.eval_batch_size, progress=progress)
 
-    metrics = {split: measure(examples) for split, examples in task_data.eval.items()}
-    holdout_metrics = measure(task_data.holdout) if task_data.holdout else None
+    metrics = {split: measure(features) for split, features in prepared.eval.items()}
+    holdout_metrics = measure(prepared.holdout) if prepared.holdout else None
     state = {"optimizer_bytes": optimizer_state_bytes(optimizer), "tracker_bytes": tracker.state_bytes()}
     if ranks := effective_ranks(optimizer, model.named_parameters()):  # --rank above min(m, n): clamped, said here
         state["clamped_ranks"] = ranks
-    sidecar = _train_sidecar(config, spec, source, base, task_data.source, run, metrics, holdout_metrics,
-                             hparams, state, run_log.resumed, max_length)
+    record = objective.task_record(spec, metrics, holdout_metrics, prepared)
+    sidecar = _train_sidecar(config, prepared.task_key, record, base, run, hparams, state, run_log.resumed,
+                             max_length)
     progress("status", f"writing {config.output}")
-    extra_files = hf_files(model, tokenizer)
+    extra_files = hf_files_of(model, tokenizer)
     if config.plot_loss:
         extra_files[LOSS_PLOT_FILE] = loss_plot(run.loss_curve, config)
     written = checkpoint.write_checkpoint(
-        config.output, tensors=model.state_dict(), stats=tracker.stats(), sidecar=sidecar,
+        config.output, tensors=model_tensors(model), stats=tracker.stats(), sidecar=sidecar,
         extra_files=extra_files, force=config.force,
     )
     distributed.teardown(context)
     return written
+
+
+def _input_dirs(config: TrainConfig, source, tokenizer_source) -> list[Path]:
+    """What training reads (data, model, tokenizer): the output and its states stay out of them, and apart."""
+    from umtam.lm_data import is_hub_reference
+
+    texts = [place for place in (config.data, config.eval_data) if place is not None and not is_hub_reference(place)]
+    places = [config.data_dir, *texts, *(s.location for s in (source, tokenizer_source) if s.origin == "directory")]
+    return [Path(place) for place in places if place is not None]
+
+
+def share_pad_token(model, tokenizer) -> None:
+    """A decoder's classification head reads the last non-padding token: its config must know the pad id."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _base(model, source, config: TrainConfig, architecture: str) -> dict[str, Any]:
+    """The base record, fingerprinted as the weights were loaded (in their stored dtype), before training."""
+    from umtam.base_model import base_record
+    from umtam.heads import encoder_tensors
+    from umtam.weights import model_tensors
+
+    return base_record(source, encoder_tensors(model_tensors(model), _family(model)), config.seed,
+                       architecture=architecture, from_config=config.from_scratch)
+
+
+def _family(model):
+    from umtam.families import family_of
+
+    return family_of(model.config)
+
+
+def hf_files_of(model, tokenizer) -> dict[str, bytes]:
+    from umtam.hf_interop import hf_files
+
+    return hf_files(model, tokenizer)
 
 
 def seed_everything(seed: int) -> None:
@@ -260,13 +297,25 @@ class _StepTimer:
         return (time.perf_counter() - self.started) / (self.steps - 1)
 
 
-def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _RunLog, states,
-              context) -> RunRecord:
+@dataclass
+class _Loop:
+    """What one optimizer step needs besides the batch."""
+
+    parts: Any  # umtam.resume.Trainables
+    objective: Any  # the task's objective module (umtam.objectives)
+    pad_token_id: int
+    precision: Any  # umtam.precision.Precision
+    config: TrainConfig
+    context: Any  # umtam.distributed context
+
+
+def _run_loop(loop: _Loop, features, total_steps, progress, log: _RunLog, states) -> RunRecord:
     import torch
 
     from umtam import batching, distributed
 
-    model, optimizer, tracker, scheduler = parts.model, parts.optimizer, parts.tracker, parts.scheduler
+    parts, config, context = loop.parts, loop.config, loop.context
+    model = parts.model
     forward = distributed.wrap(model, context)  # DDP all-reduces the gradients during backward
     model.train()
     device = next(model.parameters()).device
@@ -277,21 +326,15 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
         order = batching.batch_order(len(features), config.batch_size, seed=config.seed, epoch=position.epoch)
         for indices in order[position.batch:]:
             shard, factor = context.shard(indices)
-            batch = batching.collate([features[i] for i in shard], tokenizer.pad_token_id)
-            loss = forward(**{key: value.to(device) for key, value in batch.items()}).loss
+            batch = loop.objective.collate([features[i] for i in shard], loop.pad_token_id)
+            with loop.precision.autocast():
+                loss = forward(**{key: value.to(device) for key, value in batch.items()}).loss
             if context.enabled:  # weight this rank's mean so DDP's average is the global batch's mean
                 loss = loss * factor
             batch_loss = distributed.global_mean(loss, context)  # the same on every rank
             if not math.isfinite(batch_loss):
                 raise _diverged(position.step + 1, f"loss is {batch_loss}", states, config)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            if not torch.isfinite(grad_norm):  # the step would write NaN into every weight
-                raise _diverged(position.step + 1, f"gradient norm is {grad_norm.item()}", states, config)
-            tracker.update()
-            _optimizer_step(optimizer, position.step + 1, states, config)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            _backward_and_step(loop, loss, position.step + 1, states)
             position.advance(batch_loss)  # a Python float: the GPU has synced, so the timing is honest
             timer.tick()
             if states is not None and position.step % config.save_every == 0:  # rank 0 only
@@ -308,6 +351,34 @@ def _run_loop(parts, features, tokenizer, config, total_steps, progress, log: _R
     seconds = timer.seconds_per_step()
     return RunRecord(position.step, seconds if seconds is not None else log.earlier_seconds_per_step or 0.0,
                      float(sum(losses[-10:]) / len(losses[-10:])), list(losses), peak_rss_bytes(), gpu_peak)
+
+
+def _backward_and_step(loop: _Loop, loss, step: int, states) -> None:
+    """Backward, clip, track the curvature and step; fp16 scales the loss and skips an overflowed step."""
+    import torch
+
+    parts, config = loop.parts, loop.config
+    scaler = parts.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(parts.optimizer)  # clipping and the tracker see the true gradients
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), config.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        if scaler is None:  # the step would write NaN into every weight
+            raise _diverged(step, f"gradient norm is {grad_norm.item()}", states, config)
+        # fp16's gradients overflowed at this loss scale: the step is skipped and the scale lowered
+        # (GradScaler's rule); the statistics skip it too, as the optimizer does.
+        scaler.step(parts.optimizer)
+        scaler.update()
+    else:
+        parts.tracker.update()
+        if scaler is not None:
+            scaler.step(parts.optimizer)
+            scaler.update()
+        else:
+            _optimizer_step(parts.optimizer, step, states, config)
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
 
 
 def _optimizer_step(optimizer, step: int, states, config: TrainConfig) -> None:
@@ -368,20 +439,12 @@ def loss_plot(loss_curve: list[float], config: TrainConfig) -> bytes:
                            title=f"{config.task}: training loss")
 
 
-def _train_sidecar(config, spec, source, base, data_source, run: RunRecord, metrics, holdout_metrics, hparams,
+def _train_sidecar(config, task_key: str, task_record: dict[str, Any], base, run: RunRecord, hparams,
                    state: dict[str, int], resumed: list[dict[str, Any]], max_length: int):
     return {
         "kind": "train",
         "umtam_version": __version__,
-        "tasks": {
-            spec.name: {
-                "label_names": list(spec.label_names),
-                "is_regression": spec.is_regression,
-                "metrics": metrics,
-                "holdout_metrics": holdout_metrics,
-                "data_source": data_source,
-            }
-        },
+        "tasks": {task_key: task_record},
         "base_model": base,
         # state_bytes counts everything training kept beside the weights: the
         # optimizer's state plus whatever the curvature tracker holds itself.

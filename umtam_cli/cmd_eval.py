@@ -1,4 +1,4 @@
-"""umtam eval: GLUE dev metrics for every head of a checkpoint."""
+"""umtam eval: GLUE dev metrics for every head of a checkpoint, or a language model's perplexity."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ Examples:
   umtam eval merged/ --task glue            # every task the checkpoint has a head for
   umtam eval merged/ --task glue --json | jq '.tasks.mrpc.score'
   umtam eval merged/ --holdout-fraction 0.1   # the unseen train slice, for tuning without dev
+  umtam eval runs/lm --task lm                # perplexity on the validation text it trained with
+  umtam eval merged-lm/ --task lm --data ../shared/data/lm/tinyshakespeare/val.txt
 """
 
 
@@ -23,10 +25,11 @@ Examples:
 @schema_options(EvalConfig)
 @common_output_options
 def command(config_file, as_json, quiet, verbose, **flags):
-    """Evaluate a checkpoint on GLUE dev sets."""
+    """Evaluate a checkpoint on GLUE dev sets, or a language model on text."""
     from umtam.checkpoint import load_checkpoint
     from umtam.config import build_config, load_recipe
     from umtam.evaluate import evaluate_checkpoint
+    from umtam.tasks import is_language_key
 
     recipe = load_recipe(config_file) if config_file else {}
     config = build_config(EvalConfig, recipe, flags=flags, source=config_file or "options")
@@ -36,6 +39,8 @@ def command(config_file, as_json, quiet, verbose, **flags):
         results = evaluate_checkpoint(ckpt, progress=progress, **settings)
     payload = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "tasks": results,
                "average_score": sum(r["score"] for r in results.values()) / len(results)}
+    if all(is_language_key(task) for task in results):
+        payload["score_is"] = "perplexity"  # lower is better; GLUE scores are higher-is-better
     if as_json:
         emit_json(payload)
     else:
@@ -54,4 +59,5 @@ def render_eval(payload: dict) -> None:
             table.add_row(task, split, shown, format_value(result["score"]), format_value(result["normalized"]))
     console = stdout_console()
     console.print(table)
-    console.print(f"average score {payload['average_score']:.4f}")
+    what = "perplexity" if payload.get("score_is") == "perplexity" else "score"
+    console.print(f"average {what} {payload['average_score']:.4f}")

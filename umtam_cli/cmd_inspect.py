@@ -70,7 +70,8 @@ def render_summary(summary: dict) -> None:
     table.add_row("kind", summary["kind"])
     table.add_row("base model", f"{base.get('reference')} ({base.get('origin')}) sha256 {base['fingerprint'][:16]}...")
     params = summary["parameters"]
-    table.add_row("parameters", f"{params['total']:,} ({params['encoder']:,} encoder, {params['tensors']} tensors)")
+    table.add_row("parameters", f"{params['total']:,} ({params['encoder']:,} shared by every task, "
+                                f"{params['tensors']} tensors)")
     for task, record in summary["tasks"].items():
         table.add_row(f"task {task}", _task_line(record, summary["kind"]))
     stats = ", ".join(f"{name} x{count}" for name, count in summary["stats"].items()) or "none"
@@ -92,7 +93,10 @@ def render_summary(summary: dict) -> None:
 
 
 def _task_line(record: dict, kind: str) -> str:
-    labels = f"{len(record['labels']) or 'regression'} labels"
+    if "text" in record:  # a language task: no labels; the text it trained and was validated on
+        labels = f"text {record['text']['train']}, validation {record['text']['validation']}"
+    else:
+        labels = f"{len(record['labels']) or 'regression'} labels"
     if "expert_metrics" not in record:
         return f"{labels}; {_metrics_line(record['metrics'])}"
     # A merged or pruned task: what its expert scored, and this model's own scores once evaluated.

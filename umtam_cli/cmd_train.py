@@ -24,6 +24,7 @@ def epilog() -> str:
         "once, at the end. --resume continues bit for bit (on CPU); options given with it must match the saved "
         f"run's, except {resumable}. A NaN or inf loss stops the run (exit 1), names the last good state and "
         "writes no checkpoint.", width=80)
+    languages = "\n".join(f"  {spec.name:10} {spec.summary}" for spec in TASKS if spec.kind == "language")
     optimizers = "\n".join(f"  {spec.name:10} {short_number(spec.default_lr):6} {spec.summary}" for spec in OPTIMIZERS)
     return f"""\b
 Examples:
@@ -35,15 +36,24 @@ Examples:
   umtam train --resume runs/mrpc-state                        # continue from the newest state
   umtam train --resume runs/mrpc-state --lr 2e-5              # after a NaN stop: lower the lr
   torchrun --standalone --nproc_per_node 2 -m umtam_cli train --task mrpc -o runs/mrpc-ddp
+  umtam train --task lm --model smollm2-dir --data fineweb/train.jsonl --eval-data \\
+      fineweb/validation.jsonl --max-length 256 --optimizer umtam -o runs/smol-lm
+  umtam train --task lm --model recipes/models/gpt2-small --from-scratch --tokenizer \\
+      gpt2-tokenizer --data tinyshakespeare/train.txt --holdout-fraction 0.05 -o runs/gpt2
+  umtam train --task sft --model smollm2-dir --data chats.jsonl --holdout-fraction 0.1 -o runs/sft
 
 \b
 {states}
 
 \b
 Tasks: {' '.join(TASKS.names())}.
+{languages}
 Optimizers (--optimizer, default lr):
 {optimizers}
 GLUE data comes from --data-dir, else $UMTAM_DATA_DIR, else ../shared/data/glue, else the hub.
+lm and sft read --data (validation: --eval-data, or --holdout-fraction of --data) and
+train the causal LM itself; on a decoder (GPT-2, Llama, Mistral, Qwen2) a GLUE task gets
+a sequence-classification head. --dtype bf16 needs CUDA or a CPU with native bf16.
 """
 
 
@@ -54,7 +64,7 @@ GLUE data comes from --data-dir, else $UMTAM_DATA_DIR, else ../shared/data/glue,
 @schema_options(TrainConfig)
 @common_output_options
 def command(config_file, resume_from, as_json, quiet, verbose, **flags):
-    """Fine-tune a model on a GLUE task, recording curvature statistics."""
+    """Fine-tune a model on a GLUE task or on text, recording curvature statistics."""
     from umtam.config import build_config, load_recipe
     from umtam.distributed import from_environment
     from umtam.resume import config_for_resume

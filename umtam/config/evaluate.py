@@ -8,8 +8,12 @@ from umtam.config.schema import COUNT_LIMIT, SEED_LIMIT, PathText, Schema, optio
 class EvalSettings(Schema):
     """What to evaluate and how (the library's evaluate_checkpoint takes these)."""
 
-    task: str = option("glue", help="A task, a comma list, or 'glue' for every task the checkpoint has a head for.")
+    task: str = option("glue", help="A task, a comma list, or 'glue' for every task the checkpoint has "
+                                       "(lm, sft: every task of that kind).")
     data_dir: PathText | None = option(None, metavar="DIRECTORY", help="GLUE directory (TSV or parquet layout).")
+    data: PathText | None = option(None, metavar="TEXT",
+                                   help="lm, sft: the text to evaluate on (.txt, .jsonl, parquet, a directory or a "
+                                        "hub id).", default_text="each task's recorded validation text")
     max_eval_samples: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Subsample each dev set (seeded).")
     max_length: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Truncate inputs to this many tokens.",
                                     default_text="128, or the model's positions if fewer")

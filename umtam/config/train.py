@@ -10,6 +10,7 @@ from pydantic import AfterValidator, model_validator
 from umtam.config.schema import COUNT_LIMIT, FLOAT32_MAX, SEED_LIMIT, PathText, Schema, option, registered
 from umtam.models import DEFAULT_MODEL
 from umtam.optim.registry import OPTIMIZERS
+from umtam.precision import DTYPES
 from umtam.tasks import TASKS
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -27,6 +28,12 @@ def _device(name: str) -> str:
 EPOCHS_LIMIT = 1e4
 
 
+def _dtype(name: str) -> str:
+    if name not in DTYPES:
+        raise ValueError(f"must be one of {', '.join(DTYPES)}, got {name!r}")
+    return name
+
+
 def _default_lrs() -> str:
     return "the optimizer's, listed below"
 
@@ -35,7 +42,7 @@ class TrainConfig(Schema):
     """Fine-tune one task. Recorded fields go into the sidecar's training.config; a resumed run must match
     the saved run's on every field but the resumable ones."""
 
-    task: Annotated[str, registered(TASKS)] = option(help="GLUE task name (listed below).", metavar="TASK")
+    task: Annotated[str, registered(TASKS)] = option(help="Task name (listed below).", metavar="TASK")
     output: PathText = option(help="Checkpoint directory to create.", short="-o", recorded=False, resumable=True)
     model: PathText = option(DEFAULT_MODEL, help="Hugging Face model id or local directory.",
                         default_text="all-MiniLM-L6-v2")
@@ -68,6 +75,19 @@ class TrainConfig(Schema):
     eval_batch_size: int = option(64, ge=1, le=COUNT_LIMIT, resumable=True, help="Evaluation batch size.")
     data_dir: PathText | None = option(None, resumable=True, metavar="DIRECTORY",
                                   help="GLUE directory (TSV or parquet layout).")
+    data: PathText | None = option(None, resumable=True, metavar="TEXT",
+                                   help="lm, sft: text to train on: a .txt, .jsonl or parquet file, a directory "
+                                        "of them, or a hub dataset id (name[:split]).")
+    eval_data: PathText | None = option(None, resumable=True, metavar="TEXT",
+                                        help="lm, sft: validation text, as --data (else --holdout-fraction of "
+                                             "--data).")
+    from_scratch: bool = option(False, flag="--from-scratch",
+                                help="Initialise from --model's config.json alone (seeded), not its weights.")
+    tokenizer: PathText | None = option(None, metavar="MODEL",
+                                        help="Tokenizer directory or hub id.", default_text="--model's")
+    dtype: Annotated[str, AfterValidator(_dtype)] = option(
+        "fp32", metavar="DTYPE", help="fp32, bf16 or fp16: autocast compute, fp32 master weights and optimizer "
+                                      "(bf16: CUDA or a CPU with native bf16; fp16: CUDA).")
     device: Annotated[str, AfterValidator(_device)] = option(
         "auto", resumable=True, help="auto, cpu or cuda[:N] (auto: CUDA when available).")
     save_every: int | None = option(None, ge=1, le=COUNT_LIMIT, recorded=False, resumable=True,
@@ -92,6 +112,17 @@ class TrainConfig(Schema):
             takers = {name: ", ".join(o.name for o in OPTIMIZERS if name in o.options) for name in wrong}
             raise ValueError("; ".join(f"{name} is an option of the {takers[name]} optimizer, not {spec.name!r}"
                                        for name in wrong))
+        return self
+
+    @model_validator(mode="after")
+    def _data_the_task_reads(self) -> "TrainConfig":
+        # GLUE reads --data-dir, a language task --data: the other one would silently do nothing.
+        language = TASKS.get(self.task).kind == "language"
+        if language and self.data_dir is not None:
+            raise ValueError(f"--data-dir is for GLUE tasks; --task {self.task} reads --data")
+        if not language and (self.data is not None or self.eval_data is not None):
+            raise ValueError(f"--data and --eval-data are for the lm and sft tasks; --task {self.task} reads "
+                             "GLUE from --data-dir")
         return self
 
     @property

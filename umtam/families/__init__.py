@@ -11,8 +11,11 @@ decoder LMs tomorrow:
                       for the saliency map
     embedding_parts   name segments that mark an embedding matrix (dense state
                       with ``--dense-embeddings``, a row of its own in the map)
-    pad_token         "require": a tokenizer without a pad token is refused
-    untied_copies     tensors saved as their own copy when the model ties them
+    layer_pattern     the regular expression whose group 1 is a parameter's layer index
+    pad_token         "require": a tokenizer without a pad token is refused; "eos":
+                      the end-of-sequence token pads (decoders), masked out of
+                      attention and of the loss
+    decoder           a causal LM: ``--task lm`` and ``sft`` train it as one
 
 A model whose type no family claims gets ``GENERIC``: every registered
 family's head prefixes and module patterns, which is what umtam did before
@@ -23,11 +26,15 @@ the bottom of this module.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from umtam.registry import Registry
+
+# "encoder.layer.3." (BERT), "transformer.layer.3." (DistilBERT), "model.layers.3." (Llama).
+ENCODER_LAYERS = r"(?:^|\.)layers?\.(\d+)(?:\.|$)"
 
 # (module type, dotted segment runs that identify it), first match wins.
 ModulePatterns = tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]
@@ -41,6 +48,8 @@ class ModelFamily:
     module_patterns: ModulePatterns
     embedding_parts: tuple[str, ...] = ("embeddings",)
     pad_token: str = "require"
+    layer_pattern: str = ENCODER_LAYERS
+    decoder: bool = False
     summary: str = ""
     aliases: tuple[str, ...] = field(default=())  # model names people use for it (MiniLM is a BERT)
 
@@ -49,6 +58,14 @@ class ModelFamily:
 
     def is_embedding(self, name: str) -> bool:
         return any(part in name.split(".") for part in self.embedding_parts)
+
+    def layer_index(self, name: str) -> int | None:
+        """The layer a parameter belongs to, or None outside the layer stack (embeddings, heads)."""
+        match = re.search(self.layer_pattern, name)
+        if match is None:
+            return None
+        # the generic family's pattern is an alternation: its one matching group holds the index
+        return int(next(group for group in match.groups() if group is not None))
 
     def module_type(self, name: str) -> str:
         """The module type of a parameter name, or "other"."""
@@ -101,6 +118,7 @@ _SEQUENCE_CLASSIFICATION_HEADS = ("classifier.", "score.")
 def generic_family() -> ModelFamily:
     """Every registered family's heads and module names at once: for a model no family claims."""
     families = list(FAMILIES)
+    layers = "|".join(dict.fromkeys(f"(?:{f.layer_pattern})" for f in families))
     heads = (*_SEQUENCE_CLASSIFICATION_HEADS, *(p for f in families for p in f.head_prefixes))
     return ModelFamily(
         name="generic",
@@ -108,6 +126,7 @@ def generic_family() -> ModelFamily:
         head_prefixes=tuple(dict.fromkeys(heads)),
         module_patterns=tuple(pattern for f in families for pattern in f.module_patterns),
         embedding_parts=tuple(dict.fromkeys(p for f in families for p in f.embedding_parts)),
+        layer_pattern=layers or ENCODER_LAYERS,
         summary="any other model: the union of the registered families' names",
     )
 
@@ -117,4 +136,5 @@ def is_head_key(key: str) -> bool:
     return generic_family().is_head_key(key)
 
 
-from umtam.families import encoders  # noqa: E402,F401  (registers BERT, RoBERTa, DistilBERT)
+from umtam.families import encoders  # noqa: E402,F401,I001  (registers BERT, RoBERTa, DistilBERT)
+from umtam.families import decoders  # noqa: E402,F401  (registers GPT-2, Llama, Mistral, Qwen2)

@@ -64,6 +64,9 @@ def _embeddings_apart(groups: list[dict[str, Any]], named_parameters,
                       is_embedding: Callable[[str], bool]) -> list[dict[str, Any]]:
     """Move the embedding matrices out of their group into one of their own with ``lowrank=False``."""
     embeddings = [p for name, p in named_parameters if p.requires_grad and p.dim() >= 2 and is_embedding(name)]
+    if not embeddings:  # the switch would silently do nothing
+        raise ConfigError("--dense-embeddings: the model has no embedding matrix its family names",
+                          hint="see umtam.families for the names each family treats as embeddings")
     moved = {id(p) for p in embeddings}
     kept = [{**group, "params": [p for p in group["params"] if id(p) not in moved]} for group in groups]
     dense = {"params": embeddings, "weight_decay": groups[0]["weight_decay"], "lowrank": False}

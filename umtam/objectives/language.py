@@ -1,0 +1,177 @@
+"""Causal language modelling (``lm``, ``sft``): the causal LM itself, scored by loss and perplexity.
+
+The model is transformers' ``*ForCausalLM``: pretrained, or built from
+config.json alone for a run from scratch. Its data is text the user names
+(``--data``; umtam.lm_data reads and tokenizes it); validation is
+``--eval-data``, or else the ``--holdout-fraction`` slice of ``--data``'s
+documents (conversations for ``sft``), the same fixed slice on every run.
+
+Loss and perplexity are token-weighted, the standard definition: the summed
+negative log-likelihood of every predicted token (every position whose label
+is not -100, each predicted from the tokens before it) divided by their number,
+and perplexity = exp(that mean). A batch's own mean (what ``model(...).loss``
+returns) would weight short batches like long ones; summing per batch and
+dividing once does not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from umtam.errors import ConfigError, DataError
+from umtam.lm_data import IGNORE_INDEX
+from umtam.objectives import Prepared
+from umtam.progress import ProgressFn, no_progress
+
+ARCHITECTURE = "causal-lm"
+VALIDATION = "validation"
+
+
+def build_model(source, spec, *, from_config: bool = False):
+    """The causal LM, pretrained or (``from_config``) initialised from the global RNG."""
+    from umtam import models
+
+    if not from_config:
+        return models.load_causal_lm(source)
+    return models.model_from_config(models.load_config(source), source, ARCHITECTURE)
+
+
+def prepare(spec, config, tokenizer, max_length: int, progress: ProgressFn = no_progress) -> Prepared:
+    """Train, validation and holdout features of ``config.data`` (and ``config.eval_data``), tokenized."""
+    from umtam.data import split_holdout, subsample
+    from umtam.lm_data import data_name
+
+    if config.data is None:
+        raise ConfigError(f"--task {spec.name} needs --data: the text to train on",
+                          hint="a .txt, .jsonl or parquet file, a directory of them, or a hub dataset id")
+    if config.eval_data is None and not config.holdout_fraction:
+        raise ConfigError(f"--task {spec.name} needs validation text",
+                          hint="give --eval-data FILE, or --holdout-fraction F to hold out part of --data")
+    progress("status", f"reading {config.data}")
+    items = read_items(spec, config.data)
+    if config.eval_data is not None:
+        train_items, held = split_holdout(items, config.holdout_fraction)
+        validation = read_items(spec, config.eval_data)
+    else:
+        (train_items, validation), held = split_holdout(items, config.holdout_fraction), []
+    if not train_items or not validation:
+        raise DataError(f"{config.data}: {len(items)} text(s) cannot be split into training and validation "
+                        f"text with --holdout-fraction {config.holdout_fraction}",
+                        hint="give --eval-data, or more text")
+    progress("status", f"tokenizing {len(train_items)} training and {len(validation)} validation text(s)")
+    features = featurizer(spec, tokenizer, max_length)
+    record = {"data_name": data_name(config.data), "eval_data": _location(config.eval_data),
+              "eval_holdout_fraction": None if config.eval_data is not None else config.holdout_fraction}
+    return Prepared(
+        task_key=task_key(spec, config.data),
+        train=subsample(features(train_items), config.max_train_samples, config.seed),
+        eval={VALIDATION: subsample(features(validation), config.max_eval_samples, config.seed)},
+        source=_location(config.data),
+        holdout=subsample(features(held), config.max_eval_samples, config.seed) if held else [],
+        record=record,
+    )
+
+
+def task_key(spec, data: str) -> str:
+    from umtam.lm_data import data_name
+    from umtam.tasks import language_task_key
+
+    return language_task_key(spec.name, data_name(data))
+
+
+def read_items(spec, data: str) -> list:
+    """Documents (``lm``) or conversations (``sft``) of a --data or --eval-data reference."""
+    from umtam.lm_data import read_conversations, read_documents
+
+    return read_conversations(data) if spec.name == "sft" else read_documents(data)
+
+
+def featurizer(spec, tokenizer, max_length: int):
+    """texts -> features: packed blocks (``lm``) or templated conversations with response labels (``sft``)."""
+    from umtam.lm_data import lm_features, sft_features
+
+    if spec.name == "sft":
+        return lambda items: sft_features(items, tokenizer, max_length) if items else []
+    return lambda items: lm_features(items, tokenizer, max_length) if items else []
+
+
+def validation_features(spec, record, tokenizer, max_length: int) -> list[dict]:
+    """The validation text a task record names, tokenized: its --eval-data, or its --data's holdout slice."""
+    from umtam.data import split_holdout
+
+    fields = record.as_json() if hasattr(record, "as_json") else dict(record)
+    if fields.get("eval_data"):
+        items = read_items(spec, fields["eval_data"])
+    elif fields.get("eval_holdout_fraction") and fields.get("data_source"):
+        items = split_holdout(read_items(spec, fields["data_source"]), fields["eval_holdout_fraction"])[1]
+    else:
+        raise ConfigError(f"the checkpoint does not record validation text for {spec.name}",
+                          hint=f"give it: umtam eval CKPT --task {spec.name} --data FILE")
+    return featurizer(spec, tokenizer, max_length)(items)
+
+
+def _location(data: str | None) -> str | None:
+    """A local path made absolute (so a later eval finds it from anywhere); a hub id as it is."""
+    from pathlib import Path
+
+    if data is None:
+        return None
+    return str(Path(data).resolve()) if Path(data).exists() else data
+
+
+def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, Any]:
+    return collate_tokens(features, pad_token_id)
+
+
+def evaluate(model, features: Sequence[dict], task: str, *, pad_token_id: int, batch_size: int = 8,
+             progress: ProgressFn = no_progress) -> dict[str, float]:
+    return evaluate_lm(model, features, pad_token_id=pad_token_id, batch_size=batch_size, progress=progress,
+                       what=f"eval {task}")
+
+
+def task_record(spec, metrics: dict[str, Any], holdout_metrics: dict[str, Any] | None, prepared: Prepared):
+    return {"label_names": [], "is_regression": False, "metrics": metrics, "holdout_metrics": holdout_metrics,
+            "data_source": prepared.source, **prepared.record}
+
+
+def collate_tokens(features: Sequence[dict], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad input_ids (with ``pad_token_id``), attention_mask (0) and labels (-100, never a target)."""
+    import torch
+
+    if not features:
+        raise ValueError("collate_tokens needs at least one feature")
+    width = max(len(feature["input_ids"]) for feature in features)
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {key: torch.tensor([f[key] + [pad] * (width - len(f[key])) for f in features], dtype=torch.long)
+            for key, pad in pads.items()}
+
+
+def evaluate_lm(model, features: Sequence[dict], *, pad_token_id: int, batch_size: int = 8,
+                progress: ProgressFn = no_progress, what: str = "eval lm") -> dict[str, float]:
+    """{"loss", "perplexity", "tokens"} of ``model`` on ``features`` (which carry their labels)."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    progress("start", {"total": len(features), "what": what})
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            chunk = features[start:start + batch_size]
+            batch = {key: value.to(device) for key, value in collate_tokens(chunk, pad_token_id).items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            targets = labels[:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+            progress("advance", len(chunk))
+    progress("end", {"what": what})
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no predicted token to score (every label is -100)")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
