@@ -41,6 +41,20 @@ from umtam.checkpoint import load_checkpoint, write_checkpoint
 # ----------------------------------------------------------------------------- running and checking
 
 
+def unchanged_but_for_streaming(args: list[str], before: dict[str, tuple], after: dict[str, tuple]) -> bool:
+    """The workspace is as it was; a merge may have moved the root's mtime and nothing else.
+
+    A merge streams its output into a staging directory beside the target, so a
+    problem it can only meet in the data (a NaN in a weight, an overflowing
+    lambda) comes after that directory existed: it is removed, nothing is left,
+    but the parent directory's mtime records that it was there.
+    """
+    if args[0] == "merge":
+        before, after = dict(before), dict(after)
+        before.pop("."), after.pop(".")
+    return before == after
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every entry under root (root included): kind, mode, mtime and content, to prove nothing changed."""
     entries = {}
@@ -425,7 +439,7 @@ def test_bad_input(env, args, code, names, build):
     for name in names:
         assert env.fill(name) in lines[0]
     assert stdout == ""
-    assert snapshot(env.ws) == before
+    assert unchanged_but_for_streaming(args, before, snapshot(env.ws))
 
 
 # ----------------------------------------------------------------------------- --force, and the real process

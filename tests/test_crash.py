@@ -2,7 +2,8 @@
 
 Each case runs the real CLI in a subprocess that kills itself with SIGKILL at
 a named point of the atomic write (``KILLER`` below: the hook lives here, in
-the test, and wraps calls every write makes: safetensors' ``save_file``,
+the test, and wraps calls every write makes: safetensors' ``save_file`` (or
+umtam's streaming ``WeightsWriter.close``),
 ``os.fsync`` and ``os.rename``), in the directory whose name starts with the
 given prefix:
 
@@ -47,11 +48,18 @@ def die_if(path):
 
 if point == "payload":
     import safetensors.torch
+    import umtam.shards
     save_file = safetensors.torch.save_file
     def saving(tensors, filename, *args, **kwargs):
         save_file(tensors, filename, *args, **kwargs)
         die_if(Path(filename).parent)
     safetensors.torch.save_file = saving
+    close = umtam.shards.WeightsWriter.close  # a merge streams its weights through it
+    def closing(self):
+        names = close(self)
+        die_if(self.directory)
+        return names
+    umtam.shards.WeightsWriter.close = closing
 elif point == "sealed":
     fsync = os.fsync
     def syncing(fd):

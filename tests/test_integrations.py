@@ -35,12 +35,13 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def run_trainer(tmp_path, *, steps: int, callbacks=(), optimizers=(None, None), lr: float = 5e-3, model=None):
+def run_trainer(tmp_path, *, steps: int, callbacks=(), optimizers=(None, None), lr: float = 5e-3, model=None,
+                optim: str = "adamw_torch"):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8,
                              learning_rate=lr, save_steps=steps, report_to=[], use_cpu=True, logging_steps=1,
-                             seed=0, data_seed=0, max_grad_norm=1.0, disable_tqdm=True)
+                             seed=0, data_seed=0, max_grad_norm=1.0, disable_tqdm=True, optim=optim)
     trainer = Trainer(model=model or tiny_llama(), args=args, train_dataset=Tokens(), callbacks=list(callbacks),
                       optimizers=optimizers)
     trainer.train()
@@ -94,3 +95,47 @@ def test_a_state_that_is_not_adams_is_refused_in_one_line(tmp_path):
     torch.save({"not": "an optimizer"}, tmp_path / "optimizer.pt")
     with pytest.raises(CheckpointError, match="not an optimizer state_dict"):
         read_optimizer_state(tmp_path / "optimizer.pt")
+
+
+def trainer_checkpoint(tmp_path, name: str, seed: int, **args):
+    """A Trainer run from the saved base (tiny Llama, seed 0) and its checkpoint-5 directory."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    torch.manual_seed(seed)
+    run_trainer(tmp_path / name, steps=5, model=model, lr=1e-3, **args)
+    return tmp_path / name / "out" / "checkpoint-5"
+
+
+@pytest.fixture
+def trainer_runs(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    return tmp_path, [trainer_checkpoint(tmp_path, f"run{i}", seed=i) for i in (1, 2)]
+
+
+def test_curvature_methods_merge_trainer_checkpoints_through_their_optimizer_state(trainer_runs):
+    from cli_runner import run_cli
+
+    root, runs = trainer_runs
+    for method in ("ota", "umtam", "fisher"):
+        code, _, stderr = run_cli("merge", *map(str, runs), "--base", str(root / "base"), "--method", method,
+                                  "-o", str(root / method), "--quiet")
+        assert code == 0, stderr
+        merged = load_checkpoint(root / method)
+        # Trainer checkpoints are all checkpoint-5: their runs name them apart
+        assert set(merged.tasks) == {"lm:run1-out-checkpoint-5", "lm:run2-out-checkpoint-5"}
+        inputs = merged.sidecar.lineage.as_json()["inputs"]
+        assert all(item["format"] == "huggingface" for item in inputs)
+
+
+def test_a_trainer_checkpoint_of_a_non_adam_optimizer_is_refused_by_a_curvature_method(tmp_path):
+    from cli_runner import run_cli
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    adam = trainer_checkpoint(tmp_path, "adam", seed=1)
+    sgd = trainer_checkpoint(tmp_path, "sgd", seed=2, optim="sgd")
+    code, _, stderr = run_cli("merge", str(adam), str(sgd), "--base", str(tmp_path / "base"), "--task-names",
+                              "lm:adam,lm:sgd", "--method", "ota", "-o", str(tmp_path / "m"))
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "optimizer.pt" in stderr and "not an Adam-like optimizer" in stderr
+    assert not (tmp_path / "m").exists()

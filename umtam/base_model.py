@@ -17,7 +17,7 @@ from umtam.errors import CheckpointError
 from umtam.families import family_of
 from umtam.heads import encoder_tensors
 from umtam.models import ModelSource, resolve_model
-from umtam.safetensors_io import open_safetensors
+from umtam.shards import is_sharded, open_weights
 
 
 def fingerprint(tensors: Mapping[str, Any]) -> str:
@@ -150,24 +150,24 @@ def _base_source(record: Mapping[str, Any], override: str | None) -> ModelSource
 
 
 def read_base_file(source: ModelSource, keys: Iterable[str]) -> dict[str, Any] | None:
-    """The tensors ``keys`` straight from a local base's model.safetensors, or None.
+    """The tensors ``keys`` straight from a local base's model.safetensors (or its shards), or None.
 
     A classifier's encoder names carry the architecture's base-model prefix
     ("bert.encoder..."), which a base saved as a bare encoder lacks
     ("encoder..."): the prefix is the first name component shared by every key,
     and a key missing from the file is looked up without it. None when the base
-    is not a local directory with one safetensors file or a key is not in it.
+    is not a local directory with safetensors weights or a key is not in them.
     The tensors are read-only views of the memory-mapped file; nothing is
     checked here (the caller compares the fingerprint).
     """
-    path = Path(source.location) / "model.safetensors"
-    if source.origin == "hub" or not path.is_file():
+    directory = Path(source.location)
+    if source.origin == "hub" or not (is_sharded(directory) or (directory / "model.safetensors").is_file()):
         return None
     keys = list(keys)
     first_parts = {key.split(".", 1)[0] for key in keys}
     prefix = f"{first_parts.pop()}." if len(first_parts) == 1 else None
     try:
-        with open_safetensors(path) as handle:
+        with open_weights(directory) as handle:
             available = set(handle.keys())
             names = {}
             for key in keys:

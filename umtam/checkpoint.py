@@ -3,7 +3,9 @@
 A checkpoint is a directory holding
 
     model.safetensors   weights, keyed by model.state_dict() names (a merge keeps
-                        one encoder plus ``heads/<task>/<key>`` per task, umtam.heads)
+                        one encoder plus ``heads/<task>/<key>`` per task, umtam.heads);
+                        or, sharded, model.safetensors.index.json and the shards it
+                        names (umtam.shards), as transformers writes large models
     stats.safetensors   training statistics keyed ``<stat>/<parameter name>``
     umtam.json          the sidecar (umtam.sidecar), written last
     config.json, tokenizer files   so transformers' from_pretrained(dir) loads it
@@ -24,14 +26,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from umtam.atomic import (FileIdentity, changed_error, check_output_dir, check_regular_file, copy_regular_file,
                           current_identity, file_records, hash_identified, is_write_leftover, write_directory)
 from umtam.errors import CheckpointError, first_line
 from umtam.safetensors_io import load_tensors, open_safetensors, save_tensors
-from umtam.sidecar import (MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Sidecar, TaskRecord, is_plain_file_name,
-                           make_sidecar, read_sidecar, write_sidecar)
+from umtam.shards import load_weights, open_weights, weight_files, weight_shapes, write_weights
+from umtam.sidecar import (INDEX_FILE, MODEL_FILE, SCHEMA_VERSION, SIDECAR_FILE, Sidecar, TaskRecord,
+                           is_plain_file_name, make_sidecar, read_sidecar, write_sidecar)
 
 STATS_FILE = "stats.safetensors"
 # Written by umtam.resume into each training state (named here, not imported: resume imports torch).
@@ -40,7 +43,7 @@ STATE_MARKER = "umtam-state.json"
 # decides); anything larger cannot match and is refused unread, however large it is.
 SIZE_SLACK = 1 << 20
 
-__all__ = ["MODEL_FILE", "SIDECAR_FILE", "STATS_FILE", "Checkpoint", "check_output_dir", "load_checkpoint",
+__all__ = ["INDEX_FILE", "MODEL_FILE", "SIDECAR_FILE", "STATS_FILE", "Checkpoint", "check_output_dir", "load_checkpoint",
            "write_checkpoint"]
 
 
@@ -52,6 +55,8 @@ class Checkpoint:
     sidecar: Sidecar
     # file name -> identity when it was hashed (empty when loaded without verify)
     identities: dict[str, FileIdentity] = field(default_factory=dict)
+    # statistics that are not a stats.safetensors: a plain input's, from its optimizer.pt (umtam.adam_import)
+    imported_stats: Mapping[str, Any] | None = None
 
     @property
     def kind(self) -> str:
@@ -68,7 +73,21 @@ class Checkpoint:
 
     @property
     def model_file(self) -> Path:
-        return self.path / MODEL_FILE
+        """model.safetensors, or the index of sharded weights: the file messages name for the weights."""
+        return self.path / (INDEX_FILE if INDEX_FILE in self.sidecar.files else MODEL_FILE)
+
+    @property
+    def weight_file_names(self) -> list[str]:
+        """[model.safetensors], or the index and every shard (umtam.shards)."""
+        return weight_files(self.path)
+
+    def weights_bytes(self) -> int:
+        return sum(self.sidecar.files[name].bytes if name in self.sidecar.files else (self.path / name).stat().st_size
+                   for name in self.weight_file_names)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight name -> shape, from the safetensors headers alone."""
+        return weight_shapes(self.path)
 
     @property
     def stats_file(self) -> Path | None:
@@ -82,14 +101,16 @@ class Checkpoint:
         return self.sidecar.format == PLAIN_FORMAT
 
     def load_tensors(self) -> dict:
-        return load_tensors(self.model_file)
+        return load_weights(self.path)
 
     def load_stats(self) -> dict:
+        if self.imported_stats is not None:
+            return dict(self.imported_stats)
         return load_tensors(self.stats_file) if self.stats_file else {}
 
     def companion_files(self) -> dict[str, Path]:
         """config.json, tokenizer files: every listed file but the weights, statistics and sidecar."""
-        skip = {MODEL_FILE, STATS_FILE, SIDECAR_FILE}
+        skip = {MODEL_FILE, STATS_FILE, SIDECAR_FILE, INDEX_FILE, *self.weight_file_names}
         return {name: self.path / name for name in sorted(self.sidecar.files) if name not in skip}
 
     def check_unchanged(self, *names: str) -> None:
@@ -140,11 +161,21 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     identities = {}
     if verify:
         identities = verify_files(directory, sidecar)
-        for name in (MODEL_FILE, STATS_FILE):
-            if name in sidecar.files:
-                with open_safetensors(directory / name):
-                    pass
+        _check_weights_listed(directory, sidecar)
+        with open_weights(directory):  # every shard opened, and each holds what the index says
+            pass
+        if STATS_FILE in sidecar.files:
+            with open_safetensors(directory / STATS_FILE):
+                pass
     return Checkpoint(directory, sidecar, identities)
+
+
+def _check_weights_listed(directory: Path, sidecar: Sidecar) -> None:
+    """Every weight file (the shards an index names too) is listed, so its sha256 was checked."""
+    for name in weight_files(directory):
+        if name not in sidecar.files:
+            raise CheckpointError(f"{directory / name}: a weight file {SIDECAR_FILE} does not list (its sha256 "
+                                  "is unchecked)", hint=_MODIFIED)
 
 
 def _not_a_checkpoint_hint(directory: Path) -> str:
@@ -180,17 +211,22 @@ _MODIFIED = "the file was modified or truncated after the checkpoint was written
 def write_checkpoint(
     output: str | Path,
     *,
-    tensors: Mapping[str, Any],
-    sidecar: Sidecar | Mapping[str, Any],
+    tensors: Mapping[str, Any] | Callable[[Path], Any],
+    sidecar: Sidecar | Mapping[str, Any] | Callable[[], Mapping[str, Any]],
     stats: Mapping[str, Any] | None = None,
-    extra_files: Mapping[str, bytes | Path] | None = None,
+    extra_files: Mapping[str, bytes | Path | Callable[[], bytes]] | None = None,
     force: bool = False,
     inputs: Sequence[Checkpoint] = (),
+    shard_bytes: int | None = None,
 ) -> Checkpoint:
     """Write a checkpoint atomically and return it.
 
     ``sidecar`` holds everything but ``schema_version`` and ``files``, which are
-    filled in here from what was actually written. ``extra_files`` maps a bare
+    filled in here from what was actually written; it may be a callable, called
+    once the weights are written (as may an ``extra_files`` value). ``tensors`` is a mapping, or
+    a callable that writes the weight files into the staging directory it is
+    given (a streaming merge, umtam.shards.WeightsWriter); with ``shard_bytes``
+    a mapping is written in shards of at most that many bytes. ``extra_files`` maps a bare
     file name to bytes or to a regular file to copy (config.json, tokenizer
     files). ``inputs`` are the checkpoints the tensors came from: tensors read
     from a memory map are read again as they are written, so each input is
@@ -199,12 +235,13 @@ def write_checkpoint(
     process wrote meanwhile is left alone and this write fails.
     """
     out = check_output_dir(output, force=force)
-    fields = sidecar.as_json() if isinstance(sidecar, Sidecar) else dict(sidecar)
 
     def fill(staging: Path) -> Sidecar:
-        _write_payload(staging, tensors, stats, extra_files or {})
+        _write_payload(staging, tensors, stats, extra_files or {}, shard_bytes)
         for checkpoint in inputs:
             checkpoint.check_unchanged()
+        recorded = sidecar() if callable(sidecar) else sidecar  # a streaming merge knows it once written
+        fields = recorded.as_json() if isinstance(recorded, Sidecar) else dict(recorded)
         complete = make_sidecar({**fields, "schema_version": SCHEMA_VERSION, "files": file_records(staging)},
                                 staging / SIDECAR_FILE)
         write_sidecar(staging / SIDECAR_FILE, complete)
@@ -213,13 +250,20 @@ def write_checkpoint(
     return Checkpoint(out, write_directory(out, fill, replace=force))
 
 
-def _write_payload(staging: Path, tensors, stats, extra_files) -> None:
-    save_tensors(tensors, staging / MODEL_FILE)
+def _write_payload(staging: Path, tensors, stats, extra_files, shard_bytes: int | None) -> None:
+    if callable(tensors):
+        tensors(staging)
+    elif shard_bytes is None:
+        save_tensors(tensors, staging / MODEL_FILE)
+    else:
+        write_weights(staging, tensors, shard_bytes)
     if stats:
         save_tensors(stats, staging / STATS_FILE)
     for name, content in extra_files.items():
         if not is_plain_file_name(name):
             raise ValueError(f"extra file name {name!r} must be a bare file name")
+        if callable(content):  # made from what the weights' writing found out (a merge's model card)
+            content = content()
         if isinstance(content, bytes):
             (staging / name).write_bytes(content)
         else:

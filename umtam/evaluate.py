@@ -131,7 +131,6 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
     from umtam.config.evaluate import EvalSettings
     from umtam.families import family_of
     from umtam.heads import check_head_labels
-    from umtam.safetensors_io import tensor_shapes
     from umtam.tasks import is_language_key
 
     options = build_config(EvalSettings, settings, source="eval options")
@@ -143,7 +142,7 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
     source = checkpoint_source(checkpoint)
     config = models.load_config(source)
     max_length = models.fit_max_length(options.max_length, config, source)
-    check_head_labels(checkpoint, tensor_shapes(checkpoint.model_file))
+    check_head_labels(checkpoint, checkpoint.tensor_shapes())
     tokenizer = models.load_tokenizer(source, family_of(config))
     tensors = checkpoint.load_tensors()
     setup = _Setup(options, tokenizer, max_length, tensors, progress)

@@ -1,7 +1,8 @@
 """Hugging Face interop: plain transformers directories in, per-task configs out.
 
-In: a plain Hugging Face directory (config.json + model.safetensors, no
-umtam.json), such as a model fine-tuned with the Trainer, can be a merge input.
+In: a plain Hugging Face directory (config.json + model.safetensors or sharded
+weights, no umtam.json), such as a model fine-tuned with the Trainer, can be a
+merge input.
 ``open_input`` wraps it as a Checkpoint whose sidecar is made up in memory and
 marked ``"format": "huggingface"``: one task, no statistics, no metrics, and no
 base fingerprint, because nothing in the directory records which weights it
@@ -28,15 +29,16 @@ with one task's head:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from umtam.atomic import check_regular_file, hash_identified, is_write_leftover
-from umtam.checkpoint import MODEL_FILE, SIDECAR_FILE, Checkpoint, load_checkpoint
+from umtam.checkpoint import INDEX_FILE, MODEL_FILE, SIDECAR_FILE, Checkpoint, load_checkpoint
 from umtam.errors import CheckpointError, ConfigError, first_line
-from umtam.safetensors_io import open_safetensors
+from umtam.shards import open_weights, weight_files
 from umtam.sidecar import PLAIN_FORMAT, SCHEMA_VERSION, make_sidecar
-from umtam.tasks import get_task
+from umtam.tasks import get_task, is_language_key
 
 CONFIG_FILE = "config.json"
 # What save_pretrained writes for the tokenizers of encoder models; only these are
@@ -49,7 +51,6 @@ TOKENIZER_FILES = (
 # Weight files that are pickles: named in the refusal instead of being read.
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt.index",
                     "flax_model.msgpack")
-_SHARDED_INDEX = "model.safetensors.index.json"
 # Config fields that describe one task's head; a per-task config sets them anew.
 _TASK_FIELDS = ("id2label", "label2id", "num_labels", "_num_labels", "problem_type", "finetuning_task")
 
@@ -85,58 +86,93 @@ def open_inputs(inputs: Sequence[str | Path | Checkpoint],
             hint="give one task name per plain input, in input order",
         )
     remaining = iter(names)
-    return [_open_one(item, remaining) for item in inputs]
+    short = dict(zip(map(str, plain), distinct_names([Path(item) for item in plain])))
+    return [_open_one(item, remaining, short) for item in inputs]
 
 
-def _open_one(item: str | Path | Checkpoint, task_names) -> Checkpoint:
+def _open_one(item: str | Path | Checkpoint, task_names, short_names: Mapping[str, str]) -> Checkpoint:
     if isinstance(item, Checkpoint):
         return item
     if is_plain_hf_dir(item):
-        return open_plain_hf(item, next(task_names, None))
+        return open_plain_hf(item, next(task_names, None), default_name=short_names.get(str(item)))
     return load_checkpoint(item)
 
 
-def open_plain_hf(path: str | Path, task: str | None = None) -> Checkpoint:
-    """A plain Hugging Face directory as a one-task Checkpoint (sidecar made up, not written)."""
+def distinct_names(paths: Sequence[Path]) -> list[str]:
+    """Each path's last components, as few as keep the names apart: run1/out/checkpoint-5 -> run1-out-checkpoint-5.
+
+    Trainer checkpoints are all called checkpoint-N; their runs tell them apart.
+    """
+    parts = [path.resolve().parts for path in paths]
+    for width in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["-".join(p[-width:]).lstrip("/-") or "model" for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{name}-{index}" for index, name in enumerate(names, 1)]
+
+
+def open_plain_hf(path: str | Path, task: str | None = None, *, default_name: str | None = None) -> Checkpoint:
+    """A plain Hugging Face directory as a one-task Checkpoint (sidecar made up, not written).
+
+    Its weights are model.safetensors or sharded (umtam.shards). Its task is
+    ``task``, else config.json's ``finetuning_task``, else, for a causal LM,
+    ``lm:<default_name>`` (the directory name when not given). A Trainer checkpoint directory's optimizer.pt
+    (Adam-like) supplies its statistics (umtam.adam_import), read only if the
+    merge method asks for them.
+    """
+    from umtam.adam_import import OPTIMIZER_FILE, ImportedStats
+
     directory = Path(path)
     _check_weights_file(directory)
-    files = [CONFIG_FILE, MODEL_FILE, *(name for name in TOKENIZER_FILES if (directory / name).is_file())]
+    weights = weight_files(directory)  # an index naming a missing shard is refused here
+    optimizer = [OPTIMIZER_FILE] if (directory / OPTIMIZER_FILE).is_file() else []
+    files = [CONFIG_FILE, *weights, *optimizer, *(name for name in TOKENIZER_FILES if (directory / name).is_file())]
     # Checked and hashed before anything reads them, so what is read is what the lineage records.
     hashed = {name: hash_identified(directory / name) for name in files}
-    with open_safetensors(directory / MODEL_FILE):  # garbage is a CheckpointError, not a traceback
+    with open_weights(directory):  # garbage is a CheckpointError, not a traceback
         pass
     config = read_config(directory / CONFIG_FILE)
-    spec = _task_spec(directory, task or config.get("finetuning_task"))
-    record = {
-        "label_names": _label_names(directory, config, spec),
-        "is_regression": spec.is_regression,
-        "metrics": {},
-    }
+    key, record = _plain_task(directory, config, task or config.get("finetuning_task"), default_name)
     sidecar = {
         "schema_version": SCHEMA_VERSION,
         "kind": "train",  # a one-task fine-tuned model, as far as a merge is concerned
         "format": PLAIN_FORMAT,
-        "tasks": {spec.name: record},
+        "tasks": {key: record},
         # Nothing records the base of a plain directory; the merge checks it against --base.
         "base_model": {"fingerprint": None},
         "files": {name: {"sha256": digest, "bytes": identity.size} for name, (digest, identity) in hashed.items()},
     }
+    if optimizer:
+        sidecar["optimizer"] = {"name": f"{OPTIMIZER_FILE} (Adam-like, imported)"}
     identities = {name: identity for name, (_, identity) in hashed.items()}
-    return Checkpoint(directory, make_sidecar(sidecar, directory), identities)
+    imported = ImportedStats(directory, config) if optimizer else None
+    return Checkpoint(directory, make_sidecar(sidecar, directory), identities, imported_stats=imported)
+
+
+def _plain_task(directory: Path, config: Mapping[str, Any], task: str | None,
+                default_name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(task key, task record) of a plain input: a GLUE task's labels, or a language task's none."""
+    from umtam.tasks import TASKS, is_language_key, language_task_key
+
+    architectures = config.get("architectures") or []
+    if task is None and any(str(name).endswith("ForCausalLM") for name in architectures):
+        task = "lm"  # a plain causal LM: language modelling on text it does not record
+    if task is not None and (is_language_key(task) or task in TASKS and TASKS.get(task).kind == "language"):
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", default_name or directory.name)
+        key = task if is_language_key(task) else language_task_key(TASKS.get(task).name, name)
+        return key, {"label_names": [], "is_regression": False, "metrics": {}}
+    spec = _task_spec(directory, task)
+    return spec.name, {"label_names": _label_names(directory, config, spec), "is_regression": spec.is_regression,
+                       "metrics": {}}
 
 
 def _check_weights_file(directory: Path) -> None:
-    if (directory / MODEL_FILE).is_file():
+    if (directory / MODEL_FILE).is_file() or (directory / INDEX_FILE).is_file():
         return
-    if (directory / _SHARDED_INDEX).is_file():
-        raise CheckpointError(
-            f"{directory}: sharded safetensors weights ({_SHARDED_INDEX}) are not supported as a merge input",
-            hint="re-save the model as one file: save_pretrained(dir, max_shard_size='100GB')",
-        )
     pickled = [name for name in _PICKLED_WEIGHTS if (directory / name).is_file()]
     found = f"it holds {', '.join(pickled)}, which umtam does not read" if pickled else "no weights found"
     raise CheckpointError(
-        f"{directory}: a plain Hugging Face directory needs {MODEL_FILE} ({found})",
+        f"{directory}: a plain Hugging Face directory needs {MODEL_FILE} or {INDEX_FILE} ({found})",
         hint="umtam reads safetensors only; re-save it with save_pretrained(dir), "
              "which writes safetensors by default since transformers 4.35",
     )
@@ -203,8 +239,9 @@ def merged_companion_files(checkpoints: Sequence[Checkpoint], tasks: Mapping[str
     if config is not None:
         files[CONFIG_FILE] = config
     files.update(_tokenizer_files(checkpoints, base))
-    if config is not None:
-        files.update(task_configs(config, tasks))
+    if config is not None:  # a language task has no head of its own: the model's config is its config
+        files.update(task_configs(config, {task: record for task, record in tasks.items()
+                                           if not is_language_key(task)}))
     return files
 
 

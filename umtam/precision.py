@@ -27,6 +27,17 @@ from umtam.errors import ConfigError
 DTYPES = ("fp32", "bf16", "fp16")
 
 
+def torch_dtype(name: str | None):
+    """The torch dtype of a DTYPES name (None stays None: "as stored")."""
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def cpu_supports_bf16() -> bool:
     """True when this CPU computes bfloat16 natively (oneDNN's own check: AVX512-BF16 or AMX)."""
     import torch

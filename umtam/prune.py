@@ -45,7 +45,7 @@ from torch import Tensor
 
 from umtam.atomic import check_output_dir
 from umtam.base_model import check_base_covers, describe_base, dtype_name, load_base_encoder
-from umtam.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint, write_checkpoint
+from umtam.checkpoint import Checkpoint, load_checkpoint, write_checkpoint
 from umtam.config import build_config
 from umtam.config.prune import PruneSettings
 from umtam.errors import CheckpointError
@@ -163,30 +163,51 @@ def _reset_to_base(name: str, mask: Tensor, weight: Tensor, base: Tensor, chosen
 
 
 def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, base: str | None = None,
-                 force: bool = False, progress: Progress | None = None,
-                 **settings: Any) -> tuple[Checkpoint, PruneReport]:
+                 force: bool = False, progress: Progress | None = None, out_dtype: str | None = None,
+                 shard_bytes: int | None = None, **settings: Any) -> tuple[Checkpoint, PruneReport]:
     """Prune ``ckpt`` into a new checkpoint directory at ``output`` (``settings`` as prune_checkpoint's).
 
     Statistics, config.json and tokenizer files are copied through; the sidecar
     keeps the input's tasks (their scores moved to expert_metrics, since they
     describe the unpruned weights), base and free fields, with kind "prune" and lineage
     {inputs: [{path, sha256}], method: {keep, score, scope}, threshold,
-    kept_fraction (measured)}.
+    kept_fraction (measured)}. Floating tensors are stored as the input stores
+    them, or as ``out_dtype`` ("fp32", "bf16", "fp16"; then recorded in the
+    lineage), in one file or in shards of at most ``shard_bytes``.
     """
     prune_settings(**settings)  # a bad option is refused before the inputs are read
     checkpoint = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
     check_output_dir(output, inputs=[checkpoint.path], force=force)
     tensors, report = prune_checkpoint(checkpoint, base=base, progress=progress, **settings)
+    sidecar = pruned_sidecar(checkpoint.sidecar, checkpoint.path, report)
+    if out_dtype is not None:
+        tensors = stored_as(tensors, out_dtype)
+        sidecar["lineage"]["out_dtype"] = out_dtype
     written = write_checkpoint(
         output,
         tensors=tensors,
-        sidecar=pruned_sidecar(checkpoint.sidecar, checkpoint.path, report),
+        shard_bytes=shard_bytes,
+        sidecar=sidecar,
         stats=checkpoint.load_stats() or None,
         extra_files=checkpoint.companion_files(),
         force=force,
         inputs=[checkpoint],  # re-checked before the sidecar: an input rewritten meanwhile is refused
     )
     return written, report
+
+
+def stored_as(tensors: Mapping[str, Tensor], out_dtype: str) -> dict[str, Tensor]:
+    """Floating tensors cast to ``out_dtype``; a value the dtype cannot hold is refused, naming the tensor."""
+    from umtam.precision import torch_dtype
+
+    target = torch_dtype(out_dtype)
+    cast = {}
+    for name, tensor in tensors.items():
+        cast[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+        if tensor.is_floating_point() and not bool(torch.isfinite(cast[name]).all()):
+            raise CheckpointError(f"tensor {name!r} overflows {out_dtype}: --out-dtype {out_dtype} cannot hold it",
+                                  hint="nothing was written; use a wider --out-dtype")
+    return cast
 
 
 def pruned_sidecar(sidecar: Sidecar, path: Path, report: PruneReport) -> dict[str, Any]:
@@ -200,7 +221,7 @@ def pruned_sidecar(sidecar: Sidecar, path: Path, report: PruneReport) -> dict[st
         "tasks": tasks,
         "kind": "prune",
         "lineage": {
-            "inputs": [{"path": str(path.resolve()), "sha256": sidecar.file_sha256(MODEL_FILE)}],
+            "inputs": [{"path": str(path.resolve()), "sha256": sidecar.weights_sha256()}],
             "method": report.settings.recorded(),
             "threshold": report.threshold,
             "kept_fraction": report.kept_fraction,

@@ -31,6 +31,7 @@ from umtam.tasks import TASKS, is_language_key, language_task_key, normalise_tas
 
 SIDECAR_FILE = "umtam.json"
 MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded weights: the index, and the shards it names
 SCHEMA_VERSION = 1
 KINDS = ("train", "prune", "merge")
 PLAIN_FORMAT = "huggingface"  # the made-up record of a plain Hugging Face merge input
@@ -220,8 +221,8 @@ class Sidecar(Record):
             if not is_plain_file_name(name):
                 raise ValueError(f"file entry {_short(name)} points outside the checkpoint directory "
                                  "(a sidecar may only name files inside its own directory)")
-        if MODEL_FILE not in files:
-            raise ValueError(f"must list {MODEL_FILE}")
+        if MODEL_FILE not in files and INDEX_FILE not in files:
+            raise ValueError(f"must list {MODEL_FILE} (or, for sharded weights, {INDEX_FILE})")
         return files
 
     @model_validator(mode="after")
@@ -232,6 +233,20 @@ class Sidecar(Record):
 
     def file_sha256(self, name: str = MODEL_FILE) -> str:
         return self.files[name].sha256
+
+    def weights_sha256(self) -> str:
+        """The identity of the weights for a lineage: model.safetensors' sha256, or for shards one over theirs.
+
+        Sharded: sha256 of "<file> <sha256>" lines of the index and every
+        .safetensors file, in name order, so any changed shard changes it.
+        """
+        if MODEL_FILE in self.files:
+            return self.files[MODEL_FILE].sha256
+        import hashlib
+
+        lines = "".join(f"{name} {record.sha256}\n" for name, record in sorted(self.files.items())
+                        if name == INDEX_FILE or name.endswith(".safetensors") and name != "stats.safetensors")
+        return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _check_registered(name: str, record: TaskRecord) -> None:

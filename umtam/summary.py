@@ -30,10 +30,9 @@ def summarize(checkpoint, *, saliency: bool = False, keep: float = 0.05, base: s
     """
     from umtam.families import family_of_dir
     from umtam.heads import check_head_labels, is_head_key
-    from umtam.safetensors_io import tensor_shapes
 
     sidecar = checkpoint.sidecar
-    shapes = tensor_shapes(checkpoint.model_file)
+    shapes = checkpoint.tensor_shapes()
     family = family_of_dir(checkpoint.path)
     check_head_labels(checkpoint, shapes, family)  # labels listed that the head cannot produce, or the reverse
     encoder = {k: s for k, s in shapes.items() if not is_head_key(k, family)}

@@ -19,13 +19,20 @@ Examples:
   umtam merge runs/* --method ota --option graft=curvature -o merged-ota/
   umtam merge runs/mrpc runs/sst2 --dry-run --json
   umtam merge runs/mrpc hf/sst2-finetuned --method ties --base base/ --task-names sst2 -o merged/
+  umtam merge llama-a/ llama-b/ --base llama-base/ --method ties --out-dtype bf16 --out-shard-size 5GB -o m/
+  umtam merge trainer/a/checkpoint-500 trainer/b/checkpoint-500 --base base/ --method ota -o m/
 
 \b
-A plain Hugging Face directory (config.json + model.safetensors, no umtam.json)
-may be an input: it needs --base (the model it was fine-tuned from; it must have
-the same tensors and lie close to it), a task name (--task-names, one per plain
-input in order, or its config's finetuning_task) and a method that needs no
-training statistics (average, task-arithmetic, ties, dare, dare-ties).
+A plain Hugging Face directory (config.json + model.safetensors or shards, no
+umtam.json) may be an input: it needs --base (the model it was fine-tuned from;
+it must have the same tensors and lie close to it), a task name (--task-names, one
+per plain input in order, or its config's finetuning_task; a causal LM is
+lm:<directory name>) and a method that needs no training statistics (average,
+task-arithmetic, ties, dare, dare-ties), unless it holds a Trainer's optimizer.pt:
+then Adam's second moments are its statistics and ota, umtam and fisher run too.
+The output streams to disk tensor by tensor (one model.safetensors, or shards with
+--out-shard-size), in the inputs' dtype unless --out-dtype says otherwise, with
+config, tokenizer and generation files and a README.md model card beside it.
 
 """
 
@@ -69,7 +76,8 @@ def command(config_file, extra, as_json, quiet, verbose, **flags):
     with progress_renderer(quiet=quiet, verbose=verbose) as renderer:
         renderer("status", f"merging {len(config.checkpoints)} checkpoints with {config.method}")
         written, report = merge_checkpoints(config.checkpoints, config.output, force=config.force,
-                                            progress=per_tensor_progress(renderer, "merge"), **inputs)
+                                            progress=per_tensor_progress(renderer, "merge"),
+                                            out_dtype=config.out_dtype, shard_bytes=config.shard_bytes, **inputs)
     payload = {"output": str(written.path), "method": config.method, "tasks": list(written.tasks),
                "options": report.sidecar["lineage"]["options"], "plan": report.plan.as_dict()}
     if as_json:

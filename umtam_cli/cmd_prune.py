@@ -37,7 +37,8 @@ def command(config_file, as_json, quiet, verbose, **flags):
     with progress_renderer(quiet=quiet, verbose=verbose) as renderer:
         renderer("status", f"pruning {ckpt.path} to {config.keep:g} by {config.score} ({config.scope})")
         written, report = write_pruned(ckpt, config.output, base=config.base, force=config.force,
-                                       progress=per_tensor_progress(renderer, "prune"), **settings)
+                                       progress=per_tensor_progress(renderer, "prune"), out_dtype=config.out_dtype,
+                                       shard_bytes=config.shard_bytes, **settings)
     payload = {"output": str(written.path), "input": str(ckpt.path), **report.as_dict()}
     if as_json:
         emit_json(payload)

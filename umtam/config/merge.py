@@ -15,7 +15,8 @@ from typing import Annotated, Any, Mapping
 from pydantic import BeforeValidator, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from umtam.config.schema import OptionInfo, PathText, Schema, build_config, option, registered
+from umtam.config.output import WeightsOutput
+from umtam.config.schema import OptionInfo, PathText, build_config, option, registered
 from umtam.errors import ConfigError
 from umtam.merge.methods import DEFAULT_METHOD, METHODS
 from umtam.tasks import normalise_task_name
@@ -48,7 +49,7 @@ def _comma_list(value: Any) -> Any:
     return names
 
 
-class MergeConfig(Schema):
+class MergeConfig(WeightsOutput):
     checkpoints: list[PathText] = option(argument=True, recorded=False,
                                     help="The checkpoints to merge (umtam or plain Hugging Face directories).")
     method: Annotated[str, registered(METHODS)] = option(DEFAULT_METHOD, help="Merge method.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from umtam.config.output import WeightsOutput
 from umtam.config.schema import PathText, Schema, option, registered
 from umtam.scores import SCORES
 
@@ -18,7 +19,7 @@ class PruneSettings(Schema):
                                                                "per tensor.")
 
 
-class PruneConfig(PruneSettings):
+class PruneConfig(PruneSettings, WeightsOutput):
     checkpoint: PathText = option(argument=True, recorded=False, help="The checkpoint to prune.")
     base: PathText | None = option(None, recorded=False,
                               help="Where to find the base model, if not where the sidecar says (checked by sha256).")

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from umtam.atomic import check_output_dir
-from umtam.base_model import (check_base_covers, describe_base, dtype_kind, dtype_name, identify_base,
+from umtam.base_model import (check_base_covers, describe_base, dtype_name, identify_base,
                               load_base_encoder)
 from umtam.checkpoint import Checkpoint, write_checkpoint
 from umtam.errors import ConfigError, MergeError
@@ -67,14 +67,15 @@ from umtam.hf_interop import merged_companion_files, open_inputs
 from umtam.merge.base import MergeMethod
 from umtam.merge.blocks import BLOCK_ENTRIES, row_blocks, row_slice
 from umtam.merge.group import TensorGroup
-from umtam.merge.inputs import Layout, Source, check_compatible, check_stats, open_sources
+from umtam.merge.inputs import Layout, Source, check_compatible, check_dtype_kinds, check_stats, open_sources
 from umtam.merge.methods import DEFAULT_METHOD, get_method
+from umtam.merge.output import Sink, output_entries
 from umtam.merge.pages import MappedPages
 from umtam.merge.plain_inputs import check_against_base, check_plain_inputs
 from umtam.merge.planning import MergePlan, make_plan, needs_base
 from umtam.merge.record import merged_sidecar
+from umtam.precision import torch_dtype
 from umtam.progress import Progress, ProgressSteps
-from umtam.safetensors_io import FLOAT_DTYPES
 from umtam.saliency import Cut, RowBlock, Selection, check_finite, non_finite_where, streaming_cuts
 
 InputLike = Union[str, Path, Checkpoint]
@@ -106,7 +107,8 @@ def plan(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
 def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
                   options: Mapping[str, Any] | None = None, base: str | None = None,
                   task_names: Sequence[str] | None = None, progress: Progress | None = None,
-                  block_entries: int = BLOCK_ENTRIES) -> tuple[dict[str, Tensor], MergeReport]:
+                  block_entries: int = BLOCK_ENTRIES, out_dtype: str | None = None,
+                  ) -> tuple[dict[str, Tensor], MergeReport]:
     """Merge the inputs into one state dict (encoder + heads/<task>/...) and the sidecar to write.
 
     ``base`` overrides where the base model is found (``--base``); it must match
@@ -114,12 +116,64 @@ def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
     directory (hf_interop): then ``base`` is required, the input is checked
     against it (plain_inputs.check_against_base), its task comes from
     ``task_names`` (one per plain input, in order) or its config's
-    finetuning_task, and only methods that need no statistics accept it.
-    ``block_entries`` bounds the entries per input merged at once (memory, not
-    results: any value gives the same bits).
+    finetuning_task, and only methods that need no statistics accept it
+    (unless its optimizer.pt supplies them). ``block_entries`` bounds the
+    entries per input merged at once (memory, not results: any value gives the
+    same bits). Floating tensors are computed in float32 and stored as the
+    inputs store them, or as ``out_dtype`` ("fp32", "bf16", "fp16").
     """
+    held: dict[str, Tensor] = {}
+    with _prepared(inputs, method, options, base, task_names, block_entries, out_dtype) as run:
+        report = run.execute(Sink(held.__setitem__), progress)
+    return held, report
+
+
+def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method: str = DEFAULT_METHOD,
+                      options: Mapping[str, Any] | None = None, base: str | None = None,
+                      task_names: Sequence[str] | None = None, force: bool = False,
+                      progress: Progress | None = None, block_entries: int = BLOCK_ENTRIES,
+                      out_dtype: str | None = None, shard_bytes: int | None = None) -> tuple[Checkpoint, MergeReport]:
+    """Merge checkpoints into a new checkpoint directory at ``output``, streaming the weights to disk.
+
+    Everything that can be checked is checked before the output is begun (the
+    inputs, their statistics, the base and its fingerprint). Then each merged
+    tensor goes to its place in the output file (or shard, with
+    ``shard_bytes``; umtam.shards) as soon as it is made, so the merged model
+    is never held in memory. config.json and tokenizer files are copied and a
+    config.<task>.json is written per classification task
+    (hf_interop.merged_companion_files), so transformers loads the encoder with
+    any one head, and a README.md model card names the method, inputs and
+    options; the output carries no statistics. The sidecar has kind "merge",
+    the union of the input tasks (each keeping its expert's metrics as
+    "expert_metrics"), the shared base and the lineage: inputs with the sha256
+    of their weights, method, options.
+    """
+    from umtam.merge.card import model_card
+    from umtam.shards import WeightsWriter
+
+    checkpoints = _as_checkpoints(inputs, task_names)
+    check_output_dir(output, inputs=[c.path for c in checkpoints], force=force)
+    # companion files first: a --base tokenizer link that is refused is refused before the work
+    tasks = {task: record.as_json() for checkpoint in checkpoints for task, record in checkpoint.tasks.items()}
+    companions = merged_companion_files(checkpoints, tasks, base)
+    reports: list[MergeReport] = []
+    with _prepared(checkpoints, method, options, base, None, block_entries, out_dtype) as run:
+        def write_weights(staging: Path) -> None:
+            sink = Sink(open_writer=lambda entries: WeightsWriter(staging, entries, shard_bytes))
+            reports.append(run.execute(sink, progress))
+
+        written = write_checkpoint(
+            output, tensors=write_weights, sidecar=lambda: reports[0].sidecar, force=force, inputs=checkpoints,
+            extra_files={**companions, "README.md": lambda: model_card(reports[0].sidecar, out_dtype=out_dtype)})
+    return written, reports[0]
+
+
+@contextlib.contextmanager
+def _prepared(inputs, method, options, base, task_names, block_entries: int, out_dtype: str | None):
+    """A merge with every input, statistic and the base checked and opened, ready to ``execute``."""
     if isinstance(block_entries, bool) or not isinstance(block_entries, int) or block_entries < 1:
         raise ConfigError(f"block_entries must be a positive integer, got {block_entries!r}")
+    target = torch_dtype(out_dtype)
     spec, resolved, checkpoints = _prepare(inputs, method, options, base, task_names)
     with open_sources(checkpoints) as sources:
         layout = check_compatible(sources)
@@ -130,43 +184,39 @@ def merge_tensors(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
         base_record, base_tensors = _load_base(spec, resolved, sources, layout, base, pages)
         base_checks = check_against_base(sources, layout, base_tensors, pages)
         stream = _Stream(spec, resolved, sources, layout, base_tensors, pages, block_entries,
-                         describe_base(base_record, base))
-        steps = ProgressSteps(progress, merge_plan.progress_steps)
+                         describe_base(base_record, base), target)
+        yield _Run(stream, merge_plan, base_record, base_checks, out_dtype)
+
+
+@dataclass
+class _Run:
+    stream: Any  # _Stream
+    plan: MergePlan
+    base_record: dict[str, Any]
+    base_checks: dict[str, float]
+    out_dtype: str | None
+
+    def execute(self, sink: Sink, progress: Progress | None) -> MergeReport:
+        """Every pass, each output tensor handed to ``sink`` as it is made; the report with the sidecar."""
+        stream = self.stream
+        spec, options, layout, sources = stream.spec, stream.options, stream.layout, stream.sources
+        steps = ProgressSteps(progress, self.plan.progress_steps)
+        sink.open(output_entries(sources, layout, stream.target))
         cuts = None
-        with _one_torch_thread():
-            if spec.uses_global_trim(resolved) and layout.method_keys():
-                cuts = _global_cuts(stream, steps)
-            merged = _merge_encoder(stream, cuts, steps)
-        merged.update(_collect_heads(sources))
-    threshold_record = None if cuts is None else {s.task_id: cut.threshold for s, cut in zip(sources, cuts)}
-    sidecar = merged_sidecar(spec, resolved, sources, threshold_record, base_record, base_checks)
-    return merged, MergeReport(merge_plan, threshold_record, sidecar)
-
-
-def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method: str = DEFAULT_METHOD,
-                      options: Mapping[str, Any] | None = None, base: str | None = None,
-                      task_names: Sequence[str] | None = None, force: bool = False,
-                      progress: Progress | None = None,
-                      block_entries: int = BLOCK_ENTRIES) -> tuple[Checkpoint, MergeReport]:
-    """Merge checkpoints into a new checkpoint directory at ``output``.
-
-    config.json and tokenizer files are copied and a config.<task>.json is
-    written per task (hf_interop.merged_companion_files), so transformers loads
-    the encoder with any one head; the output carries no statistics. The
-    sidecar has kind "merge", the union of the input tasks (each keeping its
-    expert's metrics as "expert_metrics"), the shared base and the lineage:
-    inputs with the sha256 of their model file, method, options.
-    """
-    checkpoints = _as_checkpoints(inputs, task_names)
-    check_output_dir(output, inputs=[c.path for c in checkpoints], force=force)
-    # companion files first: a --base tokenizer link that is refused is refused before the work
-    tasks = {task: record.as_json() for checkpoint in checkpoints for task, record in checkpoint.tasks.items()}
-    companions = merged_companion_files(checkpoints, tasks, base)
-    tensors, report = merge_tensors(checkpoints, method=method, options=options, base=base, progress=progress,
-                                    block_entries=block_entries)
-    written = write_checkpoint(output, tensors=tensors, sidecar=report.sidecar, extra_files=companions, force=force,
-                               inputs=checkpoints)  # heads are still mapped: checked once more before the sidecar
-    return written, report
+        try:
+            with _one_torch_thread():
+                if spec.uses_global_trim(options) and layout.method_keys():
+                    cuts = _global_cuts(stream, steps)
+                _merge_encoder(stream, cuts, steps, sink)
+            _collect_heads(stream, sink)
+            sink.close()
+        finally:
+            sink.abort()
+        thresholds = None if cuts is None else {s.task_id: cut.threshold for s, cut in zip(sources, cuts)}
+        sidecar = merged_sidecar(spec, options, sources, thresholds, self.base_record, self.base_checks)
+        if self.out_dtype is not None:
+            sidecar["lineage"]["out_dtype"] = self.out_dtype
+        return MergeReport(self.plan, thresholds, sidecar)
 
 
 # ----------------------------------------------------------------------------- inputs and base
@@ -208,28 +258,6 @@ def _load_base(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[
     return record, base
 
 
-def check_dtype_kinds(sources: Sequence[Source], layout: Layout) -> None:
-    """Every input's tensor has the first input's kind of dtype, and floating weights are ones merge reads.
-
-    The layout (which tensors the method merges, which are copied from the
-    first input) comes from the first input's headers, so an integer weight in
-    any input would otherwise be copied through or silently cast to float.
-    """
-    first = sources[0]
-    for key in layout.keys:
-        kind = dtype_kind(layout.dtypes[key])
-        if kind == "floating" and layout.dtypes[key] not in FLOAT_DTYPES:
-            raise MergeError(f"tensor {key!r} is {layout.dtypes[key]} in {first.label}; merge reads "
-                             f"{', '.join(FLOAT_DTYPES)} weights", hint="save the weights in one of those dtypes")
-        for other in sources[1:]:
-            if dtype_kind(other.dtype(key)) != kind:
-                raise MergeError(
-                    f"tensor {key!r} is {kind} ({layout.dtypes[key]}) in {first.label} "
-                    f"but {dtype_kind(other.dtype(key))} ({other.dtype(key)}) in {other.label}",
-                    hint="checkpoints of different architectures cannot be merged",
-                )
-
-
 # ----------------------------------------------------------------------------- streaming passes
 
 
@@ -238,13 +266,14 @@ class _Stream:
 
     def __init__(self, spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[Source],
                  layout: Layout, base: Mapping[str, Tensor] | None, pages: MappedPages, block_entries: int,
-                 base_label: str = "the base model"):
+                 base_label: str = "the base model", target=None):
         self.spec, self.options, self.sources, self.layout = spec, options, sources, layout
         self.base, self.pages, self.block_entries = base, pages, block_entries
         self.stats = tuple(source.stats for source in sources)
         self.labels = tuple(source.label for source in sources)
         self.task_ids = tuple(source.task_id for source in sources)
         self.base_label = base_label
+        self.target = target  # the output's floating dtype (--out-dtype), or None: each input's own
         self.checked: set[str] = set()  # tensors whose rows a pass has read (and checked finite) in full
 
     def blocks(self, key: str):
@@ -285,6 +314,10 @@ class _Stream:
         if group.base is not None:
             check_finite(group.base, tensor_name=group.name, owner=self.base_label, block=group.block)
 
+    def out_dtype(self, stored):
+        """The dtype a floating tensor stored as ``stored`` is written in."""
+        return stored if self.target is None or not stored.is_floating_point else self.target
+
     def release_files(self, key: str) -> None:
         """Hand back every mapped page of the inputs (and base) that hold ``key``."""
         self.pages.release_files(*(source.tensor(key) for source in self.sources),
@@ -308,7 +341,7 @@ class _Stream:
             streams = spec.random_streams(key, self.task_ids, options)
         # Allocated before the block's temporaries, so that those are freed from the top
         # of the heap and the held outputs do not pin holes between them.
-        merged = torch.empty(self.layout.shapes[key], dtype=self.sources[0].tensor(key).dtype)
+        merged = torch.empty(self.layout.shapes[key], dtype=self.out_dtype(self.sources[0].tensor(key).dtype))
         for group, block in zip(self.groups(key, selections, streams), blocks):
             rows = merged if block is None else merged[block.start:block.stop]
             rows.copy_(spec.merge(group, options))
@@ -368,8 +401,8 @@ def _global_cuts(stream: _Stream, steps: ProgressSteps) -> list[Cut]:
     return streaming_cuts(batches, stream.options["keep"])
 
 
-def _merge_encoder(stream: _Stream, cuts: Sequence[Cut] | None, steps: ProgressSteps) -> dict[str, Tensor]:
-    merged: dict[str, Tensor] = {}
+def _merge_encoder(stream: _Stream, cuts: Sequence[Cut] | None, steps: ProgressSteps, sink: Sink) -> None:
+    """Every shared tensor, merged (or copied) and handed to ``sink`` at once: nothing merged is kept here."""
     layout, sources = stream.layout, stream.sources
     method_keys = set(layout.method_keys())
     vector_keys = set(layout.vector_keys())
@@ -377,35 +410,36 @@ def _merge_encoder(stream: _Stream, cuts: Sequence[Cut] | None, steps: ProgressS
     selections = None if cuts is None else tuple(Selection(cut) for cut in cuts)
     for key in layout.keys:
         if key in method_keys:
-            merged[key] = stream.merge(key, selections)
+            sink.put(key, stream.merge(key, selections))
         elif key in vector_keys:
-            merged[key] = _merge_vector(key, stream)
+            sink.put(key, _merge_vector(key, stream))
         else:
-            merged[key] = sources[0].tensor(key)  # integer buffers: nothing to merge
+            sink.put(key, sources[0].tensor(key))  # integer buffers: nothing to merge
         stream.release_files(key)
         steps.advance(key)
-    return merged
 
 
 def _merge_vector(key: str, stream: _Stream) -> Tensor:
     """1-D parameters follow the ``norms`` option, whatever the method; what it reads is checked finite."""
     weights = [source.tensor(key) for source in stream.sources]
+    out = stream.out_dtype(weights[0].dtype)
     if stream.options["norms"] == "base":
         check_finite(stream.base[key], tensor_name=key, owner=stream.base_label)
-        merged = stream.base[key].to(weights[0].dtype, copy=True)
+        merged = stream.base[key].to(out, copy=True)
     else:
         for weight, label in zip(weights, stream.labels):
             check_finite(weight, tensor_name=key, owner=label)
-        merged = torch.stack([w.to(torch.float32) for w in weights]).mean(dim=0).to(weights[0].dtype)
+        merged = torch.stack([w.to(torch.float32) for w in weights]).mean(dim=0).to(out)
     stream.check_output(key, merged)  # a mean, or a cast to a narrower dtype, can overflow
     return merged
 
 
-def _collect_heads(sources: Sequence[Source]) -> dict[str, Tensor]:
+def _collect_heads(stream: _Stream, sink: Sink) -> None:
     """Every input's own head, under heads/<task>/<key>, checked finite: heads are never averaged."""
-    heads = {}
-    for source in sources:
+    for source in stream.sources:
         for out_key, in_key in source.heads.items():
-            heads[out_key] = source.tensor(in_key)
-            check_finite(heads[out_key], tensor_name=in_key, owner=source.label)
-    return heads
+            head = source.tensor(in_key)
+            check_finite(head, tensor_name=in_key, owner=source.label)
+            head = head.to(stream.out_dtype(head.dtype))
+            stream.check_output(out_key, head)  # --out-dtype fp16 may not hold it
+            sink.put(out_key, head)

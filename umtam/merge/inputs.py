@@ -1,6 +1,6 @@
 """The merge's inputs, opened and checked: memory-mapped weights, lazily read statistics, one layout.
 
-Every input's model.safetensors (and stats.safetensors) is memory-mapped
+Every input's weights (model.safetensors or its shards) and stats.safetensors are memory-mapped
 (umtam.safetensors_io); nothing is read until a tensor is asked for. Before
 any work the inputs must agree: one base fingerprint (plain Hugging Face
 inputs record none and are checked against --base instead, plain_inputs.py),
@@ -25,11 +25,13 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from umtam.checkpoint import MODEL_FILE, STATS_FILE, Checkpoint
+from umtam.base_model import dtype_kind
+from umtam.checkpoint import STATS_FILE, Checkpoint
 from umtam.errors import CheckpointError, MergeError
 from umtam.families import family_of_dir
 from umtam.heads import check_head_labels, head_key, split_head_key
 from umtam.safetensors_io import FLOAT_DTYPES, open_safetensors
+from umtam.shards import open_weights
 from umtam.saliency import missing_stat_error
 from umtam.scores import required_stats
 
@@ -84,8 +86,8 @@ class Source:
     """One opened input: its checkpoint, mapped weights and statistics, and where its heads go."""
 
     checkpoint: Checkpoint
-    model: Any  # safe_open handle
-    stats: LazyStats
+    model: Any  # umtam.shards.ShardedHandle: one file or every shard
+    stats: Mapping[str, Any]  # LazyStats, or a plain input's imported statistics
     label: str
     task_id: str
     encoder_keys: frozenset[str]
@@ -98,7 +100,7 @@ class Source:
 
     def tensor(self, key: str) -> Tensor:
         """The mapped tensor ``key``, after checking the file is still the one hashed (see the module docstring)."""
-        self.checkpoint.check_unchanged(MODEL_FILE)
+        self.checkpoint.check_unchanged(self.model.file_of(key))
         return self.model.get_tensor(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -130,11 +132,12 @@ def open_sources(checkpoints: Sequence[Checkpoint]) -> Iterator[list[Source]]:
         sources = []
         for checkpoint in checkpoints:
             checkpoint.check_unchanged()  # what is mapped now is what was hashed
-            model = stack.enter_context(open_safetensors(checkpoint.model_file))
+            model = stack.enter_context(open_weights(checkpoint.path))
             stats_file = checkpoint.stats_file
             stats = stack.enter_context(open_safetensors(stats_file)) if stats_file else None
             check = functools.partial(checkpoint.check_unchanged, STATS_FILE)
-            sources.append(_describe(checkpoint, model, LazyStats(stats, check)))
+            imported = checkpoint.imported_stats  # a plain input's optimizer.pt (umtam.adam_import)
+            sources.append(_describe(checkpoint, model, imported if imported is not None else LazyStats(stats, check)))
         yield sources
         for checkpoint in checkpoints:
             checkpoint.check_unchanged()
@@ -232,3 +235,25 @@ def check_stats(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence
                         error = missing_stat_error(source.label, stat_key, source.stats)
                         raise CheckpointError(f"{error.message} (needed by merge method {spec.name})",
                                               hint=_STATS_HINT)
+
+
+def check_dtype_kinds(sources: Sequence[Source], layout: Layout) -> None:
+    """Every input's tensor has the first input's kind of dtype, and floating weights are ones merge reads.
+
+    The layout (which tensors the method merges, which are copied from the
+    first input) comes from the first input's headers, so an integer weight in
+    any input would otherwise be copied through or silently cast to float.
+    """
+    first = sources[0]
+    for key in layout.keys:
+        kind = dtype_kind(layout.dtypes[key])
+        if kind == "floating" and layout.dtypes[key] not in FLOAT_DTYPES:
+            raise MergeError(f"tensor {key!r} is {layout.dtypes[key]} in {first.label}; merge reads "
+                             f"{', '.join(FLOAT_DTYPES)} weights", hint="save the weights in one of those dtypes")
+        for other in sources[1:]:
+            if dtype_kind(other.dtype(key)) != kind:
+                raise MergeError(
+                    f"tensor {key!r} is {kind} ({layout.dtypes[key]}) in {first.label} "
+                    f"but {dtype_kind(other.dtype(key))} ({other.dtype(key)}) in {other.label}",
+                    hint="checkpoints of different architectures cannot be merged",
+                )

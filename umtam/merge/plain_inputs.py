@@ -1,7 +1,9 @@
 """Plain Hugging Face directories as merge inputs: what they cannot give, and the check that stands in.
 
 A plain directory (hf_interop) records neither its base nor statistics. So a
-method that reads statistics refuses it, ``--base`` is required, and instead
+method that reads statistics refuses it (unless it holds a Trainer's
+optimizer.pt, whose Adam second moments umtam.adam_import turns into
+statistics), ``--base`` is required, and instead
 of the fingerprint the input is checked against that base: the same keys and
 shapes (inputs.py and the base coverage check) and a small relative distance.
 """
@@ -37,11 +39,14 @@ def check_plain_inputs(spec: MergeMethod, options: Mapping[str, Any], checkpoint
     if not plain:
         return
     needed = scores_reading_stats(spec, options)
-    if needed:
+    without = [checkpoint for checkpoint in plain if checkpoint.imported_stats is None]
+    if needed and without:
         raise MergeError(
-            f"{plain[0].path} is a plain Hugging Face directory without the training statistics that "
-            f"merge method {spec.name} needs ({', '.join(needed)} saliency)",
-            hint=f"use a weights-only method: {', '.join(weights_only_methods())}",
+            f"{without[0].path} is a plain Hugging Face directory without the training statistics that "
+            f"merge method {spec.name} needs ({', '.join(needed)} saliency), and without an optimizer.pt to "
+            "import them from",
+            hint=f"use a weights-only method: {', '.join(weights_only_methods())}; or merge the Trainer's "
+                 "checkpoint-N directories, whose optimizer.pt holds Adam's second moments",
         )
     if base is None:
         raise ConfigError(

@@ -114,7 +114,7 @@ def make_plan(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[S
     if MappedPages().can_release:
         held = max(output_bytes, base_bytes)
     else:
-        held = output_bytes + base_bytes + sum(source.checkpoint.model_file.stat().st_size for source in sources)
+        held = output_bytes + base_bytes + sum(source.checkpoint.weights_bytes() for source in sources)
     return MergePlan(
         inputs=tuple(source.label for source in sources),
         tasks=tuple(task for source in sources for task in source.checkpoint.tasks),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from umtam.sidecar import MODEL_FILE, Sidecar
+from umtam.sidecar import Sidecar
 
 if TYPE_CHECKING:
     from umtam.merge.base import MergeMethod
@@ -38,7 +38,7 @@ def _lineage_input(source: Source, base_checks: Mapping[str, float]) -> dict[str
     sidecar: Sidecar = source.checkpoint.sidecar
     item: dict[str, Any] = {
         "path": str(source.checkpoint.path.resolve()),
-        "sha256": sidecar.file_sha256(MODEL_FILE),
+        "sha256": sidecar.weights_sha256(),
         "tasks": list(source.checkpoint.tasks),
     }
     if source.plain:

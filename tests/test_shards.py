@@ -1,0 +1,190 @@
+"""Sharded weights in and out, the streaming writer against safetensors' own save_file, and LLM-style merges."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cli_runner import run_cli
+from lm_fixtures import write_tiny_decoder
+from umtam.checkpoint import load_checkpoint
+from umtam.errors import CheckpointError, ConfigError
+from umtam.shards import (INDEX_FILE, WeightsWriter, entry_of, load_weights, open_weights, parse_size, weight_files,
+                          write_weights)
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mixed_tensors():
+    torch.manual_seed(0)
+    return {"b.weight": torch.randn(20, 30).to(torch.bfloat16), "a.bias": torch.randn(3), "ids": torch.arange(3),
+            "heads/x/w": torch.ones(1, dtype=torch.float16), "d": torch.ones(2, dtype=torch.float64),
+            "flag": torch.tensor(True), "empty": torch.zeros(0, 4)}
+
+
+def test_one_file_is_byte_for_byte_what_save_file_writes(tmp_path):
+    tensors = mixed_tensors()
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    assert write_weights(tmp_path, tensors) == ["model.safetensors"]
+    assert sha(tmp_path / "model.safetensors") == sha(tmp_path / "reference.safetensors")
+
+
+def test_tensors_may_come_in_any_order_and_land_in_their_places(tmp_path):
+    tensors = mixed_tensors()
+    writer = WeightsWriter(tmp_path, [entry_of(name, t) for name, t in tensors.items()])
+    for name in reversed(list(tensors)):
+        writer.write(name, tensors[name])
+    writer.close()
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    assert sha(tmp_path / "model.safetensors") == sha(tmp_path / "reference.safetensors")
+
+
+def test_shards_hold_at_most_the_size_and_read_back_as_one(tmp_path):
+    tensors = {f"layer.{i}.weight": torch.full((10, 10), float(i)) for i in range(6)}  # 400 bytes each
+    files = write_weights(tmp_path, tensors, shard_bytes=1000)
+    assert files[0] == INDEX_FILE and len(files) == 4  # 2 + 2 + 2 tensors per shard
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == 2400 and set(index["weight_map"]) == set(tensors)
+    assert weight_files(tmp_path) == files
+    loaded = load_weights(tmp_path)
+    assert all(torch.equal(loaded[name], tensors[name]) for name in tensors)
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
+
+    assert SAFE_WEIGHTS_INDEX_NAME == INDEX_FILE
+
+
+def test_the_writer_refuses_what_was_not_declared_and_a_tensor_left_out(tmp_path):
+    writer = WeightsWriter(tmp_path, [entry_of("w", torch.zeros(2, 2))])
+    with pytest.raises(ValueError, match="declared"):
+        writer.write("w", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="never written"):
+        writer.close()
+    writer.abort()
+
+
+def test_an_index_naming_a_missing_shard_is_refused_in_one_line(tmp_path):
+    write_weights(tmp_path, {f"t{i}": torch.zeros(100) for i in range(4)}, shard_bytes=800)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names shard model-00002-of-00002.safetensors, which is missing"):
+        weight_files(tmp_path)
+
+
+def test_a_shard_holding_other_tensors_than_the_index_says_is_refused(tmp_path):
+    write_weights(tmp_path, {f"t{i}": torch.zeros(100) for i in range(4)}, shard_bytes=800)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    index["weight_map"]["t0"], index["weight_map"]["t3"] = index["weight_map"]["t3"], index["weight_map"]["t0"]
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="which model.safetensors.index.json"):
+        with open_weights(tmp_path):
+            pass
+
+
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1000", 1000)])
+def test_shard_sizes_read_as_transformers_writes_them(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-5GB", "5XB", "nan"])
+def test_a_shard_size_that_is_no_size_is_refused(text):
+    with pytest.raises(ConfigError, match="is not a size"):
+        parse_size(text)
+
+
+# ----------------------------------------------------------------------------- LLM-style merges on the CLI
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """A tiny bf16 Llama base (untied, sharded) and two plain fine-tunes of it, saved by transformers, sharded."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("decoders")
+    base_dir = write_tiny_decoder(root / "base", "llama", tie=False, dtype=torch.bfloat16)
+    experts = []
+    for index in (1, 2):
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() >= 2:
+                    parameter.add_(0.002 * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
+        target = root / f"expert-{index}"
+        model.save_pretrained(target, max_shard_size="4KB")
+        experts.append(target)
+    return base_dir, experts
+
+
+def merge(*args):
+    code, _, stderr = run_cli("merge", *map(str, args), "--quiet")
+    assert code == 0, stderr
+
+
+def test_sharded_plain_decoders_merge_into_shards_equal_to_one_file(tmp_path, decoders):
+    base, experts = decoders
+    assert (experts[0] / INDEX_FILE).is_file()  # transformers sharded them
+    merge(*experts, "--base", base, "--method", "ties", "-o", tmp_path / "one")
+    merge(*experts, "--base", base, "--method", "ties", "--out-shard-size", "5KB", "-o", tmp_path / "sharded")
+    one, sharded = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "sharded")
+    assert sharded.weight_file_names[0] == INDEX_FILE and len(sharded.weight_file_names) > 2
+    assert set(one.tasks) == {"lm:expert-1", "lm:expert-2"}  # plain causal LMs: lm:<directory name>
+    a, b = one.load_tensors(), sharded.load_tensors()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert {t.dtype for t in a.values()} == {torch.bfloat16}  # the inputs' dtype
+    card = (tmp_path / "sharded" / "README.md").read_text()
+    assert "Method: **ties**" in card and "`expert-1`" in card and '"keep": 0.2' in card
+    assert (tmp_path / "sharded" / "generation_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                       a["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_out_dtype_stores_what_float32_computed(tmp_path, decoders):
+    base, experts = decoders
+    merge(*experts, "--base", base, "--method", "task-arithmetic", "--out-dtype", "fp32", "-o", tmp_path / "fp32")
+    merge(*experts, "--base", base, "--method", "task-arithmetic", "-o", tmp_path / "bf16")
+    wide, narrow = load_checkpoint(tmp_path / "fp32"), load_checkpoint(tmp_path / "bf16")
+    assert wide.sidecar.lineage.as_json()["out_dtype"] == "fp32"
+    w, n = wide.load_tensors(), narrow.load_tensors()
+    assert {t.dtype for t in w.values()} == {torch.float32}
+    assert all(torch.equal(w[k].to(torch.bfloat16), n[k]) for k in w)  # the same float32 result, rounded once
+
+
+def test_prune_writes_shards_and_another_dtype(tmp_path, decoders):
+    from lm_fixtures import write_text_corpus
+    from umtam.config.train import TrainConfig
+    from umtam.train import train
+
+    base, _ = decoders
+    corpus = write_text_corpus(tmp_path / "text")
+    checkpoint = train(TrainConfig(task="lm", model=str(base), data=str(corpus / "train.txt"),
+                                   eval_data=str(corpus / "validation.jsonl"), max_steps=2, batch_size=2,
+                                   max_length=16, output=str(tmp_path / "lm")))
+    code, _, stderr = run_cli("prune", str(checkpoint.path), "--keep", "0.1", "--out-dtype", "bf16",
+                              "--out-shard-size", "5KB", "-o", str(tmp_path / "pruned"), "--quiet")
+    assert code == 0, stderr
+    pruned = load_checkpoint(tmp_path / "pruned")
+    assert pruned.weight_file_names[0] == INDEX_FILE
+    assert {t.dtype for t in pruned.load_tensors().values()} == {torch.bfloat16}
+    code, out, stderr = run_cli("eval", str(tmp_path / "pruned"), "--task", "lm", "--json")
+    assert code == 0, stderr and json.loads(out)["tasks"]["lm:text"]["normalized"] is not None
+
+
+def test_an_input_index_naming_a_missing_shard_is_one_line(tmp_path, decoders):
+    import shutil
+
+    base, experts = decoders
+    broken = tmp_path / "broken"
+    shutil.copytree(experts[0], broken)
+    shard = json.loads((broken / INDEX_FILE).read_text())["weight_map"]["lm_head.weight"]
+    (broken / shard).unlink()
+    code, _, stderr = run_cli("merge", str(broken), str(experts[1]), "--base", str(base), "-o", str(tmp_path / "m"))
+    assert code == 1 and len(stderr.strip().splitlines()) == 1
+    assert f"names shard {shard}, which is missing" in stderr and not (tmp_path / "m").exists()
