@@ -188,3 +188,53 @@ def test_an_input_index_naming_a_missing_shard_is_one_line(tmp_path, decoders):
     code, _, stderr = run_cli("merge", str(broken), str(experts[1]), "--base", str(base), "-o", str(tmp_path / "m"))
     assert code == 1 and len(stderr.strip().splitlines()) == 1
     assert f"names shard {shard}, which is missing" in stderr and not (tmp_path / "m").exists()
+
+
+def test_the_writer_hashes_each_file_as_it_writes_it(tmp_path):
+    tensors = {f"layer.{i}.weight": torch.randn(64, 64) for i in range(5)}
+    writer = WeightsWriter(tmp_path, [entry_of(name, t) for name, t in tensors.items()], shard_bytes=40_000)
+    for name in ["layer.3.weight", "layer.0.weight", "layer.4.weight", "layer.1.weight", "layer.2.weight"]:
+        writer.write(name, tensors[name])  # out of file order: the hash waits for the gaps to fill
+    files = writer.close()
+    assert set(writer.digests) == set(files) - {INDEX_FILE}
+    assert all(writer.digests[name] == sha(tmp_path / name) for name in writer.digests)
+
+
+def test_a_plain_input_changed_while_hashed_in_the_background_is_refused(tmp_path, decoders):
+    import shutil
+
+    from umtam.hf_interop import open_plain_hf
+
+    base, experts = decoders
+    copy = tmp_path / "copy"
+    shutil.copytree(experts[0], copy)
+    checkpoint = open_plain_hf(copy, hash_later=True)
+    checkpoint.pending_hashes.result()  # let the background finish, then change a file behind its back
+    shard = next(name for name in checkpoint.sidecar.files if name.endswith(".safetensors"))
+    (copy / shard).write_bytes((copy / shard).read_bytes())  # same bytes, a new mtime
+    with pytest.raises(CheckpointError, match="changed while umtam was reading it"):
+        checkpoint.settle()
+
+
+def test_the_sampled_distance_is_the_full_one_on_every_block_and_close_on_a_sample():
+    from umtam.merge.inputs import Layout
+    from umtam.merge.pages import MappedPages
+    from umtam.merge.plain_inputs import relative_distances
+
+    torch.manual_seed(0)
+    base = {"w": torch.randn(4096, 512), "v": torch.randn(300, 64)}
+    moved = {key: value + 0.05 * torch.randn(value.shape) for key, value in base.items()}
+
+    class Plain:
+        label = "plain"
+
+        def tensor(self, key):
+            return moved[key]
+
+    layout = Layout(("v", "w"), {"v": (300, 64), "w": (4096, 512)}, {"v": "F32", "w": "F32"})
+    exact = (sum(float(((moved[k] - base[k]) ** 2).sum()) for k in base)
+             / sum(float((base[k] ** 2).sum()) for k in base)) ** 0.5
+    every, = relative_distances([Plain()], layout, base, MappedPages(), stride=1)
+    sampled, = relative_distances([Plain()], layout, base, MappedPages())
+    assert every == pytest.approx(exact, rel=1e-5)
+    assert sampled == pytest.approx(exact, rel=0.05)

@@ -31,6 +31,8 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -54,10 +56,37 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_records(directory: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file in ``directory``, by name."""
-    return {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def file_records(directory: Path, known: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file in ``directory``, by name.
+
+    ``known`` holds digests the writer of a file already took as it wrote it
+    (umtam.shards.WeightsWriter hashes what it wrote, behind the writing): those
+    files are not read again.
+    """
+    known = known or {}
+    return {path.name: {"sha256": known.get(path.name) or sha256_file(path), "bytes": path.stat().st_size}
             for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def in_background(function: Callable[..., T], *args: Any) -> Future:
+    """``function(*args)`` on a daemon thread; its result (or exception) in the returned Future.
+
+    For hashing beside the work that reads the same files: hashlib releases the
+    GIL on large updates, so a second core hashes while the first computes.
+    A daemon thread never holds up the exit of a run that failed or was interrupted.
+    """
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="umtam-background").start()
+    return future
 
 
 def write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
+from umtam.atomic import in_background
 from umtam.errors import CheckpointError
 from umtam.families import family_of
 from umtam.heads import encoder_tensors
@@ -20,11 +21,14 @@ from umtam.models import ModelSource, resolve_model
 from umtam.shards import is_sharded, open_weights
 
 
-def fingerprint(tensors: Mapping[str, Any]) -> str:
+def fingerprint(tensors: Mapping[str, Any], after: Callable[[Any], None] | None = None) -> str:
     """sha256 over names, dtypes, shapes and bytes of tensors, in name order.
 
     Used for the base weights: two checkpoints share a base exactly when their
     encoders started from bit-identical tensors, whatever file they came from.
+    ``after`` is called with each tensor once it is hashed: a merge hands its
+    memory-mapped pages back there (umtam.merge.pages), so hashing a base read
+    from disk never holds more than one tensor of it.
     """
     import torch
 
@@ -33,6 +37,8 @@ def fingerprint(tensors: Mapping[str, Any]) -> str:
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy())  # the buffer itself, no copy
+        if after is not None:
+            after(tensors[name])
     return digest.hexdigest()
 
 
@@ -70,7 +76,8 @@ def _encoder_of(model) -> dict[str, Any]:
 
 
 def load_base_encoder(record: Mapping[str, Any] | Any, *, override: str | None = None,
-                      keys: Iterable[str] | None = None) -> Mapping[str, Any]:
+                      keys: Iterable[str] | None = None,
+                      release: Callable[[Any], None] | None = None) -> Mapping[str, Any]:
     """Rebuild the base encoder tensors a checkpoint was fine-tuned from, and verify them.
 
     ``override`` (``--base``) points at another copy of the base; either way the
@@ -83,13 +90,13 @@ def load_base_encoder(record: Mapping[str, Any] | Any, *, override: str | None =
     model built. It is used only when it hashes to the fingerprint; otherwise
     (a head or pooler the base file lacks and transformers initialises, legacy
     names, another dtype) the base is rebuilt through transformers as without
-    ``keys``.
+    ``keys``. ``release`` is fingerprint's ``after``.
     """
     record = record.as_json() if hasattr(record, "as_json") else record  # a sidecar BaseRecord
     source = _base_source(record, override)
     if keys is not None and not record.get("from_config"):
         direct = read_base_file(source, keys)
-        if direct is not None and fingerprint(direct) == record["fingerprint"]:
+        if direct is not None and fingerprint(direct, release) == record["fingerprint"]:
             return direct
     encoder = _encoder_of(_rebuild(source, record))
     if fingerprint(encoder) != record["fingerprint"]:
@@ -108,7 +115,8 @@ def describe_base(record: Mapping[str, Any] | Any, override: str | None = None) 
     return f"the base model {where}" if where else "the base model"
 
 
-def identify_base(reference: str, keys: Iterable[str]) -> tuple[dict[str, Any], Mapping[str, Any]]:
+def identify_base(reference: str, keys: Iterable[str], release: Callable[[Any], None] | None = None,
+                  *, later: bool = False) -> tuple[dict[str, Any], Mapping[str, Any]]:
     """The base encoder at ``reference`` and a sidecar record naming it, for inputs that record no base.
 
     A plain Hugging Face input does not say which weights it was fine-tuned
@@ -116,7 +124,11 @@ def identify_base(reference: str, keys: Iterable[str]) -> tuple[dict[str, Any], 
     ``load_base_encoder`` will read them again from the record: straight from
     the base's safetensors file when that has every key, otherwise through
     transformers with init seed 0. The record's fingerprint therefore matches a
-    later ``load_base_encoder(record, keys=keys)``.
+    later ``load_base_encoder(record, keys=keys)``. ``release`` is fingerprint's ``after``.
+    With ``later`` the record's "fingerprint" is a Future, hashed on a
+    background thread (umtam.atomic.in_background) while the caller reads the
+    same tensors: a plain input's base is recorded, not checked, so nothing
+    waits for it but the sidecar.
     """
     source = resolve_model(reference)
     keys = list(keys)
@@ -125,7 +137,9 @@ def identify_base(reference: str, keys: Iterable[str]) -> tuple[dict[str, Any], 
     if encoder is None:
         state = _encoder_of(_rebuild(source, {"architecture": architecture, "init_seed": 0}))
         encoder = {key: value.detach().clone() for key, value in state.items()}
-    return base_record(source, encoder, 0, architecture=architecture), encoder
+    digest = in_background(fingerprint, encoder, release) if later else fingerprint(encoder, release)
+    record = {**source.as_record(), "fingerprint": digest, "init_seed": 0, "architecture": architecture}
+    return record, encoder
 
 
 def architecture_of_keys(keys: Iterable[str]) -> str:

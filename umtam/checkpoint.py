@@ -24,6 +24,7 @@ place (umtam.atomic), so a crash leaves the old output or nothing that loads.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -57,6 +58,28 @@ class Checkpoint:
     identities: dict[str, FileIdentity] = field(default_factory=dict)
     # statistics that are not a stats.safetensors: a plain input's, from its optimizer.pt (umtam.adam_import)
     imported_stats: Mapping[str, Any] | None = None
+    # a plain input hashed in the background (hf_interop): {file: (sha256, identity)} once done; see settle()
+    pending_hashes: Future | None = None
+
+    def settle(self) -> None:
+        """Wait for background hashes and put them in the sidecar; a file changed since it was opened is refused.
+
+        Until then the sidecar lists each file's size with a placeholder sha256:
+        whatever records a lineage calls this first.
+        """
+        if self.pending_hashes is None:
+            return
+        hashed = self.pending_hashes.result()
+        for name, (_, identity) in hashed.items():
+            now = current_identity(self.path / name)  # unchanged from opening, through hashing, until now
+            change = self.identities[name].difference(identity) or (
+                "it was removed" if now is None else self.identities[name].difference(now))
+            if change:
+                raise changed_error(self.path / name, change)
+        fields = self.sidecar.as_json()
+        fields["files"] = {name: {"sha256": digest, "bytes": identity.size} for name, (digest, identity) in hashed.items()}
+        self.sidecar = make_sidecar(fields, self.path)
+        self.pending_hashes = None
 
     @property
     def kind(self) -> str:
@@ -237,12 +260,12 @@ def write_checkpoint(
     out = check_output_dir(output, force=force)
 
     def fill(staging: Path) -> Sidecar:
-        _write_payload(staging, tensors, stats, extra_files or {}, shard_bytes)
+        known = _write_payload(staging, tensors, stats, extra_files or {}, shard_bytes)
         for checkpoint in inputs:
             checkpoint.check_unchanged()
         recorded = sidecar() if callable(sidecar) else sidecar  # a streaming merge knows it once written
         fields = recorded.as_json() if isinstance(recorded, Sidecar) else dict(recorded)
-        complete = make_sidecar({**fields, "schema_version": SCHEMA_VERSION, "files": file_records(staging)},
+        complete = make_sidecar({**fields, "schema_version": SCHEMA_VERSION, "files": file_records(staging, known)},
                                 staging / SIDECAR_FILE)
         write_sidecar(staging / SIDECAR_FILE, complete)
         return complete
@@ -250,9 +273,11 @@ def write_checkpoint(
     return Checkpoint(out, write_directory(out, fill, replace=force))
 
 
-def _write_payload(staging: Path, tensors, stats, extra_files, shard_bytes: int | None) -> None:
+def _write_payload(staging: Path, tensors, stats, extra_files, shard_bytes: int | None) -> dict[str, str]:
+    """Write every file; the sha256 of those whose writer hashed them as it wrote (a streaming merge's)."""
+    known = {}
     if callable(tensors):
-        tensors(staging)
+        known = tensors(staging) or {}
     elif shard_bytes is None:
         save_tensors(tensors, staging / MODEL_FILE)
     else:
@@ -268,3 +293,4 @@ def _write_payload(staging: Path, tensors, stats, extra_files, shard_bytes: int 
             (staging / name).write_bytes(content)
         else:
             copy_regular_file(Path(content), staging / name)  # never a link out, a FIFO or a device
+    return known

@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from umtam.atomic import check_regular_file, hash_identified, is_write_leftover
+from umtam.atomic import FileIdentity, check_regular_file, hash_identified, in_background, is_write_leftover
 from umtam.checkpoint import INDEX_FILE, MODEL_FILE, SIDECAR_FILE, Checkpoint, load_checkpoint
 from umtam.errors import CheckpointError, ConfigError, first_line
 from umtam.shards import open_weights, weight_files
@@ -69,13 +69,13 @@ def is_plain_hf_dir(path: str | Path) -> bool:
             and not (directory / SIDECAR_FILE).exists())
 
 
-def open_inputs(inputs: Sequence[str | Path | Checkpoint],
-                task_names: Sequence[str] | None = None) -> list[Checkpoint]:
+def open_inputs(inputs: Sequence[str | Path | Checkpoint], task_names: Sequence[str] | None = None,
+                *, hash_later: bool = False) -> list[Checkpoint]:
     """Checkpoints for merge inputs; plain Hugging Face directories take ``task_names`` in order.
 
     ``task_names`` holds one name per plain input, in the order the inputs are
     given; without it each plain input's config.json ``finetuning_task`` (which
-    transformers' run_glue.py sets) names its task.
+    transformers' run_glue.py sets) names its task. ``hash_later`` as open_plain_hf's.
     """
     plain = [item for item in inputs if not isinstance(item, Checkpoint) and is_plain_hf_dir(item)]
     names = list(task_names or [])
@@ -87,14 +87,16 @@ def open_inputs(inputs: Sequence[str | Path | Checkpoint],
         )
     remaining = iter(names)
     short = dict(zip(map(str, plain), distinct_names([Path(item) for item in plain])))
-    return [_open_one(item, remaining, short) for item in inputs]
+    return [_open_one(item, remaining, short, hash_later) for item in inputs]
 
 
-def _open_one(item: str | Path | Checkpoint, task_names, short_names: Mapping[str, str]) -> Checkpoint:
+def _open_one(item: str | Path | Checkpoint, task_names, short_names: Mapping[str, str],
+              hash_later: bool) -> Checkpoint:
     if isinstance(item, Checkpoint):
         return item
     if is_plain_hf_dir(item):
-        return open_plain_hf(item, next(task_names, None), default_name=short_names.get(str(item)))
+        return open_plain_hf(item, next(task_names, None), default_name=short_names.get(str(item)),
+                             hash_later=hash_later)
     return load_checkpoint(item)
 
 
@@ -111,14 +113,18 @@ def distinct_names(paths: Sequence[Path]) -> list[str]:
     return [f"{name}-{index}" for index, name in enumerate(names, 1)]
 
 
-def open_plain_hf(path: str | Path, task: str | None = None, *, default_name: str | None = None) -> Checkpoint:
+def open_plain_hf(path: str | Path, task: str | None = None, *, default_name: str | None = None,
+                  hash_later: bool = False) -> Checkpoint:
     """A plain Hugging Face directory as a one-task Checkpoint (sidecar made up, not written).
 
     Its weights are model.safetensors or sharded (umtam.shards). Its task is
     ``task``, else config.json's ``finetuning_task``, else, for a causal LM,
     ``lm:<default_name>`` (the directory name when not given). A Trainer checkpoint directory's optimizer.pt
     (Adam-like) supplies its statistics (umtam.adam_import), read only if the
-    merge method asks for them.
+    merge method asks for them. With ``hash_later`` the files are hashed on a
+    background thread while the caller works (a merge reads them meanwhile,
+    each read guarded by the identity recorded here); ``Checkpoint.settle``
+    waits for the digests and refuses a file that changed.
     """
     from umtam.adam_import import OPTIMIZER_FILE, ImportedStats
 
@@ -127,8 +133,15 @@ def open_plain_hf(path: str | Path, task: str | None = None, *, default_name: st
     weights = weight_files(directory)  # an index naming a missing shard is refused here
     optimizer = [OPTIMIZER_FILE] if (directory / OPTIMIZER_FILE).is_file() else []
     files = [CONFIG_FILE, *weights, *optimizer, *(name for name in TOKENIZER_FILES if (directory / name).is_file())]
-    # Checked and hashed before anything reads them, so what is read is what the lineage records.
-    hashed = {name: hash_identified(directory / name) for name in files}
+    # Checked and hashed (or, hash_later, identified now and hashed beside the work) before anything reads
+    # them, so what is read is what the lineage records.
+    pending = None
+    if hash_later:
+        identified = {name: FileIdentity.of(check_regular_file(directory / name)) for name in files}
+        hashed = {name: (_PENDING, identity) for name, identity in identified.items()}
+        pending = in_background(lambda: {name: hash_identified(directory / name) for name in files})
+    else:
+        hashed = {name: hash_identified(directory / name) for name in files}
     with open_weights(directory):  # garbage is a CheckpointError, not a traceback
         pass
     config = read_config(directory / CONFIG_FILE)
@@ -146,7 +159,11 @@ def open_plain_hf(path: str | Path, task: str | None = None, *, default_name: st
         sidecar["optimizer"] = {"name": f"{OPTIMIZER_FILE} (Adam-like, imported)"}
     identities = {name: identity for name, (_, identity) in hashed.items()}
     imported = ImportedStats(directory, config) if optimizer else None
-    return Checkpoint(directory, make_sidecar(sidecar, directory), identities, imported_stats=imported)
+    return Checkpoint(directory, make_sidecar(sidecar, directory), identities, imported_stats=imported,
+                      pending_hashes=pending)
+
+
+_PENDING = "0" * 64  # the sha256 a plain input's sidecar lists until Checkpoint.settle() puts the real one
 
 
 def _plain_task(directory: Path, config: Mapping[str, Any], task: str | None,

@@ -52,7 +52,7 @@ from umtam.errors import CheckpointError
 from umtam.families import family_of_dir
 from umtam.heads import check_head_labels, is_head_key
 from umtam.progress import Progress, ProgressSteps
-from umtam.saliency import Selection, check_finite, streaming_cuts, task_vector, tensor_cut
+from umtam.saliency import Selection, all_finite, check_finite, streaming_cuts, task_vector, tensor_cut
 from umtam.saliency import score as saliency_score
 from umtam.sidecar import Sidecar
 
@@ -152,7 +152,7 @@ def prune_checkpoint(ckpt: Checkpoint | str | Path, *, base: str | None = None, 
 def _reset_to_base(name: str, mask: Tensor, weight: Tensor, base: Tensor, chosen: PruneSettings) -> Tensor:
     """W where kept, W0 elsewhere; both are checked finite, but W0 cast to a narrower dtype can overflow."""
     pruned = torch.where(mask, weight, base.to(weight.dtype))
-    if base.dtype != weight.dtype and not bool(torch.isfinite(pruned).all()):
+    if base.dtype != weight.dtype and not all_finite(pruned):
         raise CheckpointError(
             f"pruning ({', '.join(f'{key}={value}' for key, value in chosen.recorded().items())}) would write "
             f"NaN or inf into tensor {name!r}: the base model's "
@@ -204,7 +204,7 @@ def stored_as(tensors: Mapping[str, Tensor], out_dtype: str) -> dict[str, Tensor
     cast = {}
     for name, tensor in tensors.items():
         cast[name] = tensor.to(target) if tensor.is_floating_point() else tensor
-        if tensor.is_floating_point() and not bool(torch.isfinite(cast[name]).all()):
+        if not all_finite(cast[name]):
             raise CheckpointError(f"tensor {name!r} overflows {out_dtype}: --out-dtype {out_dtype} cannot hold it",
                                   hint="nothing was written; use a wider --out-dtype")
     return cast

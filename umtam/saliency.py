@@ -78,7 +78,7 @@ def check_scores(scores: Tensor, *, score_name: str, tensor_name: str, checkpoin
     task vector or the statistics pass about 1e19 (T^2 > 3.4e38), and inf
     times a zero curvature is NaN.
     """
-    if not bool(torch.isfinite(scores).all()):
+    if not all_finite(scores):
         raise CheckpointError(
             f"{checkpoint_label}: the {score_name} saliency of tensor {tensor_name!r} overflows float32 "
             f"in {count_entries(int((~torch.isfinite(scores)).sum()))}",
@@ -96,12 +96,29 @@ def check_finite(tensor: Tensor, *, tensor_name: str, owner: str, block: RowBloc
     is caught without a pass of its own over the whole model. Integer tensors
     cannot hold either and are not read.
     """
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    if all_finite(tensor):
         return
     raise CheckpointError(
         f"{owner}: tensor {tensor_name!r} holds NaN or infinite values ({non_finite_where(tensor, block)})",
         hint="it comes from a diverged run or was damaged; use weights saved before that",
     )
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """No NaN or inf in ``tensor`` (integer tensors hold neither).
+
+    Fast path: one float32 (float64 for float64) sum, which any NaN or inf
+    turns non-finite; it is 5 to 10 times cheaper than ``isfinite().all()``
+    (no mask is built; bf16 measured 1 ms against 10 ms per million entries).
+    Only a non-finite sum is checked entry by entry, so a sum of finite values
+    that overflows is not mistaken for one.
+    """
+    if not tensor.is_floating_point():
+        return True
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(tensor.sum(dtype=wide))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def non_finite_where(tensor: Tensor, block: RowBlock | None = None) -> str:
@@ -121,7 +138,7 @@ def task_vector(name: str, weight: Tensor, base: Tensor, *, checkpoint_label: st
     non-finite); only when it fails are W and W0 read again to say which.
     """
     vector = weight.to(torch.float32) - base.to(torch.float32)
-    if not bool(torch.isfinite(vector).all()):
+    if not all_finite(vector):
         check_finite(weight, tensor_name=name, owner=checkpoint_label)
         check_finite(base, tensor_name=name, owner=base_label)
         raise CheckpointError(
@@ -153,7 +170,7 @@ def read_stat(stats: Mapping[str, Tensor], key: str, *, checkpoint_label: str) -
     value = value.to(torch.float32)
     # A NaN second moment would silently decide every comparison it enters (it never
     # passes a threshold), so statistics from a diverged run are refused, not used.
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise CheckpointError(f"{checkpoint_label}: statistic {key!r} holds {bad} NaN or infinite value(s)",
                               hint="the run that wrote it diverged; use a state from before it did")

@@ -16,7 +16,8 @@ largest first, then by name), over shards of at most ``shard_bytes`` each
 (one file, ``model.safetensors``, without a limit), and writes each shard's
 header at once. Tensors then come in any order and each one's bytes go
 straight to their place (``os.pwrite``), so a merge hands every merged tensor
-to the file as soon as it is made and never holds the merged model. For one
+to the file as soon as it is made and never holds the merged model. A thread
+hashes each file behind the writing, so its sha256 is known when it is closed. For one
 file the bytes equal ``save_file``'s (tests/test_shards.py keeps that
 reference beside this fast path).
 """
@@ -24,9 +25,12 @@ reference beside this fast path).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -201,8 +205,82 @@ def _shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+class _TrailingHash:
+    """sha256 of a file written at known offsets, taken on a thread that follows the written prefix.
+
+    Each write marks its byte range; the thread hashes (reading back with
+    os.pread, from the page cache) as far as the file is written without gaps.
+    When every byte is written the digest is that of the finished file, and
+    nothing has to read the file again to record it.
+    """
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+        self._digest = hashlib.sha256()
+        self._hashed = self._ready = 0
+        self._ranges: dict[int, int] = {}  # start -> end of written ranges beyond the prefix
+        self._stop = False
+        self._error: OSError | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._follow, daemon=True, name="umtam-output-hash")
+        self._thread.start()
+
+    def mark(self, start: int, end: int) -> None:
+        if end == start:  # a tensor with no entries writes no bytes (and shares its offset with the next)
+            return
+        with self._changed:
+            self._ranges[start] = end
+            while self._ready in self._ranges:
+                self._ready = self._ranges.pop(self._ready)
+            self._changed.notify()
+
+    def _follow(self) -> None:
+        while True:
+            with self._changed:
+                while self._hashed == self._ready and not self._stop:
+                    self._changed.wait()
+                if self._stop:
+                    return
+                start, end = self._hashed, min(self._ready, self._hashed + _HASH_CHUNK)
+            try:
+                self._digest.update(os.pread(self.fd, end - start, start))
+            except OSError as exc:  # said by hexdigest, in the thread that writes
+                self._error = exc
+                return
+            with self._changed:
+                self._hashed = end
+                if self._hashed == self.size:
+                    return
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._hashed != self.size:
+            raise ValueError("the file was not written in full")
+        return self._digest.hexdigest()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stop = True
+            self._changed.notify()
+        self._thread.join()
+
+
+_HASH_CHUNK = 8 << 20
+_QUEUED = 2  # tensors handed over but not yet written: the memory the writing thread may hold
+
+
 class WeightsWriter:
-    """Writes declared tensors into their places in one file or in shards (see the module docstring)."""
+    """Writes declared tensors into their places in one file or in shards (see the module docstring).
+
+    ``write`` hands a tensor to a writing thread and returns (at most
+    ``_QUEUED`` wait their turn), so the caller computes the next tensor while
+    this one goes to disk; an error of the writing (a full disk) is raised by
+    the next ``write`` or by ``close``. Every file's sha256 is taken behind the
+    writing (``_TrailingHash``): ``close`` returns the files' names and
+    ``digests`` holds their sha256.
+    """
 
     def __init__(self, directory: str | Path, entries: Sequence[Entry], shard_bytes: int | None = None):
         names = [entry.name for entry in entries]
@@ -213,8 +291,15 @@ class WeightsWriter:
         self.files = _shard_names(len(self.shards))
         self._places: dict[str, tuple[int, int, Entry]] = {}  # name -> (fd, absolute offset, entry)
         self._fds: list[int] = []
+        self._hashes: dict[int, _TrailingHash] = {}  # fd -> its file's hash
+        self.digests: dict[str, str] = {}
+        # Bytes go to disk on a thread of their own while the caller makes the next tensor.
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUED)
+        self._error: OSError | None = None
+        self._writer = threading.Thread(target=self._write_queued, daemon=True, name="umtam-weights-writer")
         self._left = set(names)
         self._open_and_write_headers()
+        self._writer.start()
 
     @staticmethod
     def _layout(ordered: list[Entry], shard_bytes: int | None) -> list[list[Entry]]:
@@ -237,10 +322,12 @@ class WeightsWriter:
                 offset += entry.nbytes
             text = json.dumps(header, separators=(",", ":")).encode()
             text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as save_file pads it
-            fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read back to hash
             self._fds.append(fd)
             os.write(fd, len(text).to_bytes(8, "little") + text)
             os.ftruncate(fd, 8 + len(text) + offset)  # the full size now: a short write shows as a gap of zeros
+            self._hashes[fd] = _TrailingHash(fd, 8 + len(text) + offset)
+            self._hashes[fd].mark(0, 8 + len(text))
             for entry in shard:
                 self._places[entry.name] = (fd, 8 + len(text) + header[entry.name]["data_offsets"][0], entry)
 
@@ -251,21 +338,45 @@ class WeightsWriter:
             raise ValueError(f"tensor {name!r} written twice")
         if entry_of(name, tensor) != entry:
             raise ValueError(f"tensor {name!r} is {entry_of(name, tensor)}, declared {entry}")
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(_byte_dtype()).numpy()
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+        self._raise_write_error()
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        self._queue.put((fd, flat, offset))  # waits while _QUEUED writes are pending: bounded memory
         self._left.discard(name)
+
+    def _write_queued(self) -> None:
+        """The writing thread: each queued tensor's bytes to its place, then marked for the hash behind."""
+        while (item := self._queue.get()) is not None:
+            fd, flat, offset = item
+            if self._error is not None:
+                continue  # drain: the first error is the one to report
+            try:
+                view, start = memoryview(flat.view(_byte_dtype()).numpy()), offset
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+                self._hashes[fd].mark(start, offset)
+            except OSError as exc:  # a full disk: raised in the caller's thread by write() or close()
+                self._error = exc
+
+    def _raise_write_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _finish_writes(self) -> None:
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
 
     def close(self) -> list[str]:
         """Flush every shard to disk and write the index (sharded); the names of the files written."""
         if self._left:
             raise ValueError(f"{len(self._left)} declared tensor(s) never written, e.g. {sorted(self._left)[0]!r}")
-        for fd in self._fds:
+        self._finish_writes()
+        self._raise_write_error()
+        for name, fd in zip(self.files, self._fds):
             os.fsync(fd)
-            os.close(fd)
-        self._fds = []
+            self.digests[name] = self._hashes[fd].hexdigest()
+        self.abort()  # every follower is done: this closes the files
         if len(self.files) == 1:
             return list(self.files)
         weight_map = {entry.name: name for name, shard in zip(self.files, self.shards) for entry in shard}
@@ -275,7 +386,11 @@ class WeightsWriter:
         return [INDEX_FILE, *self.files]
 
     def abort(self) -> None:
+        self._finish_writes()
         for fd in self._fds:
+            follower = self._hashes.pop(fd, None)
+            if follower is not None:
+                follower.stop()
             os.close(fd)
         self._fds = []
 

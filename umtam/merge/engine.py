@@ -1,9 +1,10 @@
-"""The merge engine: streams the inputs row block by row block through a method, then writes the result.
+"""The merge engine: streams the inputs row block by row block through a method, and the result to disk.
 
 The engine takes one tensor name from all K memory-mapped inputs (inputs.py)
 and hands it to the method's pure function in row blocks of at most
 ``block_entries`` entries per input (blocks.py; a tensor that fits is one
-group, the whole tensor); the merged rows are copied into that tensor's output
+group, the whole tensor); the merged rows are copied into that tensor's output,
+which goes to its place in the output file at once (output.py, umtam.shards),
 and nothing else is kept. Results do not depend on the block size: methods are
 elementwise across the K inputs once a tensor's per-tensor quantities are
 fixed, and those are passed in or derived from the whole tensor's statistics
@@ -51,6 +52,7 @@ transformers loads the encoder with any one head.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
@@ -59,12 +61,12 @@ import torch
 from torch import Tensor
 
 from umtam.atomic import check_output_dir
-from umtam.base_model import (check_base_covers, describe_base, dtype_name, identify_base,
-                              load_base_encoder)
+from umtam.base_model import describe_base, dtype_name
 from umtam.checkpoint import Checkpoint, write_checkpoint
 from umtam.errors import ConfigError, MergeError
 from umtam.hf_interop import merged_companion_files, open_inputs
 from umtam.merge.base import MergeMethod
+from umtam.merge.base_weights import load_base
 from umtam.merge.blocks import BLOCK_ENTRIES, row_blocks, row_slice
 from umtam.merge.group import TensorGroup
 from umtam.merge.inputs import Layout, Source, check_compatible, check_dtype_kinds, check_stats, open_sources
@@ -72,11 +74,11 @@ from umtam.merge.methods import DEFAULT_METHOD, get_method
 from umtam.merge.output import Sink, output_entries
 from umtam.merge.pages import MappedPages
 from umtam.merge.plain_inputs import check_against_base, check_plain_inputs
-from umtam.merge.planning import MergePlan, make_plan, needs_base
+from umtam.merge.planning import MergePlan, make_plan
 from umtam.merge.record import merged_sidecar
 from umtam.precision import torch_dtype
 from umtam.progress import Progress, ProgressSteps
-from umtam.saliency import Cut, RowBlock, Selection, check_finite, non_finite_where, streaming_cuts
+from umtam.saliency import Cut, RowBlock, Selection, all_finite, check_finite, non_finite_where, streaming_cuts
 
 InputLike = Union[str, Path, Checkpoint]
 
@@ -101,6 +103,8 @@ def plan(inputs: Sequence[InputLike], *, method: str = DEFAULT_METHOD,
         layout = check_compatible(sources)
         check_dtype_kinds(sources, layout)
         check_stats(spec, resolved, sources, layout)
+        for source in sources:
+            source.checkpoint.settle()
         return make_plan(spec, resolved, sources, layout, block_entries)
 
 
@@ -158,9 +162,10 @@ def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method
     companions = merged_companion_files(checkpoints, tasks, base)
     reports: list[MergeReport] = []
     with _prepared(checkpoints, method, options, base, None, block_entries, out_dtype) as run:
-        def write_weights(staging: Path) -> None:
+        def write_weights(staging: Path) -> dict[str, str]:
             sink = Sink(open_writer=lambda entries: WeightsWriter(staging, entries, shard_bytes))
             reports.append(run.execute(sink, progress))
+            return sink.digests  # hashed as written: write_checkpoint need not read them again
 
         written = write_checkpoint(
             output, tensors=write_weights, sidecar=lambda: reports[0].sidecar, force=force, inputs=checkpoints,
@@ -181,7 +186,7 @@ def _prepared(inputs, method, options, base, task_names, block_entries: int, out
         check_stats(spec, resolved, sources, layout)
         merge_plan = make_plan(spec, resolved, sources, layout, block_entries)
         pages = MappedPages()
-        base_record, base_tensors = _load_base(spec, resolved, sources, layout, base, pages)
+        base_record, base_tensors = load_base(spec, resolved, sources, layout, base, pages)
         base_checks = check_against_base(sources, layout, base_tensors, pages)
         stream = _Stream(spec, resolved, sources, layout, base_tensors, pages, block_entries,
                          describe_base(base_record, base), target)
@@ -213,7 +218,12 @@ class _Run:
         finally:
             sink.abort()
         thresholds = None if cuts is None else {s.task_id: cut.threshold for s, cut in zip(sources, cuts)}
-        sidecar = merged_sidecar(spec, options, sources, thresholds, self.base_record, self.base_checks)
+        for source in sources:
+            source.checkpoint.settle()  # the lineage records each input's sha256: the hashes must be in
+        base_record = dict(self.base_record)
+        if isinstance(base_record["fingerprint"], Future):  # a plain input's base, hashed in the background
+            base_record["fingerprint"] = base_record["fingerprint"].result()
+        sidecar = merged_sidecar(spec, options, sources, thresholds, base_record, self.base_checks)
         if self.out_dtype is not None:
             sidecar["lineage"]["out_dtype"] = self.out_dtype
         return MergeReport(self.plan, thresholds, sidecar)
@@ -234,28 +244,7 @@ def _as_checkpoints(inputs: Sequence[InputLike], task_names: Sequence[str] | Non
     if isinstance(inputs, (str, Path, Checkpoint)) or len(inputs) < 2:
         count = 1 if isinstance(inputs, (str, Path, Checkpoint)) else len(inputs)
         raise ConfigError(f"merge needs at least 2 checkpoints, got {count}")
-    return open_inputs(inputs, task_names)
-
-
-def _load_base(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[Source], layout: Layout,
-               override: str | None, pages: MappedPages) -> tuple[dict[str, Any], Mapping[str, Tensor] | None]:
-    """The merged sidecar's base record, and the base encoder when the merge reads it.
-
-    The record is the one the umtam inputs share (``override`` must then hash
-    to it); when every input is a plain Hugging Face directory it is made from
-    ``override`` (required for them), which is read to fingerprint it.
-    """
-    recorded = [source for source in sources if not source.plain]
-    if not recorded:
-        record, base = identify_base(override, layout.keys)
-    else:
-        record = recorded[0].checkpoint.sidecar.base_model.as_json()
-        if not needs_base(spec, options, sources):
-            return record, None
-        base = load_base_encoder(record, override=override, keys=layout.keys)
-    pages.release(*base.values())  # the fingerprint read every page; blocks fault back what they use
-    check_base_covers(base, layout.shapes, (recorded or sources)[0].label, dtypes=layout.dtypes)
-    return record, base
+    return open_inputs(inputs, task_names, hash_later=True)  # a plain input's files hash beside the work
 
 
 # ----------------------------------------------------------------------------- streaming passes
@@ -354,7 +343,7 @@ class _Stream:
         The inputs are finite by now, so only the method's arithmetic (or the cast
         to a narrower output dtype) can have overflowed.
         """
-        if bool(torch.isfinite(rows).all()):
+        if all_finite(rows):
             return
         raise MergeError(
             f"merge method {self.spec.name} with {describe_options(self.spec, self.options)} gives NaN or "

@@ -35,6 +35,11 @@ class Sink:
         if self._writer is not None:
             self._writer.close()
 
+    @property
+    def digests(self) -> dict[str, str]:
+        """The sha256 of each file the writer wrote, taken as it wrote them (empty for a dict)."""
+        return dict(self._writer.digests) if self._writer is not None else {}
+
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()
