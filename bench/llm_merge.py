@@ -1,7 +1,7 @@
 """LLM-scale merging beside mergekit 0.1.5: wall time, peak RSS and the outputs' logits, on the same inputs.
 
     python bench/llm_merge.py --build                  # base + 6 synthetic ~0.9B bf16 Llama experts (~13 GB)
-    python bench/llm_merge.py --mergekit /tmp/mkvenv/bin/mergekit-yaml --repeats 2
+    python bench/llm_merge.py --mergekit /tmp/mkvenv/bin/mergekit-yaml --fresh
     python bench/llm_merge.py --report                 # the table from bench/results/llm_merge.json
 
 The inputs are built with transformers from a config (Llama architecture:
@@ -14,7 +14,13 @@ The 1-D norms are left at the base's, so both tools' norm policies agree.
 
 Each (method, tool) run is a subprocess, interleaved (umtam, mergekit,
 umtam, ...) and repeated; its wall time is measured around the process and
-its peak RSS is the kernel's ru_maxrss for it (os.wait4). The methods are set
+its peak RSS is the kernel's ru_maxrss for it (os.wait4). umtam hashes every
+file it reads (sha256 in the lineage, the base's fingerprint) and remembers
+the digests of large files by their identity (umtam.digest_cache): its first
+repeat runs with an emptied cache ("cold": every input and the base hashed,
+about 7.4 GB for three experts), later repeats with the cache the earlier runs
+left ("warm": only the output is hashed), the case of a user merging the same
+experts again with other methods or options. mergekit hashes nothing. The methods are set
 up to compute the same thing: ``task-arithmetic`` with lambda 1 against
 mergekit's task_arithmetic with weight 1; umtam ``ties`` with keep 0.2, a
 per-tensor trim (scope=tensor) and the disjoint mean against mergekit's ties
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,8 +62,9 @@ def main() -> None:
         return
     result = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.fresh else {"runs": []}
     result["inputs"] = describe_inputs(root)
-    for repeat in range(args.repeats):
-        for method in ("task-arithmetic", "ties"):
+    repeats = {"task-arithmetic": args.repeats, "ties": args.ties_repeats}
+    for repeat in range(max(repeats.values())):
+        for method in (method for method, count in repeats.items() if repeat < count):
             for tool in ("umtam", "mergekit"):
                 if tool == "mergekit" and not args.mergekit:
                     continue
@@ -78,7 +86,8 @@ def parse_args():
     parser.add_argument("--build", action="store_true")
     parser.add_argument("--experts", type=int, default=6)
     parser.add_argument("--mergekit", help="mergekit-yaml from mergekit 0.1.5's own venv")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tool's task arithmetic")
+    parser.add_argument("--ties-repeats", type=int, default=2, help="runs of each tool's ties (minutes each)")
     parser.add_argument("--fresh", action="store_true", help="drop earlier runs from the result file")
     parser.add_argument("--report", action="store_true")
     return parser.parse_args()
@@ -124,7 +133,13 @@ def describe_inputs(root: Path) -> dict:
 def run_once(tool: str, method: str, root: Path, experts: int, repeat: int, args) -> dict:
     out = root / "out" / f"{tool}-{method}-{experts}"
     inputs = [root / f"expert-{i}" for i in range(1, experts + 1)]
+    cache = root / "out" / "digest-cache"
+    environment = {**os.environ, "UMTAM_CACHE_DIR": str(cache)}
+    state = "-"
     if tool == "umtam":
+        state = "cold" if repeat == 0 else "warm"
+        if state == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
         command = [sys.executable, "-m", "umtam_cli", "merge", *map(str, inputs), "--base", str(root / "base"),
                    "--method", method, *UMTAM_OPTIONS[method], "--task-names",
                    ",".join(f"lm:expert{i}" for i in range(1, experts + 1)), "-o", str(out), "--force", "--quiet"]
@@ -134,13 +149,14 @@ def run_once(tool: str, method: str, root: Path, experts: int, repeat: int, args
         config.write_text(mergekit_config(method, root, inputs))
         command = [args.mergekit, str(config), str(out), "--allow-crimes", "--out-shard-size", "100B"]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     stderr = process.stderr.read()
     if status != 0:
         raise SystemExit(f"{' '.join(command)} failed: {stderr[-600:]}")
-    record = {"tool": tool, "method": method, "experts": experts, "repeat": repeat, "seconds": seconds,
+    record = {"tool": tool, "method": method, "experts": experts, "repeat": repeat, "digest_cache": state,
+              "seconds": seconds,
               "peak_rss_bytes": usage.ru_maxrss * 1024, "command": " ".join(command)}
     print(json.dumps(record), flush=True)
     return record
@@ -178,14 +194,15 @@ def report(result: dict) -> str:
     import statistics
 
     size = result["inputs"]["model_bytes"]
-    rows = [f"one model: {size / 1e9:.2f} GB", "method            tool      experts  runs  wall s (mean, min-max)  "
-                                               "peak RSS GB (max)  RSS / model"]
-    keys = sorted({(r["method"], r["tool"], r["experts"]) for r in result["runs"]})
-    for method, tool, experts in keys:
-        runs = [r for r in result["runs"] if (r["method"], r["tool"], r["experts"]) == (method, tool, experts)]
+    rows = [f"one model: {size / 1e9:.2f} GB", "method            tool      experts  hashes  runs  wall s (mean, "
+                                               "min-max)  peak RSS GB (max)  RSS / model"]
+    keys = sorted({(r["method"], r["tool"], r["experts"], r.get("digest_cache", "-")) for r in result["runs"]})
+    for method, tool, experts, state in keys:
+        runs = [r for r in result["runs"]
+                if (r["method"], r["tool"], r["experts"], r.get("digest_cache", "-")) == (method, tool, experts, state)]
         seconds = [r["seconds"] for r in runs]
         rss = max(r["peak_rss_bytes"] for r in runs)
-        rows.append(f"{method:17} {tool:9} {experts:7}  {len(runs):4}  {statistics.mean(seconds):6.1f} "
+        rows.append(f"{method:17} {tool:9} {experts:7}  {state:6}  {len(runs):4}  {statistics.mean(seconds):6.1f} "
                     f"({min(seconds):.1f}-{max(seconds):.1f})        {rss / 1e9:6.2f}          {rss / size:.2f}")
     for method, logits in result.get("logits", {}).items():
         rows.append(f"{method}: logits max |umtam - mergekit| {logits['max_abs_difference']:.3g} "

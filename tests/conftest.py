@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite's files are far below the digest cache's size floor; tests that use the cache point it elsewhere
+os.environ["UMTAM_CACHE_DIR"] = "off"
 
 SHARED = Path(os.environ.get("UMTAM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -344,6 +344,9 @@ def test_merge_refuses_a_non_finite_base_as_its_rows_are_read(nan_base_family, b
 
 @pytest.mark.parametrize("key,index,options,where", [
     (QUERY, (5, 1), {"method": "ties"}, "1 entry in rows 5 to 5"),  # row blocks of one row (8 entries)
+    # checked through its merged rows (MergeMethod.output_checks_inputs), still named as the input's
+    (QUERY, (5, 1), {"method": "task-arithmetic"}, "1 entry in rows 5 to 5"),
+    (QUERY, (5, 1), {"method": "task-arithmetic", "options": {"lambda": 0.0}}, "1 entry in rows 5 to 5"),
     (QUERY, (5, 1), {"method": "average", "options": {"norms": "average"}}, "1 entry in rows 5 to 5"),
     ("bert.encoder.layer.0.output.LayerNorm.bias", (2,), {"method": "average", "options": {"norms": "average"}},
      "1 entry"),

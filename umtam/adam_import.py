@@ -21,6 +21,7 @@ device from config.json (no weights are read for that).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping as MappingABC
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -122,19 +123,22 @@ def read_optimizer_state(path: str | Path) -> dict[str, Any]:
 class ImportedStats(MappingABC):
     """The statistics of a directory's optimizer.pt, read (and converted) on first use only.
 
-    A merge whose method reads no statistics never opens the file.
+    A merge whose method reads no statistics never opens the file; the
+    engine's merge threads share it, so it is read once, under a lock.
     """
 
     def __init__(self, directory: Path, config: Mapping[str, Any]):
         self._directory, self._config = directory, config
         self._stats: dict[str, Any] | None = None
+        self._lock = threading.Lock()
 
     def _loaded(self) -> dict[str, Any]:
-        if self._stats is None:
-            path = self._directory / OPTIMIZER_FILE
-            named = trainer_parameter_order(skeleton(self._directory, self._config))
-            self._stats = adam_statistics(read_optimizer_state(path), named, where=str(path))
-        return self._stats
+        with self._lock:
+            if self._stats is None:
+                path = self._directory / OPTIMIZER_FILE
+                named = trainer_parameter_order(skeleton(self._directory, self._config))
+                self._stats = adam_statistics(read_optimizer_state(path), named, where=str(path))
+            return self._stats
 
     def __getitem__(self, key: str) -> Any:
         return self._loaded()[key]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
+from umtam import digest_cache
 from umtam.errors import CheckpointError, ConfigError, UmtamError, first_line
 
 T = TypeVar("T")
@@ -179,19 +180,30 @@ def _hub_cache_blob(directory: Path, target: Path) -> bool:
 def hash_identified(path: Path) -> tuple[str, FileIdentity]:
     """sha256 of a regular file and its identity, refused if the file changes while it is hashed."""
     info = check_regular_file(path)
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
-            before = FileIdentity.of(os.fstat(handle.fileno()))
-            for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-                digest.update(chunk)
+            opened = os.fstat(handle.fileno())
+            before = FileIdentity.of(opened)
+            # a large file hashed before and not written since is not read again (umtam.digest_cache)
+            cache_key = digest_cache.key_of("sha256", [opened])
+            cached = digest_cache.lookup(cache_key)
+            digest = cached or _sha256_of(handle)
             after = FileIdentity.of(os.stat(path))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({first_line(exc, 200)})") from exc
     change = FileIdentity.of(info).difference(before) or before.difference(after)
     if change:
         raise changed_error(path, change)
-    return digest.hexdigest(), before
+    if cached is None:
+        digest_cache.store(cache_key, digest)  # only a digest of a file that held still
+    return digest, before
+
+
+def _sha256_of(handle) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def current_identity(path: Path) -> FileIdentity | None:

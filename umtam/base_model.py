@@ -9,16 +9,19 @@ or different base is caught instead of silently producing wrong task vectors.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from umtam import digest_cache
 from umtam.atomic import in_background
 from umtam.errors import CheckpointError
 from umtam.families import family_of
 from umtam.heads import encoder_tensors
 from umtam.models import ModelSource, resolve_model
-from umtam.shards import is_sharded, open_weights
+from umtam.shards import is_sharded, open_weights, weight_files
 
 
 def fingerprint(tensors: Mapping[str, Any], after: Callable[[Any], None] | None = None) -> str:
@@ -40,6 +43,35 @@ def fingerprint(tensors: Mapping[str, Any], after: Callable[[Any], None] | None 
         if after is not None:
             after(tensors[name])
     return digest.hexdigest()
+
+
+def weight_file_stats(source: ModelSource) -> list[os.stat_result] | None:
+    """The stat of each weight file of a local base, taken before ``read_base_file`` (for file_fingerprint)."""
+    try:
+        directory = Path(source.location)
+        return [os.stat(directory / name) for name in weight_files(directory)]
+    except (OSError, CheckpointError):
+        return None
+
+
+def file_fingerprint(source: ModelSource, keys: Sequence[str], tensors: Mapping[str, Any],
+                     release: Callable[[Any], None] | None, before: list[os.stat_result] | None) -> str:
+    """``fingerprint(tensors)`` of ``read_base_file(source, keys)``'s tensors, remembered by the files' identity.
+
+    A base merged against again is not hashed again while its weight files are
+    unchanged (umtam.digest_cache); the key also names the tensors read.
+    ``before`` is weight_file_stats from before the files were read: a digest
+    is kept only when the files are as they were then once it is taken.
+    """
+    kind = "fingerprint " + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+    key = None if before is None else digest_cache.key_of(kind, before)
+    digest = digest_cache.lookup(key)
+    if digest is None:
+        digest = fingerprint(tensors, release)
+        now = weight_file_stats(source)
+        if now is not None and digest_cache.key_of(kind, now) == key:
+            digest_cache.store(key, digest)
+    return digest
 
 
 def base_record(source: ModelSource, base_encoder: Mapping[str, Any], init_seed: int, *,
@@ -95,8 +127,9 @@ def load_base_encoder(record: Mapping[str, Any] | Any, *, override: str | None =
     record = record.as_json() if hasattr(record, "as_json") else record  # a sidecar BaseRecord
     source = _base_source(record, override)
     if keys is not None and not record.get("from_config"):
+        keys, before = list(keys), weight_file_stats(source)
         direct = read_base_file(source, keys)
-        if direct is not None and fingerprint(direct, release) == record["fingerprint"]:
+        if direct is not None and file_fingerprint(source, keys, direct, release, before) == record["fingerprint"]:
             return direct
     encoder = _encoder_of(_rebuild(source, record))
     if fingerprint(encoder) != record["fingerprint"]:
@@ -131,13 +164,16 @@ def identify_base(reference: str, keys: Iterable[str], release: Callable[[Any], 
     waits for it but the sidecar.
     """
     source = resolve_model(reference)
-    keys = list(keys)
+    keys, before = list(keys), weight_file_stats(source)
     encoder = read_base_file(source, keys)
     architecture = architecture_of_keys(keys)
     if encoder is None:
         state = _encoder_of(_rebuild(source, {"architecture": architecture, "init_seed": 0}))
         encoder = {key: value.detach().clone() for key, value in state.items()}
-    digest = in_background(fingerprint, encoder, release) if later else fingerprint(encoder, release)
+        identify = functools.partial(fingerprint, encoder, release)
+    else:
+        identify = functools.partial(file_fingerprint, source, keys, encoder, release, before)
+    digest = in_background(identify) if later else identify()
     record = {**source.as_record(), "fingerprint": digest, "init_seed": 0, "architecture": architecture}
     return record, encoder
 

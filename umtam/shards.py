@@ -268,14 +268,17 @@ class _TrailingHash:
 
 
 _HASH_CHUNK = 8 << 20
-_QUEUED = 2  # tensors handed over but not yet written: the memory the writing thread may hold
+QUEUED = 2  # tensors handed over but not yet written: the memory the writing thread may hold
+# The writing thread flushes a file to disk each time this much has been written to it since its
+# last flush, so the flush at close (which the caller waits for) only has the tail left.
+_SYNC_BYTES = 256 << 20
 
 
 class WeightsWriter:
     """Writes declared tensors into their places in one file or in shards (see the module docstring).
 
     ``write`` hands a tensor to a writing thread and returns (at most
-    ``_QUEUED`` wait their turn), so the caller computes the next tensor while
+    ``QUEUED`` wait their turn), so the caller computes the next tensor while
     this one goes to disk; an error of the writing (a full disk) is raised by
     the next ``write`` or by ``close``. Every file's sha256 is taken behind the
     writing (``_TrailingHash``): ``close`` returns the files' names and
@@ -294,7 +297,7 @@ class WeightsWriter:
         self._hashes: dict[int, _TrailingHash] = {}  # fd -> its file's hash
         self.digests: dict[str, str] = {}
         # Bytes go to disk on a thread of their own while the caller makes the next tensor.
-        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUED)
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED)
         self._error: OSError | None = None
         self._writer = threading.Thread(target=self._write_queued, daemon=True, name="umtam-weights-writer")
         self._left = set(names)
@@ -340,11 +343,12 @@ class WeightsWriter:
             raise ValueError(f"tensor {name!r} is {entry_of(name, tensor)}, declared {entry}")
         self._raise_write_error()
         flat = tensor.detach().cpu().contiguous().reshape(-1)
-        self._queue.put((fd, flat, offset))  # waits while _QUEUED writes are pending: bounded memory
+        self._queue.put((fd, flat, offset))  # waits while QUEUED writes are pending: bounded memory
         self._left.discard(name)
 
     def _write_queued(self) -> None:
         """The writing thread: each queued tensor's bytes to its place, then marked for the hash behind."""
+        unsynced: dict[int, int] = {}  # fd -> bytes written since its last flush
         while (item := self._queue.get()) is not None:
             fd, flat, offset = item
             if self._error is not None:
@@ -355,6 +359,10 @@ class WeightsWriter:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
                 self._hashes[fd].mark(start, offset)
+                unsynced[fd] = unsynced.get(fd, 0) + offset - start
+                if unsynced[fd] >= _SYNC_BYTES:  # flushed here, beside the caller's work
+                    os.fdatasync(fd)
+                    unsynced[fd] = 0
             except OSError as exc:  # a full disk: raised in the caller's thread by write() or close()
                 self._error = exc
 

@@ -69,6 +69,13 @@ class MergeMethod:
     tensor's row blocks in order (``group.streams``). ``stats_needed(options)``
     names the saliency scores whose statistics must be present, so a missing
     statistic is reported before any work.
+
+    ``output_checks_inputs`` declares that every input entry (and the base's)
+    reaches its merged entry through sums and scalings alone, with no
+    comparison that could drop it, so a NaN or inf anywhere in the inputs makes
+    the merged rows non-finite: the engine then checks only the merged rows and
+    reads the inputs' for the culprit when those fail (one finiteness check
+    per block instead of K + 2).
     """
 
     name: str
@@ -80,6 +87,7 @@ class MergeMethod:
     trim_scores: ScoresFn | None = None
     random_streams: StreamsFn | None = None
     stats_needed: Callable[[Mapping[str, Any]], tuple[str, ...]] = _no_stats
+    output_checks_inputs: bool = False
 
     def resolve_options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The options with defaults filled in, keyed as recorded ("lambda"); every problem reported at once."""

@@ -15,6 +15,11 @@ from umtam.saliency import RowBlock
 # (K, rows, n) temporaries stay in cache and the working set is a few MiB.
 BLOCK_ENTRIES = 1 << 18
 
+# Tensors merged at once, each by its own thread on one torch thread: a second core does half
+# the work where a tensor's ops are too small to split (threads.one_torch_thread). A global trim
+# spends one tie allowance across the tensors in name order, so it merges one at a time.
+MERGE_WORKERS = 2
+
 
 def row_blocks(shape: Sequence[int], block_entries: int) -> list[RowBlock | None]:
     """The row blocks a tensor is merged in: [None] (the whole tensor) when it fits in one."""

@@ -32,8 +32,11 @@ tensor only. A trim keeps exactly k entries per input: those above the
 threshold, then the entries tied at it in a fixed order (tensors in name
 order, rows in order) until k are kept, so each input's cut is one
 ``saliency.Selection`` whose tie allowance the groups use up as they come.
-The block loop runs on one torch thread (``_one_torch_thread``): its ops are
-too small for intra-op threads to pay for their synchronisation.
+The block loop runs on one torch thread (``threads.one_torch_thread``): its ops are
+too small for intra-op threads to pay for their synchronisation. Instead
+MERGE_WORKERS tensors are merged at once, each by its own thread, and handed
+to the output in name order (a global trim, whose tie allowance runs across
+tensors in that order, merges one at a time).
 
 Numbers are checked as the data streams, never in a pass of their own: every
 input's (and the base's) rows are checked finite the first time a pass reads
@@ -67,7 +70,7 @@ from umtam.errors import ConfigError, MergeError
 from umtam.hf_interop import merged_companion_files, open_inputs
 from umtam.merge.base import MergeMethod
 from umtam.merge.base_weights import load_base
-from umtam.merge.blocks import BLOCK_ENTRIES, row_blocks, row_slice
+from umtam.merge.blocks import BLOCK_ENTRIES, MERGE_WORKERS, row_blocks, row_slice
 from umtam.merge.group import TensorGroup
 from umtam.merge.inputs import Layout, Source, check_compatible, check_dtype_kinds, check_stats, open_sources
 from umtam.merge.methods import DEFAULT_METHOD, get_method
@@ -76,6 +79,7 @@ from umtam.merge.pages import MappedPages
 from umtam.merge.plain_inputs import check_against_base, check_plain_inputs
 from umtam.merge.planning import MergePlan, make_plan
 from umtam.merge.record import merged_sidecar
+from umtam.merge.threads import in_order, one_torch_thread
 from umtam.precision import torch_dtype
 from umtam.progress import Progress, ProgressSteps
 from umtam.saliency import Cut, RowBlock, Selection, all_finite, check_finite, non_finite_where, streaming_cuts
@@ -209,7 +213,7 @@ class _Run:
         sink.open(output_entries(sources, layout, stream.target))
         cuts = None
         try:
-            with _one_torch_thread():
+            with one_torch_thread():
                 if spec.uses_global_trim(options) and layout.method_keys():
                     cuts = _global_cuts(stream, steps)
                 _merge_encoder(stream, cuts, steps, sink)
@@ -277,7 +281,8 @@ class _Stream:
         """
         weights = [source.tensor(key) for source in self.sources]
         base = None if self.base is None else self.base[key]
-        check = key not in self.checked
+        # a method whose output check covers its inputs has them checked in merge(), once merged
+        check = key not in self.checked and not self.spec.output_checks_inputs
         for block in self.blocks(key):
             rows = row_slice(block)
             group = TensorGroup(
@@ -334,7 +339,9 @@ class _Stream:
         for group, block in zip(self.groups(key, selections, streams), blocks):
             rows = merged if block is None else merged[block.start:block.stop]
             rows.copy_(spec.merge(group, options))
-            self.check_output(key, rows, block)
+            if not all_finite(rows):
+                self.check_rows(group)  # an input's NaN is named as the input's, not as an overflow
+                self.check_output(key, rows, block)
         return merged
 
     def check_output(self, key: str, rows: Tensor, block: RowBlock | None = None) -> None:
@@ -351,23 +358,6 @@ class _Stream:
             hint=f"every input is finite, so the merged values overflowed {dtype_name(rows.dtype)}; "
                  "nothing was written; use smaller options (e.g. lambda)",
         )
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run the block loop on one intra-op thread, restoring the caller's setting after.
-
-    A block's ops take well under a millisecond, too little for torch's intra-op
-    threads to win back their synchronisation; on a machine whose cores are busy
-    (a training job beside the merge) each op also waits for a descheduled
-    thread, and 1 MiB ops measured 30 to 80 times slower on 2 threads than on 1.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def describe_options(spec: MergeMethod, options: Mapping[str, Any]) -> str:
@@ -397,13 +387,17 @@ def _merge_encoder(stream: _Stream, cuts: Sequence[Cut] | None, steps: ProgressS
     vector_keys = set(layout.vector_keys())
     # A global cut's tie allowance is spent across the tensors in name order (layout.keys is sorted).
     selections = None if cuts is None else tuple(Selection(cut) for cut in cuts)
-    for key in layout.keys:
+
+    def make(key: str) -> Tensor:
         if key in method_keys:
-            sink.put(key, stream.merge(key, selections))
-        elif key in vector_keys:
-            sink.put(key, _merge_vector(key, stream))
-        else:
-            sink.put(key, sources[0].tensor(key))  # integer buffers: nothing to merge
+            return stream.merge(key, selections)
+        if key in vector_keys:
+            return _merge_vector(key, stream)
+        return sources[0].tensor(key)  # integer buffers: nothing to merge
+
+    workers = 1 if selections is not None else MERGE_WORKERS
+    for key, merged in in_order(make, layout.keys, workers):
+        sink.put(key, merged)
         stream.release_files(key)
         steps.advance(key)
 

@@ -91,5 +91,24 @@ class TensorGroup:
         # Each difference written straight into its slot: one pass, one (K, *shape) buffer.
         vectors = torch.empty((self.size, *self.shape), dtype=torch.float32)
         for slot, weight in zip(vectors, self.weights):
-            torch.sub(weight.to(torch.float32), self.base32, out=slot)
+            torch.sub(_float32_operand(weight), self.base32, out=slot)
         return vectors
+
+    def task_vector_sum(self) -> Tensor:
+        """sum_t T_t in float32, accumulated in input order, without the stacked (K, *shape) buffer.
+
+        Two float32 buffers however large K is, and each T_t made straight from
+        the stored weight (the subtraction promotes it to float32 exactly).
+        """
+        total = torch.sub(_float32_operand(self.weights[0]), self.base32)
+        if self.size > 1:
+            vector = torch.empty_like(total)
+            for weight in self.weights[1:]:
+                total.add_(torch.sub(_float32_operand(weight), self.base32, out=vector))
+        return total
+
+
+def _float32_operand(weight: Tensor) -> Tensor:
+    """``weight`` as an operand of float32 arithmetic: 16-bit floats as they are (an op with a
+    float32 tensor promotes them exactly, with no float32 copy made), wider dtypes cast down."""
+    return weight if torch.promote_types(weight.dtype, torch.float32) == torch.float32 else weight.to(torch.float32)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -51,6 +52,7 @@ class LazyStats(Mapping):
     """A checkpoint's statistics, read one tensor at a time from the memory-mapped file.
 
     The last few are kept: every row block of a tensor reads the same R and C.
+    The engine's merge threads share it, so the kept ones change under a lock.
     """
 
     _RECENT = 8
@@ -60,16 +62,18 @@ class LazyStats(Mapping):
         self._check = check  # raises if the file changed since it was hashed
         self._keys = frozenset(handle.keys()) if handle is not None else frozenset()
         self._recent: dict[str, Tensor] = {}
+        self._lock = threading.Lock()
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._keys:
             raise KeyError(key)
-        if key not in self._recent:
-            if len(self._recent) >= self._RECENT:
-                del self._recent[next(iter(self._recent))]
-            self._check()
-            self._recent[key] = self._handle.get_tensor(key)
-        return self._recent[key]
+        with self._lock:
+            if key not in self._recent:
+                if len(self._recent) >= self._RECENT:
+                    del self._recent[next(iter(self._recent))]
+                self._check()
+                self._recent[key] = self._handle.get_tensor(key)
+            return self._recent[key]
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys

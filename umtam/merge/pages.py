@@ -19,6 +19,7 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
 from pathlib import Path
 
 from torch import Tensor
@@ -31,13 +32,16 @@ class MappedPages:
     """Releases the file-mapped pages under tensors; knows the mappings from /proc/self/maps.
 
     The list of mappings is read again only when an address is in none of them,
-    so use one instance for one merge, while the files it reads stay open.
+    so use one instance for one merge, while the files it reads stay open. The
+    engine's merge threads share one instance: the list is looked up and
+    replaced under a lock.
     """
 
     def __init__(self) -> None:
         self._madvise = _linux_madvise()
         self._starts: list[int] = []
         self._spans: list[tuple[int, int, bool]] = []  # (start, end, file-backed), sorted
+        self._lock = threading.Lock()
         self.released_bytes = 0
 
     @property
@@ -76,7 +80,8 @@ class MappedPages:
             self.released_bytes += end - start
 
     def _file_span(self, address: int) -> tuple[int, int, bool] | None:
-        span = self._span(address) or (self._refresh() or self._span(address))
+        with self._lock:
+            span = self._span(address) or (self._refresh() or self._span(address))
         return span if span is not None and span[2] else None
 
     def _span(self, address: int) -> tuple[int, int, bool] | None:

@@ -2,30 +2,30 @@
 
 Memory model (what the merge adds to the interpreter and torch, on Linux):
 
-    merged output        one model: every merged tensor is held until
-                         ``write_checkpoint``, because safetensors' ``save_file``
-                         writes from one dict (each is allocated before its
-                         block temporaries, so it pins no holes between them)
-    working set          one block's float32 temporaries of K x block_entries
-                         (task vectors, curvature, scores, signs, weights and
-                         their products) plus the allocator's slack: 40 to 70 MiB
-                         for K = 4 at the default block size
+    merged output        MERGE_WORKERS tensors being made, plus the writing
+                         thread's (one being written, QUEUED waiting): every
+                         merged tensor goes to its place in the output file as
+                         soon as it is made (umtam.shards); ``merge_tensors``,
+                         the in-memory API, holds them all
+    working set          per merge thread, one block's float32 temporaries of
+                         K x block_entries (task vectors, curvature, scores,
+                         signs, weights and their products) plus the allocator's
+                         slack: 40 to 70 MiB for K = 4 at the default block size
     mapped input pages   each block's pages are handed back once it is merged,
                          and every page of the files once a tensor is done
                          (pages.py: madvise on the file mapping; the page cache
                          keeps them), so about K blocks are resident, not K models
     base encoder W0      only when the method or ``norms="base"`` needs it: read
                          straight from the base model's safetensors when it is a
-                         local directory, memory-mapped and fingerprint-checked
-                         (``base_model.load_base_encoder``), then handed back like
-                         the inputs. Its pages come and go before any output
-                         exists, so they do not add to the peak. A base rebuilt
-                         through transformers (the fallback) is held whole: about
-                         two models more.
+                         local directory, memory-mapped and fingerprinted tensor
+                         by tensor, each one's pages handed back once hashed
+                         (``base_model.fingerprint``), then read block by block
+                         like the inputs. A base rebuilt through transformers
+                         (the fallback) is held whole: about two models more.
 
-So the peak is about one model plus the working set, which alone grows with
-K: 1.3 to 2 models above the import baseline for 4 MiniLM checkpoints
-(bench/merge.py). Where pages cannot be handed back (not Linux), the mapped
+So the peak is about five of the largest tensor (two being made, three with
+the writer) plus the working set: 0.3 to 0.4 of one model for three 0.9B Llama experts
+(bench/llm_merge.py). Where pages cannot be handed back (not Linux), the mapped
 inputs and base stay resident as they are read: page cache, counted in RSS,
 reclaimable.
 """
@@ -36,9 +36,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from umtam.merge.blocks import BLOCK_ENTRIES, block_numel
+from umtam.merge.blocks import BLOCK_ENTRIES, MERGE_WORKERS, block_numel
 from umtam.merge.pages import MappedPages
 from umtam.safetensors_io import TORCH_DTYPES
+from umtam.shards import QUEUED
 
 if TYPE_CHECKING:
     from umtam.merge.base import MergeMethod
@@ -93,28 +94,25 @@ def make_plan(spec: MergeMethod, options: Mapping[str, Any], sources: Sequence[S
               layout: Layout, block_entries: int = BLOCK_ENTRIES) -> MergePlan:
     """The plan, with the peak memory of the memory model above.
 
-    The estimate is what the merge adds to the interpreter: the held output or,
-    before it exists, the base read once for its fingerprint, plus one row
-    block's working set and the threshold histograms. Where mapped pages cannot
-    be handed back, the inputs' and base's files count whole.
+    The estimate is what the merge adds to the interpreter: the tensors the
+    streaming output holds at once, one row block's working set and the
+    threshold histograms. Where mapped pages cannot be handed back, the inputs'
+    and base's files count whole.
     """
     method_keys = layout.method_keys()
     count = len(sources)
     numel = {key: math.prod(layout.shapes[key]) for key in layout.keys}
     block = max((block_numel(layout.shapes[key], block_entries) for key in method_keys), default=0)
-    work = (_WORK_COPIES_PER_INPUT * count + _WORK_COPIES_SHARED) * block * 4 + count * _HISTOGRAM_BYTES
+    work = MERGE_WORKERS * (_WORK_COPIES_PER_INPUT * count + _WORK_COPIES_SHARED) * block * 4
+    work += count * _HISTOGRAM_BYTES
     base_needed = needs_base(spec, options, sources)
     encoder_bytes = sum(numel[key] * _dtype_size(layout.dtypes[key]) for key in layout.keys)
     base_bytes = encoder_bytes if base_needed else 0
-    output_bytes = encoder_bytes
-    head_count = 0
-    for source in sources:
-        head_count += len(source.heads)
-        output_bytes += sum(math.prod(source.shape(k)) * _dtype_size(source.dtype(k)) for k in source.heads.values())
-    if MappedPages().can_release:
-        held = max(output_bytes, base_bytes)
-    else:
-        held = output_bytes + base_bytes + sum(source.checkpoint.weights_bytes() for source in sources)
+    head_count = sum(len(source.heads) for source in sources)
+    largest = max((numel[key] * _dtype_size(layout.dtypes[key]) for key in layout.keys), default=0)
+    held = (MERGE_WORKERS + QUEUED + 1) * largest  # being made, waiting for the writer, being written
+    if not MappedPages().can_release:
+        held += base_bytes + sum(source.checkpoint.weights_bytes() for source in sources)
     return MergePlan(
         inputs=tuple(source.label for source in sources),
         tasks=tuple(task for source in sources for task in source.checkpoint.tasks),
