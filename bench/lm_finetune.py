@@ -44,6 +44,9 @@ def main() -> None:
     lrs = dict(item.split("=") for item in args.lrs.split(",")) if args.lrs else {}
     for optimizer in args.optimizers.split(","):
         if optimizer in result["runs"]:
+            if args.rescore:  # the finished run's checkpoint scored again, training kept
+                result["runs"][optimizer].update(score(args, run_dir(args, optimizer)))
+                write(out, result)
             continue
         result["runs"][optimizer] = one_run(args, optimizer, lrs.get(optimizer))
         write(out, result)  # each run lands as it finishes
@@ -68,6 +71,7 @@ def parse_args():
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs-dir", default="runs/lm")
+    parser.add_argument("--rescore", action="store_true", help="score finished runs' checkpoints again")
     return parser.parse_args()
 
 
@@ -89,8 +93,12 @@ def base_perplexity(args) -> dict:
     return {**metrics, "seconds": time.perf_counter() - started}
 
 
+def run_dir(args, optimizer: str) -> Path:
+    return Path(args.runs_dir) / f"{args.name}-{optimizer}"
+
+
 def one_run(args, optimizer: str, lr: str | None) -> dict:
-    output = Path(args.runs_dir) / f"{args.name}-{optimizer}"
+    output = run_dir(args, optimizer)
     train = ["umtam", "train", "--task", "lm", "--model", args.model, "--data", args.data,
              "--eval-data", args.eval_data, "--optimizer", optimizer, "--max-steps", str(args.steps),
              "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
@@ -107,15 +115,13 @@ def one_run(args, optimizer: str, lr: str | None) -> dict:
     started = time.perf_counter()
     cli(train)
     wall = time.perf_counter() - started
-    evaluation = json.loads(cli(["umtam", "eval", str(output), "--task", "lm", "--max-eval-samples",
-                                 str(args.eval_blocks), "--batch-size", "8", "--json", "--quiet"]))
     sidecar = json.loads((output / "umtam.json").read_text())
     (task, record), = sidecar["tasks"].items()
     return {
         "command": " ".join(train),
         "lr": sidecar["training"]["config"]["lr"],
         "train_validation": record["metrics"]["validation"],  # under --dtype autocast, as training ran
-        "after": evaluation["tasks"][task]["splits"]["validation"],  # float32, as "before"
+        **score(args, output),
         "optimizer_state_bytes": sidecar["optimizer"]["state_bytes"],
         "seconds_per_step": sidecar["seconds_per_step"],
         "peak_rss_bytes": sidecar["peak_rss_bytes"],
@@ -123,6 +129,16 @@ def one_run(args, optimizer: str, lr: str | None) -> dict:
         "loss_curve": sidecar["training"]["loss_curve"],
         "loss_plot": str(output / "loss_curve.png"),
     }
+
+
+def score(args, output: Path) -> dict:
+    """The checkpoint in float32 on the validation blocks "before" scored: same length, count and seed."""
+    command = ["umtam", "eval", str(output), "--task", "lm", "--max-length", str(args.max_length),
+               "--max-eval-samples", str(args.eval_blocks), "--seed", str(args.seed), "--batch-size", "8",
+               "--json", "--quiet"]
+    evaluation = json.loads(cli(command))
+    (result,) = evaluation["tasks"].values()
+    return {"after": result["splits"]["validation"], "eval_command": " ".join(command)}
 
 
 def cli(argv: list[str]) -> str:

@@ -80,6 +80,16 @@ def test_eval_repeats_the_training_runs_validation_and_scores_other_text(lm_run,
     assert key == "lm:stories" and result["splits"]["data"]["tokens"] > 100 and result["normalized"] is None
 
 
+def test_eval_scores_blocks_as_long_as_training_validated_unless_told(tmp_path, llama_dir, corpus):
+    run = train(lm_config(llama_dir, corpus, tmp_path / "short", max_length=8, max_steps=2))
+    recorded = run.sidecar.tasks["lm:stories"].metrics["validation"]
+    assert recorded["tokens"] == 7  # 14 validation tokens: one full block of 8 (the short tail is not a block)
+    again = evaluate_checkpoint(run, task="lm")["lm:stories"]["splits"]["validation"]
+    assert again == pytest.approx(recorded, rel=1e-6)
+    longer = evaluate_checkpoint(run, task="lm", max_length=16)["lm:stories"]["splits"]["validation"]
+    assert longer["tokens"] == 13  # one block
+
+
 def test_eval_of_a_merge_normalises_perplexity_by_the_experts_on_its_own_text(tmp_path, lm_run, llama_dir):
     other_text = tmp_path / "other"
     other_text.mkdir()

@@ -200,7 +200,10 @@ def _evaluate_language(checkpoint, tasks: list[str], setup: _Setup) -> dict[str,
     jobs: dict[str, tuple[list, dict[str, Any], str]] = {}  # key -> (features, record, split)
     for task in tasks:
         spec, record = task_spec(task), checkpoint.tasks[task].as_json()
-        featurize = language.featurizer(spec, setup.tokenizer, setup.max_length)
+        # the length the task was trained and validated at, unless --max-length says otherwise:
+        # perplexity depends on the context a block gives, and the expert's normalises this one
+        length = setup.max_length if options.max_length is not None else record.get("max_length", setup.max_length)
+        featurize = language.featurizer(spec, setup.tokenizer, length)
         if options.data is not None:
             key = language.task_key(spec, options.data)
             if key not in jobs:
@@ -210,7 +213,7 @@ def _evaluate_language(checkpoint, tasks: list[str], setup: _Setup) -> dict[str,
             items = split_holdout(language.read_items(spec, record["data_source"]), options.holdout_fraction)[1]
             jobs[task] = (featurize(items), record, "holdout")
         else:
-            jobs[task] = (language.validation_features(spec, record, setup.tokenizer, setup.max_length),
+            jobs[task] = (language.validation_features(spec, record, setup.tokenizer, length),
                           record, language.VALIDATION)
     results = {}
     for key, (features, record, split) in jobs.items():
