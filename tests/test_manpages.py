@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from umtam_cli.main import SUBCOMMANDS
 from umtam_cli.manpages import render_all
 
@@ -24,3 +26,13 @@ def test_pages_carry_the_options_and_examples():
     pages = render_all()
     assert "--keep" in pages["umtam-prune.1"] and "Examples:" in pages["umtam-merge.1"]
     assert pages["umtam-train.1"].startswith('.TH "UMTAM-TRAIN" "1"')
+
+
+@pytest.mark.parametrize("argv,code", [(["--help"], 0), (["-h"], 0), (["--out"], 2), (["a", "b"], 2)])
+def test_the_generator_takes_help_for_help_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, code):
+    from umtam_cli.manpages import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == code
+    assert "usage: python -m umtam_cli.manpages" in capsys.readouterr()[0 if code == 0 else 1]
+    assert list(tmp_path.iterdir()) == []

@@ -62,7 +62,13 @@ def render_all() -> dict[str, str]:
     return pages
 
 
+USAGE = "usage: python -m umtam_cli.manpages [DIR]   (writes the man pages into DIR, default man/)"
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):  # "--help" is not a directory to write into
+        print(USAGE, file=sys.stderr if argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv[0] in ("-h", "--help") else 2
     out = Path(argv[0] if argv else "man")
     out.mkdir(parents=True, exist_ok=True)
     for file_name, text in render_all().items():
