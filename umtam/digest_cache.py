@@ -30,7 +30,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 CACHE_ENV = "UMTAM_CACHE_DIR"
 CACHE_FILE = "digests.json"
@@ -59,16 +59,9 @@ def key_of(kind: str, infos: Sequence[os.stat_result]) -> str | None:
     return hashlib.sha256(json.dumps([kind, identity]).encode()).hexdigest()
 
 
-def remembered(key: str | None, compute: Callable[[], str]) -> str:
-    """The digest kept under ``key``, else ``compute()``, kept for next time."""
-    found = lookup(key)
-    if found is None:
-        found = compute()
-        store(key, found)
-    return found
-
-
 def lookup(key: str | None) -> str | None:
+    """The digest kept under ``key``, or None. Callers store a digest only once the file is seen to
+    have held still while it was taken (atomic.hash_identified, base_model.file_fingerprint)."""
     if key is None:
         return None
     found = _read().get(key)

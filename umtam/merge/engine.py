@@ -40,8 +40,9 @@ tensors in that order, merges one at a time).
 
 Numbers are checked as the data streams, never in a pass of their own: every
 input's (and the base's) rows are checked finite the first time a pass reads
-them, 1-D parameters and heads when they are read, and every merged block
-before it is kept, so a method's overflow (``task-arithmetic`` with a huge
+them (through the merged rows for a method whose output carries every input
+entry, ``MergeMethod.output_checks_inputs``), 1-D parameters and heads when
+they are read, and every merged block before it is kept, so a method's overflow (``task-arithmetic`` with a huge
 lambda) is refused naming the tensor and the options before anything is
 written. Every input tensor must also have the kind of dtype of the base's
 (and of the other inputs'), so an integer or 1-D weight is refused rather than

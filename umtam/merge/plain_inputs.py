@@ -107,16 +107,16 @@ def relative_distances(sources: Sequence[Source], layout: Layout, base: Mapping[
     merge's own, which checks every row finite) reads it all. Every sampled
     block of W0 is read once for all sources; squared norms are dot products
     (no squared copy), on one torch thread like the merge's loop. A NaN or inf
-    in an input makes its block's sum non-finite, and only then is the block
+    in an input makes its block's squared distance non-finite, and only then is the block
     searched for it, so that it is named for what it is rather than read as
     "not fine-tuned from this base".
     """
     import torch
 
+    from umtam.merge.threads import one_torch_thread
+
     moved, total = [0.0] * len(sources), 0.0
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for key in layout.method_keys():
             weights, start = [source.tensor(key) for source in sources], base[key]
             for block in row_blocks(layout.shapes[key], BLOCK_ENTRIES)[::stride]:
@@ -130,8 +130,6 @@ def relative_distances(sources: Sequence[Source], layout: Layout, base: Mapping[
                         check_finite(weight[rows], tensor_name=key, owner=source.label, block=block)
                     moved[index] += squared
             pages.release_files(*weights, start)
-    finally:
-        torch.set_num_threads(previous)
     if not total:
         return [0.0 if m == 0 else math.inf for m in moved]
     return [math.sqrt(m / total) for m in moved]
