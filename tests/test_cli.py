@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli_runner import run_cli
+from umtam.data import load_task
+from umtam.evaluate import NORMALIZE_MARGIN, no_skill_score
 from umtam_cli.main import cli
 
 
@@ -225,8 +227,13 @@ def test_merge_then_eval_every_head_with_normalised_scores(trained, second_exper
         expert = json.loads((expert_dir / "umtam.json").read_text())["tasks"][task]["metrics"]["validation"]
         expert_score = sum(expert.values()) / len(expert)
         result = report["tasks"][task]
-        # normalized_score has nothing to divide by when the expert scored 0
-        assert result["normalized"] == (None if expert_score == 0 else pytest.approx(result["score"] / expert_score))
+        # the share of the expert's gain over the no-skill floor of these dev rows that the merge keeps;
+        # none when the expert itself is within the margin of that floor
+        labels = [example.label for example in load_task(task, data_dir=glue_dir, need_train=False).eval["validation"]]
+        floor = no_skill_score(task, labels)
+        gain = expert_score - floor
+        assert result["normalized"] == (None if gain < NORMALIZE_MARGIN
+                                        else pytest.approx((result["score"] - floor) / gain))
     code, stdout, _ = run_cli("inspect", str(merged), "--json")
     assert code == 0 and json.loads(stdout)["kind"] == "merge"
 

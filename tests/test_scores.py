@@ -9,7 +9,8 @@ import pytest
 
 from cli_runner import run_cli
 from glue_fixtures import write_glue_dir
-from umtam.evaluate import normalized_score, task_score
+from umtam.evaluate import no_skill_score, normalized_score, task_score
+from umtam.metrics import chance_score, majority_score
 
 
 def test_task_score_is_the_mean_of_the_tasks_metrics():
@@ -53,6 +54,37 @@ def test_normalized_score_is_none_for_an_unmerged_expert_or_a_zero_score():
         is None
     assert normalized_score("rte", {"validation": {"accuracy": 0.6}},
                             {"expert_metrics": {"validation": {"accuracy": 0.0}}}) is None
+
+
+def test_normalized_score_is_the_share_of_the_experts_gain_over_the_floor():
+    # RTE: no-skill floor 0.5, expert 0.7, merge 0.6 -> kept (0.6 - 0.5) / (0.7 - 0.5) = 0.5 of the gain
+    record = {"expert_metrics": {"validation": {"accuracy": 0.7}}}
+    assert normalized_score("rte", {"validation": {"accuracy": 0.6}}, record, floor=0.5) == pytest.approx(0.5)
+    # below the floor it goes negative, but only by the merge's distance below it over a gain >= the margin
+    assert normalized_score("rte", {"validation": {"accuracy": 0.45}}, record, floor=0.5) == pytest.approx(-0.25)
+
+
+def test_normalized_score_is_none_for_an_expert_within_the_margin_of_its_floor():
+    # the case: a CoLA expert at MCC 0.059 made a merge's -0.0395 into -67% as a plain ratio
+    cola = {"expert_metrics": {"validation": {"matthews_correlation": 0.059}}}
+    assert normalized_score("cola", {"validation": {"matthews_correlation": -0.0395}}, cola) is None
+    # an RTE expert 9 points over the majority class of its rows; 12 over a lower floor
+    rte = {"expert_metrics": {"validation": {"accuracy": 0.62}}}
+    assert normalized_score("rte", {"validation": {"accuracy": 0.55}}, rte, floor=0.53) is None
+    assert normalized_score("rte", {"validation": {"accuracy": 0.55}}, rte, floor=0.50) == pytest.approx(0.05 / 0.12)
+
+
+def test_majority_and_chance_baselines_by_hand():
+    # MRPC labels 1,1,1,0: always 1 -> f1 2*3/(2*3+1) = 6/7, accuracy 3/4; always 0 -> 0 and 1/4
+    assert majority_score("mrpc", [1, 1, 1, 0]) == pytest.approx((6 / 7 + 0.75) / 2)
+    # guessing: accuracy 1/2, f1 p/(p+1/2) = 0.75/1.25
+    assert chance_score("mrpc", [1, 1, 1, 0]) == pytest.approx((0.6 + 0.5) / 2)
+    assert majority_score("rte", [0, 0, 1]) == pytest.approx(2 / 3) and chance_score("rte", [0, 0, 1]) == 0.5
+    assert majority_score("cola", [1, 1, 0]) == 0.0 and chance_score("cola", [1, 1, 0]) == 0.0
+    assert majority_score("stsb", [0.5, 4.0, 2.5]) == 0.0 and chance_score("stsb", [0.5, 4.0, 2.5]) == 0.0
+    assert no_skill_score("mrpc", [1, 1, 1, 0]) == pytest.approx((6 / 7 + 0.75) / 2)
+    with pytest.raises(ValueError):
+        majority_score("rte", [])
 
 
 def test_eval_of_a_tiny_mnli_checkpoint_reports_both_splits(tmp_path, tiny_model_dir):

@@ -120,8 +120,8 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
     with their declared defaults and ranges. With ``holdout_fraction`` the fixed
     holdout slice of train is evaluated instead of dev (the slice ``umtam train
     --holdout-fraction`` kept unseen), so merge and prune settings can be chosen
-    without looking at dev; the normalised score then divides by the expert's
-    own holdout score.
+    without looking at dev; the normalised score then compares with the expert's
+    own holdout score (``normalized_score``).
 
     Before any data is read: the tasks, config.json (and --max-length against
     the positions it gives) and every head's size against its task's labels.
@@ -177,12 +177,21 @@ def _evaluate_classification(checkpoint, task: str, setup: _Setup) -> dict[str, 
         for split, examples in chosen.items()
     }
     reference = "expert_holdout_metrics" if holdout_fraction else "expert_metrics"
-    return _result(checkpoint, task, splits, checkpoint.tasks[task].as_json(), reference)
+    floor = sum(no_skill_score(task, [e.label for e in examples]) for examples in chosen.values()) / len(chosen)
+    return _result(checkpoint, task, splits, checkpoint.tasks[task].as_json(), reference, floor)
 
 
-def _result(checkpoint, task: str, splits, record: dict[str, Any], reference: str) -> dict[str, Any]:
+def no_skill_score(task: str, labels) -> float:
+    """The better of chance and the majority-class baseline on these labels: what ignoring the input scores."""
+    from umtam import metrics
+
+    return max(metrics.chance_score(task, labels), metrics.majority_score(task, labels))
+
+
+def _result(checkpoint, task: str, splits, record: dict[str, Any], reference: str,
+            floor: float = 0.0) -> dict[str, Any]:
     try:
-        normalized = normalized_score(task, splits, record, reference)
+        normalized = normalized_score(task, splits, record, reference, floor)
     except (ValueError, TypeError, KeyError) as exc:  # the expert's recorded metrics lack this task's metric
         raise CheckpointError(f"{checkpoint.path / 'umtam.json'}: tasks.{task}.{reference} gives no "
                               f"{task} score ({first_line(exc, 200)})") from exc
@@ -250,11 +259,23 @@ def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:
     return sum(values) / len(values)
 
 
-def normalized_score(task: str, splits, record: dict[str, Any], reference: str = "expert_metrics") -> float | None:
-    """The score against the expert's own on the same task (1.0: as good), when the sidecar has it.
+# An expert less than this far above its no-skill floor normalises nothing: the ratio would divide by
+# noise (a dev set of a few hundred rows moves a score by 2-3 points between seeds).
+NORMALIZE_MARGIN = 0.10
 
-    score / expert's where higher is better (GLUE), expert's / score where
-    lower is (a language task's perplexity).
+
+def normalized_score(task: str, splits, record: dict[str, Any], reference: str = "expert_metrics",
+                     floor: float = 0.0) -> float | None:
+    """The score against the expert's own on the same task (1.0: as good, 0.0: no skill), when defined.
+
+    Where higher is better (GLUE): (score - floor) / (expert's - floor), the
+    share of the expert's gain over ``floor`` that is kept; ``floor`` is what a
+    model ignoring its input scores on the evaluated rows (``no_skill_score``:
+    chance or the majority class). None when the expert is within
+    NORMALIZE_MARGIN of the floor: dividing by its own noise is how a plain
+    score / expert's ratio blew up (a CoLA expert at MCC 0.06 turned a merge's
+    -0.04 into -67%). Where lower is better (a language task's perplexity):
+    expert's / score, perplexity having no no-skill floor of its own.
     """
     from umtam.tasks import task_spec
 
@@ -265,5 +286,6 @@ def normalized_score(task: str, splits, record: dict[str, Any], reference: str =
         expert = {"holdout": expert}
     expert_score, score = task_score(task, expert), task_score(task, splits)
     if task_spec(task).higher_is_better:
-        return score / expert_score if expert_score else None
+        gain = expert_score - floor
+        return (score - floor) / gain if gain >= NORMALIZE_MARGIN else None
     return expert_score / score if score else None

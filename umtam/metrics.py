@@ -143,3 +143,40 @@ def score(task: str, metrics: Mapping[str, float]) -> float:
     if missing:
         raise ValueError(f"metrics for {task!r} lack {', '.join(missing)}")
     return float(sum(metrics[name] for name in names) / len(names))
+
+
+def majority_score(task: str, labels: Sequence[float]) -> float:
+    """The best score a constant prediction reaches on ``labels``: the majority-class baseline.
+
+    Every class id present is tried as the constant (for MRPC predicting the
+    positive class wins on F1 even where it is not the majority); a constant
+    regression output correlates with nothing, which the conventions above
+    score 0.0.
+    """
+    from umtam.tasks import task_spec
+
+    true = np.asarray(labels)
+    if true.size == 0:
+        raise ValueError("cannot compute a baseline on empty labels")
+    constants = [float(true.mean())] if task_spec(task).is_regression else np.unique(true).tolist()
+    return max(score(task, compute_metrics(task, np.full(true.size, c), true)) for c in constants)
+
+
+def chance_score(task: str, labels: Sequence[float]) -> float:
+    """The score of guessing uniformly at random over the task's classes, in expectation.
+
+    Accuracy 1/C; F1 with positive rate p among the labels p / (p + 1/2) (the
+    ratio of expected counts: tp = p/2, fp = (1-p)/2, fn = p/2 per example);
+    Matthews, Pearson and Spearman 0. Regression has no classes: 0.0.
+    """
+    from umtam.tasks import task_spec
+
+    spec, true = task_spec(task), np.asarray(labels)
+    if true.size == 0:
+        raise ValueError("cannot compute a baseline on empty labels")
+    if spec.is_regression:
+        return 0.0
+    positive_rate = float(np.mean(true == 1))
+    expected = {"accuracy": 1.0 / spec.num_labels, "f1": positive_rate / (positive_rate + 0.5),
+                "matthews_correlation": 0.0, "pearson": 0.0, "spearmanr": 0.0}
+    return score(task, expected)
