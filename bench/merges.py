@@ -13,6 +13,8 @@ best-on-dev setting of each method is shown beside it, labelled as such. Each
 experts and a grid per method (lists are swept as a product), and optionally
 `refine`: values swept next around each method's holdout-best setting (e.g.
 lambda once keep is chosen), so a two-stage sweep costs a sum, not a product;
+then lambda is widened by factors of 1.5 while a method's holdout choice is the
+edge of the values it tried (widening_entries), so no choice is cut off;
 or `chosen_from: <result set>`: each entry starts from its method's
 holdout-chosen setting there (the ablation, the AdamW-statistics merge).
 Experts are named as bench/experts.py names them, without model and seed:
@@ -73,9 +75,7 @@ def merge_and_score(experts, method, options, seed: int, args) -> dict:
             "experts": [str(e) for e in experts],
             "merge_seconds": merge_seconds, "holdout": holdout, "dev": dev,
             "holdout_avg": mean(r["score"] for r in holdout.values()),
-            "holdout_norm_avg": mean(r["normalized"] for r in holdout.values()),
-            "dev_avg": mean(r["score"] for r in dev.values()),
-            "dev_norm_avg": mean(r["normalized"] for r in dev.values())}
+            "dev_avg": mean(r["score"] for r in dev.values())}
 
 
 def mean(values) -> float:
@@ -117,21 +117,97 @@ def spread(values: list[float], *, percent: bool = False) -> str:
     return mean if len(values) == 1 else f"{mean} +- {format(100 * statistics.stdev(values), form)}"
 
 
-def report(name: str, tag: str, seeds: tuple[int, ...]) -> str:
+class Normaliser:
+    """Each task's score as the share of its expert's gain over the no-skill floor (umtam.evaluate).
+
+    Recomputed from the stored raw scores, so results written before the
+    definition changed (a plain score / expert's ratio, which exploded on
+    near-chance experts) read the same way as new ones. The floor is the better
+    of chance and the majority class on exactly the rows scored (same cap and
+    seed); a task counts only where every seed's expert is NORMALIZE_MARGIN or
+    more above its floor on both splits, and the tables name those tasks.
+    """
+
+    def __init__(self, rows: list[dict], tag: str, data_dir: str | None):
+        self.data_dir = data_dir
+        self.floors: dict[tuple[str, str, int], float] = {}
+        self.experts: dict[tuple[str, str, int], float] = {}
+        for row in rows:
+            for path in row["experts"]:
+                # rows written before checkpoints carried model and seed name the bare expert
+                name = Path(path).name
+                result = next((p for p in (EXPERT_RESULTS / f"{name}.json",
+                                           EXPERT_RESULTS / f"{tag}-s{row['seed']}-{name}.json") if p.exists()), None)
+                if result is not None:
+                    record = json.loads(result.read_text())
+                    for split in ("dev", "holdout"):
+                        self.experts[(record["task"], split, row["seed"])] = record[f"{split}_score"]
+        tasks = list(rows[0]["dev"])
+        seeds = sorted({row["seed"] for row in rows})
+        self.tasks = [t for t in tasks if all(self.gain(t, split, seed) is not None
+                                              for split in ("dev", "holdout") for seed in seeds)]
+
+    def floor(self, task: str, split: str, seed: int) -> float:
+        from umtam.data import load_task
+        from umtam.evaluate import no_skill_score
+
+        key = (task, split, seed)
+        if key not in self.floors:
+            fraction = HOLDOUT if split == "holdout" else 0.0
+            data = load_task(task, data_dir=self.data_dir, max_eval_samples=EVAL_CAP, seed=seed, need_train=False,
+                             holdout_fraction=fraction)
+            chosen = {"holdout": data.holdout} if fraction else data.eval
+            self.floors[key] = mean(no_skill_score(task, [e.label for e in rows]) for rows in chosen.values())
+        return self.floors[key]
+
+    def gain(self, task: str, split: str, seed: int) -> float | None:
+        from umtam.evaluate import NORMALIZE_MARGIN
+
+        expert = self.experts.get((task, split, seed))
+        if expert is None:
+            return None
+        gain = expert - self.floor(task, split, seed)
+        return gain if gain >= NORMALIZE_MARGIN else None
+
+    def average(self, row: dict, split: str) -> float | None:
+        """The mean normalised score over the counted tasks, None when no task counts."""
+        if not self.tasks:
+            return None
+        seed = row["seed"]
+        return mean((row[split][t]["score"] - self.floor(t, split, seed)) / self.gain(t, split, seed)
+                    for t in self.tasks)
+
+    def cell(self, runs: list[dict], split: str) -> str:
+        values = [self.average(r, split) for r in runs]
+        return "n/a" if None in values else spread(values, percent=True)
+
+    def note(self) -> str:
+        from umtam.evaluate import NORMALIZE_MARGIN
+
+        counted = ", ".join(self.tasks) or "none"
+        return (f"normalised: (score - floor) / (expert - floor), floor = the better of chance and the majority "
+                f"class on the rows scored, over the tasks whose expert is >= {100 * NORMALIZE_MARGIN:.0f} points "
+                f"above it in every seed: {counted}")
+
+
+EXPERT_RESULTS = Path("bench/results/experts")
+
+
+def report(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | None = None) -> str:
     by_label = settings(name, tag, seeds)
     rows = [row for by_seed in by_label.values() for row in by_seed.values()]
     tasks = list(rows[0]["dev"])
+    norm = Normaliser(rows, tag, data_dir)
     header = ("| setting | holdout avg (norm) | dev avg (norm) | " + " | ".join(f"dev {t}" for t in tasks)
               + " | seeds |")
     lines = [header, "|" + "---|" * (4 + len(tasks))]
     for setting, by_seed in sorted(by_label.items(), key=lambda item: -mean(r["holdout_avg"] for r in item[1].values())):
         runs = list(by_seed.values())
         per_task = " | ".join(spread([r["dev"][t]["score"] for r in runs]) for t in tasks)
-        lines.append(f"| {setting} | {spread([r['holdout_avg'] for r in runs])} "
-                     f"({spread([r['holdout_norm_avg'] for r in runs], percent=True)}) "
-                     f"| {spread([r['dev_avg'] for r in runs])} ({spread([r['dev_norm_avg'] for r in runs], percent=True)}) "
+        lines.append(f"| {setting} | {spread([r['holdout_avg'] for r in runs])} ({norm.cell(runs, 'holdout')}) "
+                     f"| {spread([r['dev_avg'] for r in runs])} ({norm.cell(runs, 'dev')}) "
                      f"| {per_task} | {', '.join(map(str, by_seed))} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", norm.note()])
 
 
 def expand_grid(grid: dict) -> list[tuple[str, dict]]:
@@ -199,6 +275,38 @@ def refine_entries(name: str, tag: str, seed: int, grid: dict, refine: dict) -> 
     return entries
 
 
+WIDEN_FACTOR = 1.5  # each widening step multiplies (or divides) lambda by this
+LAMBDA_RANGE = (0.05, 8.0)  # and stops outside this range
+
+
+def widening_entries(name: str, tag: str, seed: int, grid: dict) -> list[tuple[str, dict]]:
+    """One lambda further out for each method whose holdout-best lambda is the edge of those it tried.
+
+    Compared among the runs with the best's other options (its keep, say);
+    run until it returns nothing, no method's choice then sits on its grid's
+    edge (or the edge is LAMBDA_RANGE's, which the report shows).
+    """
+    from umtam.merge import get_method
+
+    rows = load_rows(name, tag, seed)
+    entries = []
+    for method in grid:
+        stage = [r for r in rows if r["method"] == method]
+        if not stage or "lambda" not in _method_options(method):
+            continue
+        default = get_method(method).resolve_options({})["lambda"]
+        best = max(stage, key=lambda r: r["holdout_avg"])["options"]
+        others = {k: v for k, v in best.items() if k != "lambda"}
+        tried = sorted({r["options"].get("lambda", default) for r in stage
+                        if {k: v for k, v in r["options"].items() if k != "lambda"} == others})
+        value = best.get("lambda", default)
+        if value == tried[-1] and value * WIDEN_FACTOR <= LAMBDA_RANGE[1]:
+            entries.append((method, {**others, "lambda": round(value * WIDEN_FACTOR, 3)}))
+        elif len(tried) > 1 and value == tried[0] and value / WIDEN_FACTOR >= LAMBDA_RANGE[0]:
+            entries.append((method, {**others, "lambda": round(value / WIDEN_FACTOR, 3)}))
+    return entries
+
+
 def _method_options(method: str):
     from umtam.merge import get_method
 
@@ -217,14 +325,21 @@ def run_entries(experts: list[Path], entries, out: Path, seed: int, args) -> Non
 
 
 def load_rows(name: str, tag: str, seed: int) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(results_dir(name, tag, seed).glob("*.json"))]
+    """The rows of one seed; rows written before results carried their seed get their folder's."""
+    rows = [json.loads(p.read_text()) for p in sorted(results_dir(name, tag, seed).glob("*.json"))]
+    return [{"seed": seed, **row} for row in rows]
 
 
-def chosen_table(name: str, tag: str, seeds: tuple[int, ...]) -> str:
-    """Per method: the setting with the best mean holdout score, its dev scores; then the best on dev, labelled."""
+def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | None = None) -> str:
+    """Per method: the setting with the best mean holdout score, its dev scores; then the best on dev, labelled.
+
+    A chosen value that is the smallest or largest of its option's values
+    swept for that method is marked "(edge)": the grid may cut the optimum off.
+    """
     by_label = settings(name, tag, seeds)
     rows = [row for by_seed in by_label.values() for row in by_seed.values()]
     tasks = list(rows[0]["dev"])
+    norm = Normaliser(rows, tag, data_dir)
     lines = ["| method | chosen by | setting | " + " | ".join(tasks) + " | dev avg | normalised avg | seeds |",
              "|---|---|---|" + "---|" * (len(tasks) + 3)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -234,11 +349,19 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...]) -> str:
                           if next(iter(runs.values()))["method"] == method}
             best = max(candidates.values(), key=lambda runs: mean(r[key] for r in runs.values()))
             runs = list(best.values())
-            setting = ", ".join(f"{k}={v}" for k, v in sorted(runs[0]["options"].items())) or "-"
+            swept = [next(iter(r.values()))["options"] for r in candidates.values()]
+            setting = ", ".join(f"{k}={v}{' (edge)' if on_edge(k, v, swept) else ''}"
+                                for k, v in sorted(runs[0]["options"].items())) or "-"
             per_task = " | ".join(spread([r["dev"][t]["score"] for r in runs]) for t in tasks)
             lines.append(f"| {method} | {by} | {setting} | {per_task} | {spread([r['dev_avg'] for r in runs])} "
-                         f"| {spread([r['dev_norm_avg'] for r in runs], percent=True)} | {', '.join(map(str, best))} |")
-    return "\n".join(lines)
+                         f"| {norm.cell(runs, 'dev')} | {', '.join(map(str, best))} |")
+    return "\n".join(lines + ["", norm.note()])
+
+
+def on_edge(key: str, value, swept: list[dict]) -> bool:
+    """Whether ``value`` is the least or greatest numeric value of ``key`` among several swept."""
+    values = {o[key] for o in swept if isinstance(o.get(key), (int, float)) and not isinstance(o.get(key), bool)}
+    return len(values) > 1 and value in (min(values), max(values))
 
 
 def main() -> int:
@@ -263,7 +386,7 @@ def main() -> int:
     name = sweep["name"] if sweep else args.name
     if args.report:
         name = name if args.report is True else args.report
-        print(report(name, tag, seeds) + "\n\n" + chosen_table(name, tag, seeds))
+        print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir))
         return 0
     for seed in seeds:
         out = results_dir(name, tag, seed)
@@ -274,10 +397,12 @@ def main() -> int:
                 entries = on_chosen(entries, sweep["chosen_from"], tag, seed)
             run_entries(experts, entries, out, seed, args)
             run_entries(experts, refine_entries(name, tag, seed, sweep["grid"], sweep["refine"]), out, seed, args)
+            while entries := widening_entries(name, tag, seed, sweep["grid"]):
+                run_entries(experts, entries, out, seed, args)
         else:
             experts = expert_paths(args.experts.split(","), args.runs_dir, tag, seed)
             run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, seed, args)
-    print(report(name, tag, seeds) + "\n\n" + chosen_table(name, tag, seeds))
+    print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir))
     return 0
 
 
