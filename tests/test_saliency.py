@@ -31,6 +31,33 @@ def test_curvature_score_is_t_squared_times_sqrt_r_c():
     assert torch.equal(got, expected)
 
 
+def test_tensor_curvature_divides_the_curvature_by_its_tensor_mean():
+    # mean sqrt(R_i C_j) = mean([1, 2, 3]) * mean([1, 2, 3, 4]) = 2 * 2.5 = 5; entry (1, 3): 4 * 8 / 5
+    got = saliency.score("curvature-tensor", NAME, T, STATS, checkpoint_label="ckpt")
+    assert got[1, 3].item() == pytest.approx(32 / 5) and got[2, 0].item() == pytest.approx(12 / 5)
+    assert torch.allclose(got, saliency.score("curvature", NAME, T, STATS, checkpoint_label="ckpt") / 5)
+    # the same weight with every statistic 100x larger (a loss of another scale) scores the same
+    louder = {key: value * 100 for key, value in STATS.items()}
+    assert torch.allclose(saliency.score("curvature-tensor", NAME, T, louder, checkpoint_label="ckpt"), got)
+
+
+def test_row_curvature_keeps_only_the_column_curvature_over_its_mean():
+    # sqrt(C) / mean(sqrt C) = [1, 2, 3, 4] / 2.5; sqrt(R) cancels: T^2 = [[1,1,4,0],[.25,1,1,4],[4,0,1,1]]
+    expected = torch.tensor([[1 * 0.4, 1 * 0.8, 4 * 1.2, 0 * 1.6],
+                             [0.25 * 0.4, 1 * 0.8, 1 * 1.2, 4 * 1.6],
+                             [4 * 0.4, 0 * 0.8, 1 * 1.2, 1 * 1.6]])
+    got = saliency.score("curvature-row", NAME, T, STATS, checkpoint_label="ckpt")
+    assert torch.allclose(got, expected)
+    # a row no gradient reached (R_i = 0) still ranks by its T, where raw curvature scores it 0
+    silent = {**STATS, f"exp_avg_sq_row/{NAME}": torch.tensor([1.0, 0.0, 9.0])}
+    assert torch.allclose(saliency.score("curvature-row", NAME, T, silent, checkpoint_label="ckpt"), expected)
+    assert saliency.score("curvature", NAME, T, silent, checkpoint_label="ckpt")[1].abs().sum() == 0
+    # a vector is one row: sqrt(v) / mean(sqrt v) = [2, 3, 4] / 3
+    vector, stats = torch.tensor([2.0, -1.0, 0.5]), {"exp_avg_sq/b": torch.tensor([4.0, 9.0, 16.0])}
+    got = saliency.score("curvature-row", "b", vector, stats, checkpoint_label="ckpt")
+    assert torch.allclose(got, torch.tensor([4 * 2 / 3, 1 * 3 / 3, 0.25 * 4 / 3]))
+
+
 def test_magnitude_score_is_t_squared_and_needs_no_stats():
     got = saliency.score("magnitude", NAME, T, {}, checkpoint_label="ckpt")
     assert torch.equal(got, T * T)

@@ -336,6 +336,40 @@ def curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor],
     return t.square() * curvature(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
 
 
+def tensor_curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+                           checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    """T^2 sqrt(R_i C_j) / mean(sqrt(R C)): curvature ranks entries within a tensor, magnitude across tensors.
+
+    The raw curvature's scale differs by orders of magnitude between tensors
+    (and between tasks: a regression loss's gradients are not a cross-entropy's),
+    so a global cut on it hands the budget to a few high-curvature tensors;
+    dividing by the tensor's mean curvature (from the factors, the whole
+    weight's for a row block) leaves the comparison across tensors to T^2.
+    """
+    t = task_vector.to(torch.float32)
+    mean = curvature_mean(name, whole_shape(t.shape, block), stats, checkpoint_label=checkpoint_label)
+    scale = t.square() * curvature(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
+    return scale / mean if mean > 0 else scale
+
+
+def row_curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+                        checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    """T^2 sqrt(C_j) / mean(sqrt C): each row's curvature over its own mean, so sqrt(R_i) cancels.
+
+    Rows compete by magnitude alone (a row no gradient reached, R_i = 0, still
+    counts by its T); within a row the column curvature reweights the entries.
+    A vector is one row: sqrt(v_i) / mean(sqrt v).
+    """
+    t = task_vector.to(torch.float32)
+    if t.dim() < 2:
+        return tensor_curvature_score(name, t, stats, checkpoint_label=checkpoint_label, block=block)
+    _, c = row_col_factors(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
+    root = c.clamp_min(0).sqrt()
+    mean = _mean(root)
+    weights = root / mean if mean > 0 else root
+    return (t.reshape(t.shape[0], -1).square() * weights).reshape(t.shape)
+
+
 def magnitude_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
                     checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
     """T^2 (ranks entries like |T|, the TIES trim)."""

@@ -5,6 +5,8 @@
     fisher          T^2 * F                    full diagonal "fisher/<name>", when recorded
     second-moment   T^2 * R_i C_j / mean(R)    Adafactor's rank-1 second moment; the
                                                Fast Fisher Grafting score of OTA merging
+    curvature-tensor  curvature / its tensor's mean: magnitude decides across tensors
+    curvature-row     T^2 * sqrt(C_j) / mean(sqrt C): curvature / its row's mean
 
 The functions live in umtam.saliency under the name each spec gives; adding a
 score is one function there plus its registration here. Statistics keys are
@@ -65,6 +67,10 @@ for _spec in (
     ScoreSpec("magnitude", "magnitude_score", no_stats, "T^2, as the TIES trim ranks"),
     ScoreSpec("second-moment", "second_moment_score", second_moment_keys,
               "T^2 R_i C_j / mean(R): Fast Fisher Grafting on compressed moments"),
+    ScoreSpec("curvature-tensor", "tensor_curvature_score", second_moment_keys,
+              "curvature over its tensor's mean: within-tensor curvature, across-tensor magnitude"),
+    ScoreSpec("curvature-row", "row_curvature_score", second_moment_keys,
+              "T^2 sqrt(C_j) / mean(sqrt C): curvature over its row's mean"),
 ):
     SCORES.register(_spec)
 
