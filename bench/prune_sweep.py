@@ -9,8 +9,10 @@ every saliency score and every keep fraction,
 the expert is pruned with the library's own path (umtam.prune.write_pruned,
 global scope: one threshold over all 2-D encoder weights, the rest reset to the
 base) into a scratch directory and evaluated on dev with umtam.evaluate, exactly
-as `umtam prune` then `umtam eval` would. Nothing is chosen here, so dev is the
-only split scored (rows subsampled with the training seed). Each point's small
+as `umtam prune` then `umtam eval` would (rows subsampled with the training
+seed). A recipe with ``holdout: true`` (the saliency study) also scores the
+experts' unseen holdout slice of train: --report then chooses the score on it
+(``choose``) and shows every score on dev beside it. Each point's small
 JSON goes to bench/results/prune/<model>-s<seed>-<expert>/ and existing ones
 are skipped, so the sweep resumes. --report prints one table per expert, each
 cell the mean (+- standard deviation) over the seeds asked for, refuses seeds
@@ -29,6 +31,9 @@ from pathlib import Path
 RESULTS = Path("bench/results/prune")
 EXPERT_RESULTS = Path("bench/results/experts")
 PLOT = Path("bench/results/prune_sweep.png")
+HOLDOUT = 0.1  # the experts' unseen slice of train (bench/experts.py)
+
+
 def load_sweep(path: str | Path) -> dict:
     """The sweep recipe through umtam's loader: unknown keys, unknown scores and keeps outside (0, 1] refused."""
     from typing import Annotated, Literal
@@ -45,6 +50,8 @@ def load_sweep(path: str | Path) -> dict:
         scope: Literal["global", "tensor"] = option("global", help="Threshold over all 2-D weights or per tensor.")
         runs_dir: str = option("runs/experts", help="Where the experts were written.")
         max_eval_samples: int = option(2000, ge=1, help="Dev rows scored per task.")
+        holdout: bool = option(False, help="Also score the holdout slice, on which a score is chosen.")
+        plot: str = option(str(PLOT), help="Where --report draws dev score against keep.")
 
     return build_config(PruneSweep, load_recipe(path), source=str(path)).model_dump()
 
@@ -68,12 +75,15 @@ def prune_and_score(checkpoint_dir: Path, score: str, keep: float, seed: int, sw
         pruned, report = write_pruned(checkpoint_dir, Path(scratch) / "pruned", keep=keep, score=score,
                                       scope=sweep["scope"])
         prune_seconds = time.perf_counter() - started
-        (task, result), = evaluate_checkpoint(load_checkpoint(pruned.path), task="glue", data_dir=data_dir,
-                                              max_eval_samples=sweep["max_eval_samples"], seed=seed).items()
+        checkpoint = load_checkpoint(pruned.path)
+        common = dict(task="glue", data_dir=data_dir, max_eval_samples=sweep["max_eval_samples"], seed=seed)
+        (task, result), = evaluate_checkpoint(checkpoint, **common).items()
+        holdout = evaluate_checkpoint(checkpoint, holdout_fraction=HOLDOUT, **common)[task] if sweep["holdout"] else None
     return {"expert": checkpoint_dir.name, "seed": seed, "task": task, "score": score, "keep": keep,
             "scope": sweep["scope"],
             "kept_fraction": report.kept_fraction, "prune_seconds": prune_seconds,
-            "dev": result["splits"], "dev_score": result["score"], "normalized": result["normalized"]}
+            "dev": result["splits"], "dev_score": result["score"],
+            **({"holdout": holdout["splits"], "holdout_score": holdout["score"]} if holdout else {})}
 
 
 def run(sweep: dict, tag: str, seeds: tuple[int, ...], data_dir) -> None:
@@ -84,7 +94,7 @@ def run(sweep: dict, tag: str, seeds: tuple[int, ...], data_dir) -> None:
             for score in sweep["scores"]:
                 for keep in sweep["keeps"]:
                     path = point_path(name, score, float(keep))
-                    if path.exists():
+                    if path.exists() and (not sweep["holdout"] or "holdout_score" in json.loads(path.read_text())):
                         continue
                     row = prune_and_score(checkpoint_dir, score, float(keep), seed, sweep, data_dir)
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +156,50 @@ def report(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     return "\n\n".join(sections)
 
 
-def plot(sweep: dict, tag: str, seeds: tuple[int, ...], out: Path = PLOT) -> Path | None:
+def cell_means(sweep: dict, tag: str, seeds: tuple[int, ...], split: str) -> dict[tuple[str, str, float], float]:
+    """(expert, score, keep) -> the seed mean of the split's score, over the cells every seed has."""
+    import statistics
+
+    means = {}
+    for expert, by_seed in load_points(sweep, tag, seeds).items():
+        values: dict[tuple[str, float], list[float]] = {}
+        for seed_rows in by_seed.values():
+            for row in seed_rows:
+                if f"{split}_score" in row:
+                    values.setdefault((row["score"], row["keep"]), []).append(row[f"{split}_score"])
+        means.update({(expert, score, keep): statistics.mean(v) for (score, keep), v in values.items()
+                      if len(v) == len(by_seed)})
+    return means
+
+
+def study(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
+    """Per score: cells at or above magnitude and mean score, on holdout (where it is chosen) and on dev.
+
+    The score chosen is the one at or above magnitude in the most holdout cells
+    (seed means), ties broken by the mean holdout score; dev is only reported.
+    """
+    import statistics
+
+    lines = ["| score | holdout cells >= magnitude | holdout mean | dev cells >= magnitude | dev mean |",
+             "|---|---|---|---|---|"]
+    summary = {}
+    for split in ("holdout", "dev"):
+        means = cell_means(sweep, tag, seeds, split)
+        cells = sorted({(e, k) for e, s, k in means if s == "magnitude"})
+        for score in sweep["scores"]:
+            paired = [(means[(e, score, k)], means[(e, "magnitude", k)]) for e, k in cells if (e, score, k) in means]
+            summary[(score, split)] = (sum(a >= b for a, b in paired), len(paired),
+                                       statistics.mean(a for a, _ in paired) if paired else float("nan"))
+    ranked = sorted(sweep["scores"], key=lambda s: (summary[(s, "holdout")][0], summary[(s, "holdout")][2]))
+    for score in sweep["scores"]:
+        held, dev = summary[(score, "holdout")], summary[(score, "dev")]
+        mark = " (chosen on holdout)" if score == ranked[-1] else ""
+        lines.append(f"| {score}{mark} | {held[0]} of {held[1]} | {100 * held[2]:.2f} | {dev[0]} of {dev[1]} "
+                     f"| {100 * dev[2]:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(sweep: dict, tag: str, seeds: tuple[int, ...]) -> Path | None:
     from umtam.errors import ConfigError
     from umtam.plots import agg_canvas
 
@@ -172,7 +225,7 @@ def plot(sweep: dict, tag: str, seeds: tuple[int, ...], out: Path = PLOT) -> Pat
                 continue
             trained_with = "UMTAM" if "-umtam" in expert else "AdamW"
             rows = [row for seed_rows in by_seed.values() for row in seed_rows]
-            for score, colour in (("curvature", "tab:red"), ("magnitude", "tab:blue")):
+            for score, colour in zip(sweep["scores"], COLOURS):
                 keeps = sorted({r["keep"] for r in rows if r["score"] == score})
                 line = [(keep, statistics.mean(r["dev_score"] for r in rows if (r["score"], r["keep"]) == (score, keep)))
                         for keep in keeps]
@@ -184,8 +237,12 @@ def plot(sweep: dict, tag: str, seeds: tuple[int, ...], out: Path = PLOT) -> Pat
         axis.set_xlabel("keep (%)")
     axes[0][0].set_ylabel("dev score")
     axes[0][-1].legend(fontsize=7)
+    out = Path(sweep["plot"])
     figure.savefig(out, dpi=110)
     return out
+
+
+COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:gray")
 
 
 def main() -> int:
@@ -204,6 +261,8 @@ def main() -> int:
     if not args.report:
         run(sweep, tag, seeds, args.data_dir)
     print(report(sweep, tag, seeds))
+    if sweep["holdout"]:
+        print("\n" + study(sweep, tag, seeds))
     drawn = plot(sweep, tag, seeds)
     if drawn:
         print(f"\nplot: {drawn}")
