@@ -93,6 +93,19 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(optimizer, tmp
         {"step": SAVE_EVERY, "state": str(tmp_path / "resumed-state" / "step-00000005"), "lr": 1e-3}]
 
 
+@pytest.mark.parametrize("optimizer", ["umtam", "adamw"])
+def test_dense_statistics_resume_bit_for_bit(optimizer, tmp_path, tiny_model_dir, glue_dir):
+    # the trajectory's W0 copy and EMAs travel in the state, so a resumed run records the same statistics
+    tracked = dict(track_fisher=True, track_trajectory=True)
+    reference = train(tiny_config(tmp_path, tiny_model_dir, glue_dir, "reference", optimizer, **tracked))
+    config = tiny_config(tmp_path, tiny_model_dir, glue_dir, "resumed", optimizer, save_every=SAVE_EVERY, **tracked)
+    with pytest.raises(Interrupted):
+        train(config, stop_after(STOP_AFTER))
+    resumed = train(config, resume_from=tmp_path / "resumed-state")
+    assert any(key.startswith("trajectory/") for key in resumed.load_stats())
+    assert_same_result(reference, resumed)
+
+
 @pytest.fixture(scope="module")
 def dropout_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with dropout on, so the result depends on the torch RNG stream."""

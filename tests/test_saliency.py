@@ -58,6 +58,16 @@ def test_row_curvature_keeps_only_the_column_curvature_over_its_mean():
     assert torch.allclose(got, torch.tensor([4 * 2 / 3, 1 * 3 / 3, 0.25 * 4 / 3]))
 
 
+def test_trajectory_score_is_the_recorded_statistic_itself():
+    trajectory = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    stats = {f"trajectory/{NAME}": trajectory}
+    got = saliency.score("trajectory", NAME, T, stats, checkpoint_label="ckpt")
+    assert torch.equal(got, trajectory)  # it holds T_t^2 already: the final T does not enter again
+    got[0, 0] = 99.0
+    assert stats[f"trajectory/{NAME}"][0, 0] == 0.0  # a copy: callers may work on it in place
+    assert required_stats("trajectory", NAME, 2) == (f"trajectory/{NAME}",)
+
+
 def test_magnitude_score_is_t_squared_and_needs_no_stats():
     got = saliency.score("magnitude", NAME, T, {}, checkpoint_label="ckpt")
     assert torch.equal(got, T * T)
@@ -191,6 +201,7 @@ def _random_stats(rows, cols, seed):
         f"exp_avg_sq_row/{NAME}": torch.rand(rows, generator=generator) * 1e-4,
         f"exp_avg_sq_col/{NAME}": torch.rand(cols, generator=generator) * 1e-4,
         f"fisher/{NAME}": torch.rand(rows * cols, generator=generator),
+        f"trajectory/{NAME}": torch.rand(rows * cols, generator=generator),
     }
 
 

@@ -116,3 +116,59 @@ def test_never_updated_parameters_report_zeros():
     assert torch.equal(tracker.stats()["exp_avg_sq_row/w"], torch.zeros(3))
     with pytest.raises(ValueError):
         CurvatureTracker([("w", W)], beta2=1.0)
+
+
+def test_dense_fisher_and_trajectory_by_hand():
+    # W0 = [[1, 2]]; step 1: G = [[2, -1]] at W0 (T = 0); the weight then moves to [[1.5, 2]];
+    # step 2: G = [[1, 4]] at T = [[0.5, 0]]. beta2 = 0.5, bias-corrected by 1 - 0.5^t.
+    W = torch.nn.Parameter(torch.tensor([[1.0, 2.0]]))
+    tracker = CurvatureTracker([("w", W)], beta2=0.5, dense=("trajectory", "fisher"))
+    assert tracker.dense == ("fisher", "trajectory")  # the registry's order, whatever was asked
+    W.grad = torch.tensor([[2.0, -1.0]])
+    tracker.update()
+    stats = tracker.stats()
+    torch.testing.assert_close(stats["fisher/w"], torch.tensor([[4.0, 1.0]]))
+    torch.testing.assert_close(stats["trajectory/w"], torch.tensor([[0.0, 0.0]]))  # T = 0 at the first step
+    with torch.no_grad():
+        W.copy_(torch.tensor([[1.5, 2.0]]))
+    W.grad = torch.tensor([[1.0, 4.0]])
+    tracker.update()
+    stats = tracker.stats()
+    # F = (0.5 [2, 0.5] + 0.5 [1, 16]) / 0.75 = [1.5, 8.25] / 0.75; (T G)^2 = [0.25, 0] -> 0.5 * 0.25 / 0.75
+    torch.testing.assert_close(stats["fisher/w"], torch.tensor([[2.0, 11.0]]))
+    torch.testing.assert_close(stats["trajectory/w"], torch.tensor([[1 / 6, 0.0]]))
+    assert set(stats) == {"exp_avg_sq_row/w", "exp_avg_sq_col/w", "fisher/w", "trajectory/w"}  # W0 is not exported
+    # 2 floats each for fisher, trajectory and W0, 1 + 2 for R and C, and the step
+    assert tracker.state_bytes() == 4 * (2 + 2 + 2 + 1 + 2 + 1)
+
+
+def test_dense_statistics_of_umtam_matrices_sit_beside_the_reused_factors():
+    model = _model()
+    opt = UMTAM(model.parameters(), lr=1e-2, rank=2)
+    named = list(model.named_parameters())
+    dense = CurvatureTracker(named, optimizer=opt, dense=("fisher",))
+    plain = CurvatureTracker(named, optimizer=opt)
+    assert dense.reused_names == plain.reused_names == ("0.weight", "2.weight")
+    _train(model, opt, [dense, plain], steps=3)
+    a, b = dense.stats(), plain.stats()
+    assert {key for key in a if key.startswith("fisher/")} == {f"fisher/{name}" for name, _ in named}
+    for key in b:  # the factored statistics are the same with or without the dense ones
+        assert torch.equal(a[key], b[key]), key
+    # a 1-D parameter's own EMA is its dense Fisher already: the two agree
+    torch.testing.assert_close(a["fisher/2.bias"], a["exp_avg_sq/2.bias"], rtol=0, atol=0)
+
+
+def test_dense_state_round_trips_and_unknown_kinds_are_refused():
+    model = _model()
+    opt = build_optimizer("adamw", list(model.named_parameters()), lr=1e-2)
+    tracker = CurvatureTracker(model.named_parameters(), dense=("fisher", "trajectory"))
+    _train(model, opt, [tracker], steps=3)
+    resumed = CurvatureTracker(model.named_parameters(), dense=("fisher", "trajectory"))
+    resumed.load_state_dict(tracker.state_dict())
+    _train(model, opt, [tracker, resumed], steps=2, seed=1)
+    a, b = tracker.stats(), resumed.stats()
+    assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
+    with pytest.raises(ValueError, match="keys"):  # a state without the dense statistics does not fit
+        CurvatureTracker(model.named_parameters()).load_state_dict(tracker.state_dict())
+    with pytest.raises(ValueError, match="unknown dense statistics"):
+        CurvatureTracker(model.named_parameters(), dense=("hessian",))

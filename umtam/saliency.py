@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from umtam.errors import CheckpointError, ConfigError
-from umtam.scores import SCORES, col_key, fisher_key, row_key, vector_key
+from umtam.scores import SCORES, col_key, fisher_key, row_key, trajectory_key, vector_key
 
 ScoreFn = Callable[..., Tensor]
 
@@ -151,9 +151,16 @@ def task_vector(name: str, weight: Tensor, base: Tensor, *, checkpoint_label: st
 # ----------------------------------------------------------------------------- statistics
 
 
+_DENSE_HINTS = {  # per-entry statistics are opt-in at training time
+    "fisher": "train with --track-fisher (or import an Adam state) to record it; otherwise use --score curvature",
+    "trajectory": "train with --track-trajectory to record it; otherwise use --score curvature",
+}
+
+
 def missing_stat_error(checkpoint_label: str, key: str, stats: Mapping[str, Tensor]) -> CheckpointError:
     where = "its stats.safetensors has no" if len(stats) else "it has no stats.safetensors, so no"
-    return CheckpointError(f"{checkpoint_label}: {where} statistic {key!r}", hint=_STATS_HINT)
+    hint = _DENSE_HINTS.get(key.split("/", 1)[0], _STATS_HINT)
+    return CheckpointError(f"{checkpoint_label}: {where} statistic {key!r}", hint=hint)
 
 
 def read_stat(stats: Mapping[str, Tensor], key: str, *, checkpoint_label: str) -> Tensor:
@@ -302,15 +309,20 @@ def _mean(values: Tensor) -> float:
 
 def full_fisher(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
                 checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    return _dense_stat(fisher_key(name), name, shape, stats, checkpoint_label=checkpoint_label, block=block)
+
+
+def _dense_stat(key: str, name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
+                checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    """A per-entry statistic of the weight ``name`` (its rows of ``block``), checked for its size."""
     whole = whole_shape(shape, block)
-    fisher = read_stat(stats, fisher_key(name), checkpoint_label=checkpoint_label)
-    if fisher.numel() != math.prod(whole):
+    value = read_stat(stats, key, checkpoint_label=checkpoint_label)
+    if value.numel() != math.prod(whole):
         raise CheckpointError(
-            f"{checkpoint_label}: statistic {fisher_key(name)!r} has {fisher.numel()} entries, "
-            f"but {name} has {math.prod(whole)}"
+            f"{checkpoint_label}: statistic {key!r} has {value.numel()} entries, but {name} has {math.prod(whole)}"
         )
-    fisher = fisher.reshape(whole)
-    return fisher if block is None else block.of(fisher)
+    value = value.reshape(whole)
+    return value if block is None else block.of(value)
 
 
 def _vector_stat(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
@@ -381,6 +393,17 @@ def fisher_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
     """T^2 * F with F the full Fisher diagonal, when the checkpoint recorded one."""
     t = task_vector.to(torch.float32)
     return t.square() * full_fisher(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
+
+
+def trajectory_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
+                     checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
+    """EMA over training of (T_t G_t)^2, as recorded: the score accumulated along the trajectory.
+
+    It already holds T_t^2, so the final T enters only through the last steps
+    of the EMA (the task vector is read for its shape and rows alone).
+    """
+    return _dense_stat(trajectory_key(name), name, task_vector.shape, stats, checkpoint_label=checkpoint_label,
+                       block=block).clone()
 
 
 def second_moment_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,

@@ -3,6 +3,8 @@
     curvature       T^2 * sqrt(R_i C_j)        row/column means of G^2 (the default)
     magnitude       T^2                        no statistics needed
     fisher          T^2 * F                    full diagonal "fisher/<name>", when recorded
+                                               (train --track-fisher, or an imported Adam state)
+    trajectory      EMA_t (T_t G_t)^2          "trajectory/<name>", when recorded (--track-trajectory)
     second-moment   T^2 * R_i C_j / mean(R)    Adafactor's rank-1 second moment; the
                                                Fast Fisher Grafting score of OTA merging
     curvature-tensor  curvature / its tensor's mean: magnitude decides across tensors
@@ -51,6 +53,14 @@ def fisher_keys(name: str, ndim: int) -> tuple[str, ...]:
     return (fisher_key(name),)
 
 
+def trajectory_key(name: str) -> str:
+    return f"trajectory/{name}"
+
+
+def trajectory_keys(name: str, ndim: int) -> tuple[str, ...]:
+    return (trajectory_key(name),)
+
+
 @dataclass(frozen=True)
 class ScoreSpec:
     name: str
@@ -67,6 +77,8 @@ for _spec in (
     ScoreSpec("magnitude", "magnitude_score", no_stats, "T^2, as the TIES trim ranks"),
     ScoreSpec("second-moment", "second_moment_score", second_moment_keys,
               "T^2 R_i C_j / mean(R): Fast Fisher Grafting on compressed moments"),
+    ScoreSpec("trajectory", "trajectory_score", trajectory_keys,
+              "EMA over training of ((W_t - W0) G_t)^2, when recorded (train --track-trajectory)"),
     ScoreSpec("curvature-tensor", "tensor_curvature_score", second_moment_keys,
               "curvature over its tensor's mean: within-tensor curvature, across-tensor magnitude"),
     ScoreSpec("curvature-row", "row_curvature_score", second_moment_keys,

@@ -109,7 +109,9 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
         is_embedding=family.is_embedding,
     )
     hparams = optimizer_hparams(optimizer)  # before the scheduler rewrites lr step by step
-    tracker = CurvatureTracker(model.named_parameters(), beta2=config.beta2, optimizer=optimizer)
+    dense = [kind for kind, wanted in (("fisher", config.track_fisher), ("trajectory", config.track_trajectory))
+             if wanted]
+    tracker = CurvatureTracker(model.named_parameters(), beta2=config.beta2, optimizer=optimizer, dense=dense)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(total_steps, config.warmup_ratio)
     )

@@ -67,6 +67,12 @@ class TrainConfig(Schema):
                                   help="UMTAM's dense error-feedback buffer.")
     dense_embeddings: bool = option(False, flag="--dense-embeddings/--lowrank-embeddings",
                                     help="UMTAM: dense AdamW state for the embedding matrices instead of low-rank.")
+    track_fisher: bool = option(False, flag="--track-fisher",
+                                help="Also record the dense Fisher diagonal (EMA of G^2, 4 bytes per weight) for "
+                                     "--score fisher.")
+    track_trajectory: bool = option(False, flag="--track-trajectory",
+                                    help="Also record the trajectory saliency, EMA of ((W_t - W0) G_t)^2 (8 bytes per "
+                                         "weight), for --score trajectory.")
     max_train_samples: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Subsample the training set (seeded).")
     max_eval_samples: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Subsample the dev set (seeded).")
     holdout_fraction: float = option(0.0, ge=0, lt=1,

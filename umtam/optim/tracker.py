@@ -17,6 +17,11 @@ from torch.nn import Parameter
 from umtam.optim.functional import factored_ema_, reshape_to_matrix, scan_gradient
 
 ROW, COL, FULL = "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"
+# Opt-in dense statistics (4 bytes per entry each; the trajectory also keeps W0, 4 more):
+FISHER = "fisher"  # EMA of G*G per entry: the full Fisher diagonal (empirical), for --score fisher
+TRAJECTORY = "trajectory"  # EMA of (T_t * G_t)^2, T_t = W_t - W0: the trajectory-accumulated saliency
+INITIAL = "initial"  # W0, kept for T_t; resume state, never exported
+DENSE_KINDS = (FISHER, TRAJECTORY)
 
 
 def _group_beta2(optimizer: torch.optim.Optimizer, p: Tensor) -> float | None:
@@ -49,6 +54,17 @@ class CurvatureTracker:
     gradient accumulation / all-reduce), before ``zero_grad``. A parameter
     whose ``.grad`` is None is skipped for that step, as optimizers do; one
     that never got a gradient reports zeros.
+
+    ``dense`` opts in to per-entry statistics of every tracked parameter
+    (DENSE_KINDS, DESIGN section 4's alternatives): ``fisher`` (EMA of G*G,
+    exported as ``fisher/<name>``) and ``trajectory`` (EMA of (T_t * G_t)^2
+    with T_t = W_t - W0 taken before each step, exported as
+    ``trajectory/<name>``: the squared first-order Taylor term of removing the
+    task vector, accumulated over training; with T moving slowly against the
+    EMA's horizon it is the EMA of T_t^2 v_t). Both at rate ``beta2`` and
+    bias-corrected; the trajectory keeps a float32 copy of W0 to form T_t.
+    They cost 4 (fisher) and 8 (trajectory) bytes per entry, AdamW's state
+    size for both: opt-in, for the saliency study.
     """
 
     def __init__(
@@ -56,10 +72,15 @@ class CurvatureTracker:
         named_parameters: Iterable[tuple[str, Parameter]],
         beta2: float = 0.999,
         optimizer: torch.optim.Optimizer | None = None,
+        dense: Iterable[str] = (),
     ):
         if not 0.0 <= beta2 < 1.0:
             raise ValueError(f"Invalid beta2: {beta2} (must be in [0, 1))")
         self.beta2 = float(beta2)
+        self.dense = tuple(kind for kind in DENSE_KINDS if kind in set(dense))
+        unknown = sorted(set(dense) - set(DENSE_KINDS))
+        if unknown:
+            raise ValueError(f"unknown dense statistics {unknown}; choose from {', '.join(DENSE_KINDS)}")
         self._optimizer = optimizer
         self._own: dict[str, Parameter] = {}
         self._reused: dict[str, Parameter] = {}
@@ -70,21 +91,25 @@ class CurvatureTracker:
                 continue
             if name in self._own or name in self._reused:
                 raise ValueError(f"duplicate parameter name {name!r}")
-            if reader is not None and reader(p) is not None and _group_beta2(optimizer, p) == self.beta2:
-                self._reused[name] = p
-            else:
-                self._own[name] = p
-                self._state[name] = self._init_state(p)
+            reused = reader is not None and reader(p) is not None and _group_beta2(optimizer, p) == self.beta2
+            (self._reused if reused else self._own)[name] = p
+            state = {} if reused else self._init_state(p)
+            state.update(self._init_dense(p))
+            if state:
+                self._state[name] = {"step": torch.tensor(0.0, dtype=torch.float32), **state}
 
     @staticmethod
     def _init_state(p: Tensor) -> dict[str, Tensor]:
-        state = {"step": torch.tensor(0.0, dtype=torch.float32)}
         if p.dim() >= 2:
             m = p.shape[0]
-            state[ROW] = torch.zeros(m, dtype=torch.float32, device=p.device)
-            state[COL] = torch.zeros(p.numel() // m, dtype=torch.float32, device=p.device)
-        else:
-            state[FULL] = torch.zeros_like(p, dtype=torch.float32)
+            return {ROW: torch.zeros(m, dtype=torch.float32, device=p.device),
+                    COL: torch.zeros(p.numel() // m, dtype=torch.float32, device=p.device)}
+        return {FULL: torch.zeros_like(p, dtype=torch.float32)}
+
+    def _init_dense(self, p: Tensor) -> dict[str, Tensor]:
+        state = {kind: torch.zeros_like(p, dtype=torch.float32) for kind in self.dense}
+        if TRAJECTORY in self.dense:
+            state[INITIAL] = p.detach().to(torch.float32).clone()
         return state
 
     @property
@@ -94,19 +119,28 @@ class CurvatureTracker:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the current gradients into the EMAs (parameters read from the optimizer are skipped)."""
-        for name, p in self._own.items():
+        """Fold the current gradients into the EMAs (factored ones the optimizer keeps are read, not folded).
+
+        Call before the optimizer step: the trajectory's T_t is the task vector
+        the gradient was taken at.
+        """
+        for name, state in self._state.items():
+            p = self._own.get(name, self._reused.get(name))
             if p.grad is None:
                 continue
-            state = self._state[name]
             state["step"] += 1
-            if p.dim() >= 2:
+            if ROW in state:
                 # the same blocked pass as UMTAM's, so reused and own statistics agree bit for bit
                 scan = scan_gradient(reshape_to_matrix(p.grad).float())
                 factored_ema_(state[ROW], state[COL], scan.row_mean_sq, scan.col_mean_sq, self.beta2)
-            else:
-                g = p.grad.float()
+            g = p.grad.float()
+            if FULL in state:
                 state[FULL].mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+            if FISHER in state:
+                state[FISHER].mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+            if TRAJECTORY in state:
+                taylor = (p.detach().float() - state[INITIAL]).mul_(g)
+                state[TRAJECTORY].mul_(self.beta2).addcmul_(taylor, taylor, value=1.0 - self.beta2)
 
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
@@ -120,7 +154,7 @@ class CurvatureTracker:
             step = state["step"].item()
             correction = 1.0 - self.beta2**step if step > 0 else 1.0
             for key, value in state.items():
-                if key != "step":
+                if key not in ("step", INITIAL):
                     out[f"{key}/{name}"] = _export(value / correction)
         return out
 
