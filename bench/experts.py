@@ -81,6 +81,7 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
     recipe = recipe_path(task, optimizer)
     overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": seed,
                  "data_dir": args.data_dir, "force": True, **{v: True for v in variants_of(args)},
+                 **({"track_fisher": True, "track_trajectory": True} if args.track_saliency else {}),
                  **({"model": args.model} if args.model else {})}
     config = build_config(TrainConfig, load_recipe(recipe), overrides, source=str(recipe))
     started = time.perf_counter()
@@ -105,7 +106,7 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
 def run_and_record(task, optimizer, rank, lr, seed, args) -> None:
     name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed)
     path = RESULTS / f"{name}.json"
-    checkpoint_written = (Path(args.runs_dir) / name / "umtam.json").is_file()
+    checkpoint_written = has_checkpoint(Path(args.runs_dir) / name, dense=args.track_saliency)
     # the committed JSON is the result; the checkpoint (never committed) is rebuilt only when
     # asked, e.g. on a new machine before the prune and merge sweeps, which read it
     if path.exists() and (checkpoint_written or not args.rebuild_missing):
@@ -114,6 +115,14 @@ def run_and_record(task, optimizer, rank, lr, seed, args) -> None:
     path.write_text(json.dumps(row, indent=1) + "\n")
     print(f"{row['name']}: holdout {row['holdout_score']:.4f} dev {row['dev_score']:.4f} "
           f"({row['wall_seconds']:.0f} s)", flush=True)
+
+
+def has_checkpoint(directory: Path, *, dense: bool) -> bool:
+    """Whether the run's checkpoint is there (and, with ``dense``, recorded the opt-in saliency statistics)."""
+    sidecar = directory / "umtam.json"
+    if not sidecar.is_file():
+        return False
+    return not dense or json.loads(sidecar.read_text())["training"]["config"].get("track_trajectory", False)
 
 
 def parse_lrs(text: str | None) -> dict[str, list[float]]:
@@ -308,6 +317,9 @@ def main() -> int:
                         help="train umtam with its dense error-feedback buffer (runs named -ef; never chosen)")
     parser.add_argument("--dense-embeddings", action="store_true",
                         help="train umtam with dense AdamW state for the embeddings (runs named -de; never chosen)")
+    parser.add_argument("--track-saliency", action="store_true",
+                        help="train with --track-fisher --track-trajectory (same weights, more statistics); with "
+                             "--rebuild-missing, retrains a run whose checkpoint lacks them")
     parser.add_argument("--report", action="store_true", help="only print tables from existing results")
     parser.add_argument("--rebuild-missing", action="store_true",
                         help="retrain runs whose result JSON exists but whose checkpoint is missing")
