@@ -177,7 +177,8 @@ def test_train_help_renders_the_task_and_optimizer_registries_and_the_resumable_
         "--" + key.replace("_", "-") for key in TrainConfig.resumable_options()}
     # where the data lives may change (the tokenized training set is checked by digest); what it is may not
     assert set(TrainConfig.resumable_options()) == {"output", "force", "state_dir", "save_every", "data_dir", "data",
-                                                    "eval_data", "device", "eval_batch_size", "lr", "plot_loss"}
+                                                    "eval_data", "device", "eval_batch_size", "eval_every", "lr",
+                                                    "plot_loss"}
 
 
 @pytest.fixture(scope="module")

@@ -239,3 +239,29 @@ def test_a_dtype_the_device_cannot_run_is_refused_before_any_work(tmp_path, monk
     with pytest.raises(ConfigError, match=message):
         train(lm_config(llama_dir, corpus, tmp_path / "out", dtype=dtype, device=device))
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_every_records_validation_loss_on_the_held_out_text_and_changes_nothing(tmp_path, llama_dir, corpus,
+                                                                                      lm_run):
+    run = train(lm_config(llama_dir, corpus, tmp_path / "every", eval_every=2))
+    curve = run.sidecar.as_json()["training"]["eval_curve"]
+    assert [point["step"] for point in curve] == [2, 4, 6]
+    final = run.sidecar.as_json()["tasks"]
+    (record,) = final.values()
+    # the step-6 point is the final validation (same model, same blocks): it must agree exactly
+    assert curve[-1]["metrics"] == record["metrics"]
+    assert all(set(point["metrics"]["validation"]) >= {"loss", "perplexity", "tokens"} for point in curve)
+    assert curve[0]["metrics"]["validation"]["loss"] != curve[-1]["metrics"]["validation"]["loss"]
+    for name, tensor in lm_run.load_tensors().items():  # the same run without --eval-every
+        assert torch.equal(tensor, run.load_tensors()[name]), name
+    assert run.sidecar.training.loss_curve == lm_run.sidecar.training.loss_curve
+
+
+def test_eval_every_points_survive_a_resume(tmp_path, llama_dir, corpus):
+    whole = train(lm_config(llama_dir, corpus, tmp_path / "whole", eval_every=2))
+    with pytest.raises(SystemExit):
+        _stop_after(4, lambda progress: train(lm_config(llama_dir, corpus, tmp_path / "part", save_every=4,
+                                                        eval_every=2), progress=progress))
+    resumed = train(lm_config(llama_dir, corpus, tmp_path / "part", save_every=4, eval_every=2),
+                    resume_from=tmp_path / "part-state")
+    assert resumed.sidecar.as_json()["training"]["eval_curve"] == whole.sidecar.as_json()["training"]["eval_curve"]

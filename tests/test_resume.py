@@ -106,6 +106,21 @@ def test_dense_statistics_resume_bit_for_bit(optimizer, tmp_path, tiny_model_dir
     assert_same_result(reference, resumed)
 
 
+def test_eval_every_on_a_glue_task_resumes_and_changes_no_weight(tmp_path, tiny_model_dir, glue_dir):
+    reference = train(tiny_config(tmp_path, tiny_model_dir, glue_dir, "reference"))
+    every = dict(eval_every=4)
+    whole = train(tiny_config(tmp_path, tiny_model_dir, glue_dir, "whole", **every))
+    assert_same_result(reference, whole)
+    curve = whole.sidecar.as_json()["training"]["eval_curve"]
+    assert [point["step"] for point in curve] == [4, 8, 12] and set(curve[0]["metrics"]) == {"validation"}
+    assert set(curve[0]["metrics"]["validation"]) == {"f1", "accuracy"}
+    config = tiny_config(tmp_path, tiny_model_dir, glue_dir, "resumed", save_every=SAVE_EVERY, **every)
+    with pytest.raises(Interrupted):
+        train(config, stop_after(STOP_AFTER))
+    resumed = train(config, resume_from=tmp_path / "resumed-state")
+    assert resumed.sidecar.as_json()["training"]["eval_curve"] == curve
+
+
 @pytest.fixture(scope="module")
 def dropout_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with dropout on, so the result depends on the torch RNG stream."""

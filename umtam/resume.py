@@ -144,6 +144,11 @@ class ResumeRecord(_Part):
     lr: float
 
 
+class EvalPoint(_Part):
+    step: Count
+    metrics: dict[str, dict[str, float]]  # split -> metric -> value
+
+
 class StateRecord(_Part):
     """umtam-state.json: every field ``restore`` and the training loop read, with its type."""
 
@@ -164,6 +169,7 @@ class StateRecord(_Part):
     files: dict[str, StateFileRecord]
     resumed: list[ResumeRecord] = Field(default_factory=list)
     seconds_per_step: float | None = None
+    eval_curve: list[EvalPoint] = Field(default_factory=list)  # --eval-every's scores so far (older states: none)
 
     @model_validator(mode="after")
     def _consistent(self) -> "StateRecord":
@@ -187,6 +193,7 @@ class Position:
     epoch: int = 0
     batch: int = 0
     loss_curve: list[float] = field(default_factory=list)
+    eval_curve: list[dict[str, Any]] = field(default_factory=list)  # {"step", "metrics": {split: metrics}}
 
     def advance(self, loss: float) -> None:
         self.step += 1
@@ -359,6 +366,7 @@ def capture(parts: Trainables, position: Position) -> tuple[dict[str, Any], dict
     record = {
         "step": position.step, "epoch": position.epoch, "batch": position.batch,
         "loss_curve": list(position.loss_curve),
+        **({"eval_curve": list(position.eval_curve)} if position.eval_curve else {}),
         "optimizer": {"class": type(parts.optimizer).__name__, **optimizer_record},
         "scheduler": parts.scheduler.state_dict(),
         "tracker": {"beta2": tracker_state["beta2"]},
@@ -387,7 +395,8 @@ def restore(state: TrainingState, parts: Trainables, *, lr: float) -> Position:
         # torch's and the tracker's refusals of a state that does not fit, said in one line
         raise CheckpointError(f"{state.path}: cannot be restored into this run ({_one_line(exc)})",
                               hint=_DAMAGED) from exc
-    return Position(record["step"], record["epoch"], record["batch"], list(record["loss_curve"]))
+    return Position(record["step"], record["epoch"], record["batch"], list(record["loss_curve"]),
+                    [dict(point) for point in record.get("eval_curve", [])])
 
 
 def _load_into(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], parts: Trainables,

@@ -122,7 +122,18 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
                                               total_steps)
     if saved is not None:
         _continue_from(saved, parts, run_log, progress)
-    loop = _Loop(parts, objective, tokenizer.pad_token_id, precision, config, context)
+    def measure(features):
+        with precision.autocast():
+            return objective.evaluate(model, features, prepared.task_key, pad_token_id=tokenizer.pad_token_id,
+                                      batch_size=config.eval_batch_size, progress=progress)
+
+    def validate() -> dict[str, Any]:
+        """Every validation split's metrics mid-run, the model put back to training after."""
+        scores = {split: measure(features) for split, features in prepared.eval.items()}
+        model.train()
+        return scores
+
+    loop = _Loop(parts, objective, tokenizer.pad_token_id, precision, config, context, validate)
     try:
         run = _run_loop(loop, prepared.train, total_steps, progress, run_log, states)
     finally:
@@ -133,12 +144,6 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
         return None
 
     progress("status", "evaluating")
-
-    def measure(features):
-        with precision.autocast():
-            return objective.evaluate(model, features, prepared.task_key, pad_token_id=tokenizer.pad_token_id,
-                                      batch_size=config.eval_batch_size, progress=progress)
-
     metrics = {split: measure(features) for split, features in prepared.eval.items()}
     holdout_metrics = measure(prepared.holdout) if prepared.holdout else None
     state = {"optimizer_bytes": optimizer_state_bytes(optimizer), "tracker_bytes": tracker.state_bytes()}
@@ -244,6 +249,7 @@ class RunRecord:
     loss_curve: list[float]
     peak_rss_bytes: int
     peak_gpu_bytes: int | None
+    eval_curve: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -309,6 +315,7 @@ class _Loop:
     precision: Any  # umtam.precision.Precision
     config: TrainConfig
     context: Any  # umtam.distributed context
+    validate: Callable[[], dict[str, Any]]  # the validation splits' metrics now (--eval-every)
 
 
 def _run_loop(loop: _Loop, features, total_steps, progress, log: _RunLog, states) -> RunRecord:
@@ -339,6 +346,9 @@ def _run_loop(loop: _Loop, features, total_steps, progress, log: _RunLog, states
             _backward_and_step(loop, loss, position.step + 1, states)
             position.advance(batch_loss)  # a Python float: the GPU has synced, so the timing is honest
             timer.tick()
+            if config.eval_every and position.step % config.eval_every == 0 and context.is_main:
+                # before a state is saved at this step, so a run resumed from it has this point
+                _validate(loop, position, progress)
             if states is not None and position.step % config.save_every == 0:  # rank 0 only
                 _save_state(parts, log, states, timer, progress)
             progress("step", StepEvent(position.step, total_steps, position.loss_curve[-1], position.epoch))
@@ -352,7 +362,8 @@ def _run_loop(loop: _Loop, features, total_steps, progress, log: _RunLog, states
     losses = position.loss_curve
     seconds = timer.seconds_per_step()
     return RunRecord(position.step, seconds if seconds is not None else log.earlier_seconds_per_step or 0.0,
-                     float(sum(losses[-10:]) / len(losses[-10:])), list(losses), peak_rss_bytes(), gpu_peak)
+                     float(sum(losses[-10:]) / len(losses[-10:])), list(losses), peak_rss_bytes(), gpu_peak,
+                     list(position.eval_curve))
 
 
 def _backward_and_step(loop: _Loop, loss, step: int, states) -> None:
@@ -392,6 +403,15 @@ def _optimizer_step(optimizer, step: int, states, config: TrainConfig) -> None:
         if "overflow" not in str(exc):
             raise
         raise _diverged(step, f"the update overflowed float32 ({first_line(exc, 120)})", states, config) from exc
+
+
+def _validate(loop: _Loop, position, progress) -> None:
+    """Score the validation splits mid-run; eval mode draws no random numbers, so training is unchanged."""
+    scores = loop.validate()
+    position.eval_curve.append({"step": position.step, "metrics": scores})
+    progress("status", f"step {position.step}: " + "; ".join(
+        f"{split} " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
+        for split, metrics in scores.items()))
 
 
 def _check_weights_finite(model, step: int, states, config: TrainConfig) -> None:
@@ -456,6 +476,7 @@ def _train_sidecar(config, task_key: str, task_record: dict[str, Any], base, run
             "config": {**config.sidecar_record(), "max_length": max_length},  # the length used, when defaulted
             "final_loss": run.final_loss,
             "loss_curve": run.loss_curve,
+            **({"eval_curve": run.eval_curve} if run.eval_curve else {}),
             **({"resumed": resumed} if resumed else {}),
         },
         "stats": {"beta2": config.beta2, "bias_corrected": True, "tracked_steps": run.steps},

@@ -23,7 +23,7 @@ def epilog() -> str:
         "loss curve, RNG, options); the newest two are kept. A state is not a checkpoint; the output is written "
         "once, at the end. --resume continues bit for bit (on CPU); options given with it must match the saved "
         f"run's, except {resumable}. A NaN or inf loss stops the run (exit 1), names the last good state and "
-        "writes no checkpoint.", width=80)
+        "writes no checkpoint.", width=80, break_on_hyphens=False)  # a flag never splits at its hyphen
     languages = "\n".join(f"  {spec.name:10} {spec.summary}" for spec in TASKS if spec.kind == "language")
     optimizers = "\n".join(f"  {spec.name:10} {short_number(spec.default_lr):6} {spec.summary}" for spec in OPTIMIZERS)
     return f"""\b

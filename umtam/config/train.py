@@ -79,6 +79,9 @@ class TrainConfig(Schema):
                                      help="Hold out this fixed fraction of train and report metrics on it "
                                           "(for tuning without dev).")
     eval_batch_size: int = option(64, ge=1, le=COUNT_LIMIT, resumable=True, help="Evaluation batch size.")
+    eval_every: int | None = option(None, ge=1, le=COUNT_LIMIT, resumable=True,
+                                    help="Also score the validation split every N steps (loss for a language "
+                                         "task), recorded as training.eval_curve; weights are unchanged.")
     data_dir: PathText | None = option(None, resumable=True, metavar="DIRECTORY",
                                   help="GLUE directory (TSV or parquet layout).")
     data: PathText | None = option(None, resumable=True, metavar="TEXT",
