@@ -52,3 +52,40 @@ def test_the_quality_table_reports_mean_and_spread_over_seeds(experts, tmp_path)
     table = experts.quality_table(experts.load_results("minilm"), (42, 43, 44))
     # adamw 79.00 +- 1.00, umtam 82.00 +- 1.00, paired gaps 2, 5, 2 -> +3.00 +- 1.73
     assert "| 79.00 +- 1.00 |" in table and "| 82.00 +- 1.00 |" in table and "| +3.00 +- 1.73 | 42, 43, 44 |" in table
+
+
+@pytest.fixture
+def lm_grid(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    yield importlib.import_module("lm_grid")
+    sys.modules.pop("lm_grid", None)
+
+
+def _grid_row(optimizer, lr, loss, *, rank=32, steps=60, diverged=False):
+    return {"optimizer": optimizer, "rank": rank if optimizer != "adamw" else None, "lr": lr, "steps": steps,
+            "seed": 0, "diverged": diverged, "final_val_loss": loss}
+
+
+def test_lm_grid_regimes_are_the_best_coarse_lr_and_one_step_either_side(lm_grid):
+    grid = {"optimizers": ["umtam", "adamw"], "coarse": {"lrs": [1e-4, 1e-3, 1e-2, 1e-1], "rank": 32, "steps": 60},
+            "model": str(ROOT / "recipes/models/gpt2-mini")}
+    rows = [_grid_row("umtam", 1e-4, 6.0), _grid_row("umtam", 1e-3, 5.0), _grid_row("umtam", 1e-2, 5.5),
+            _grid_row("umtam", 1e-1, 0, diverged=True),
+            # adamw's best is the lowest lr: the regimes stay inside the grid, the best becomes "low"
+            _grid_row("adamw", 1e-4, 5.0), _grid_row("adamw", 1e-3, 5.2), _grid_row("adamw", 1e-2, 11.5),
+            _grid_row("umtam", 1e-2, 1.0, rank=8),  # another rank: not the coarse sweep's
+            _grid_row("umtam", 1e-2, 1.0, steps=200)]  # another length: not the coarse sweep's
+    assert lm_grid.regimes(grid, rows) == {"umtam": [1e-4, 1e-3, 1e-2], "adamw": [1e-4, 1e-3, 1e-2]}
+    # ln(50257) = 10.82: a run that ends above the uniform predictor learned nothing and counts as failed
+    assert lm_grid.failed(rows[6], grid) and lm_grid.failed(rows[3], grid) and not lm_grid.failed(rows[5], grid)
+
+
+def test_lm_grid_cells_group_by_regime_and_rank_with_failures_as_inf(lm_grid):
+    grid = {"steps": 200, "model": str(ROOT / "recipes/models/gpt2-mini")}
+    chosen = {"umtam": [1e-4, 1e-3, 1e-2]}
+    rows = [_grid_row("umtam", 1e-3, 4.0, steps=200), {**_grid_row("umtam", 1e-3, 4.2, steps=200), "seed": 1},
+            _grid_row("umtam", 1e-2, 0, steps=200, diverged=True), _grid_row("umtam", 3e-3, 4.0, steps=200)]
+    cells = lm_grid.cells(grid, rows, chosen)
+    assert cells == {("umtam", "middle", 32): [4.0, 4.2], ("umtam", "high", 32): [float("inf")]}
+    assert lm_grid.fmt(cells[("umtam", "middle", 32)]) == "4.100 +- 0.141"
+    assert lm_grid.fmt(cells[("umtam", "high", 32)]) == "failed"

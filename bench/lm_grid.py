@@ -1,0 +1,361 @@
+"""The paper's language-model claims, measured: validation loss across ranks and learning rates (issue 16).
+
+    python bench/lm_grid.py --config recipes/paper/lm-grid.yaml --stage coarse   # lr sweep at one rank
+    python bench/lm_grid.py --config recipes/paper/lm-grid.yaml --stage grid     # optimizers x ranks x 3 lrs
+    python bench/lm_grid.py --config recipes/paper/lm-grid.yaml --stage seeds    # more seeds, middle cells
+    python bench/lm_grid.py --config recipes/paper/lm-grid.yaml --report         # tables and plots only
+
+A GPT-2-shaped model (the recipe's config.json) is trained from scratch with
+``umtam train --task lm`` on the recipe's text, validated on its held-out
+validation file every ``eval_every`` steps (token-weighted loss, padding
+masked: --eval-every), with the same token stream and seed for every run of a
+seed. Stage ``coarse`` sweeps ``coarse.lrs`` at ``coarse.rank`` for
+``coarse.steps`` steps; from it each optimizer's three regimes are chosen by
+rule (``regimes``): the middle is its best coarse lr, the low and high one
+grid step either side, so the high one is where an optimizer starts to fail
+if any does. Stage ``grid`` trains every optimizer at every rank (AdamW once:
+it has no rank) at its three lrs; ``seeds`` repeats the middle-regime cells at
+``seed_ranks`` for ``seeds``. Every run's small JSON lands in
+bench/results/lm_grid/<name>/ as it finishes, and existing ones are skipped,
+so stages resume. A run whose loss or weights go NaN or inf is recorded as
+diverged (with the step), not dropped; the report counts a run as failed when
+it diverged or ended above ln(vocabulary), the uniform predictor's loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path("bench/results/lm_grid")
+
+
+def load_grid(path: str) -> dict:
+    """The grid recipe through umtam's loader (unknown keys refused, optimizers checked against the registry)."""
+    from typing import Annotated, Any
+
+    from pydantic import Field
+
+    from umtam.config import Schema, build_config, load_recipe, option, registered
+    from umtam.optim.registry import OPTIMIZERS
+
+    class LmGrid(Schema):
+        name: str = option(help="Results subfolder under bench/results/lm_grid/.")
+        model: str = option(help="Directory with the config.json trained from scratch.")
+        tokenizer: str = option(help="Tokenizer directory (GPT-2's BPE).")
+        data: str = option(help="Training text.")
+        eval_data: str = option(help="Held-out validation text.")
+        optimizers: list[Annotated[str, registered(OPTIMIZERS)]] = option(min_length=1, help="Optimizers.")
+        ranks: list[Annotated[int, Field(ge=1)]] = option(min_length=1, help="Ranks of the low-rank optimizers.")
+        steps: int = option(ge=1, help="Optimizer steps per grid run.")
+        batch_size: int = option(8, ge=1, help="Sequences per step.")
+        max_length: int = option(256, ge=8, help="Context (block) length in tokens.")
+        eval_every: int = option(50, ge=1, help="Validate every N steps.")
+        max_eval_samples: int = option(64, ge=1, help="Validation blocks scored (seeded).")
+        warmup_ratio: float = option(0.05, ge=0, lt=1, help="Linear warmup fraction, then linear decay.")
+        weight_decay: float = option(0.0, ge=0, help="Decoupled weight decay.")
+        dtype: str = option("fp32", help="fp32 or bf16 autocast.")
+        seed: int = option(0, ge=0, help="The seed of the grid.")
+        coarse: dict[str, Any] = option(help="{lrs: [...], rank: R, steps: S}: the lr sweep regimes come from.")
+        seeds: list[int] = option(default_factory=list, help="Seeds for the middle-regime cells.")
+        seed_ranks: list[int] = option(default_factory=list, help="Ranks repeated over the seeds.")
+        runs_dir: str = option("runs/lm_grid", help="Checkpoints (deleted after scoring unless --keep).")
+
+    return build_config(LmGrid, load_recipe(path), source=str(path)).model_dump()
+
+
+def has_rank(optimizer: str) -> bool:
+    return optimizer != "adamw"
+
+
+def run_name(optimizer: str, rank: int, lr: float, seed: int, steps: int) -> str:
+    rank_part = f"-r{rank}" if has_rank(optimizer) else ""
+    return f"{optimizer}{rank_part}-lr{lr:g}-s{seed}-{steps}steps"
+
+
+def train_one(grid: dict, optimizer: str, rank: int, lr: float, seed: int, steps: int, keep: bool) -> dict:
+    """One run from scratch; its validation curve, wall time, state bytes, or where it diverged."""
+    import shutil
+
+    from umtam.config import build_config
+    from umtam.errors import UmtamError
+    from umtam.train import TrainConfig, train
+
+    name = run_name(optimizer, rank, lr, seed, steps)
+    output = Path(grid["runs_dir"]) / grid["name"] / name
+    config = build_config(TrainConfig, {
+        "task": "lm", "model": grid["model"], "tokenizer": grid["tokenizer"], "from_scratch": True,
+        "data": grid["data"], "eval_data": grid["eval_data"], "optimizer": optimizer, "rank": rank, "lr": lr,
+        "max_steps": steps, "epochs": 1000, "batch_size": grid["batch_size"], "max_length": grid["max_length"],
+        "eval_every": grid["eval_every"], "max_eval_samples": grid["max_eval_samples"], "seed": seed,
+        "warmup_ratio": grid["warmup_ratio"], "weight_decay": grid["weight_decay"], "dtype": grid["dtype"],
+        "output": str(output), "force": True,
+    }, source="lm_grid")
+    row = {"name": name, "optimizer": optimizer, "rank": rank if has_rank(optimizer) else None, "lr": lr,
+           "seed": seed, "steps": steps, "tokens": steps * grid["batch_size"] * grid["max_length"]}
+    started = time.perf_counter()
+    try:
+        checkpoint = train(config)
+        sidecar = checkpoint.sidecar.as_json()
+        parameters = sum(math.prod(shape) for shape in checkpoint.tensor_shapes().values())
+    except UmtamError as exc:  # NaN/inf loss, gradient or weights: a divergence, recorded as such
+        return {**row, "diverged": True, "error": str(exc).splitlines()[0], "wall_seconds": time.perf_counter() - started}
+    finally:
+        if not keep:
+            shutil.rmtree(output, ignore_errors=True)
+    curve = [(point["step"], point["metrics"]["validation"]["loss"]) for point in sidecar["training"]["eval_curve"]]
+    (record,) = sidecar["tasks"].values()
+    return {**row, "diverged": False, "final_val_loss": record["metrics"]["validation"]["loss"],
+            "final_val_perplexity": record["metrics"]["validation"]["perplexity"],
+            "val_curve": curve, "train_loss_curve": sidecar["training"]["loss_curve"],
+            "wall_seconds": time.perf_counter() - started, "seconds_per_step": sidecar["seconds_per_step"],
+            "state_bytes": sidecar["optimizer"]["state_bytes"], "peak_rss_bytes": sidecar["peak_rss_bytes"],
+            "parameters": parameters}
+
+
+def run_all(grid: dict, runs: list[tuple[str, int, float, int, int]], keep: bool) -> None:
+    out = RESULTS / grid["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    for optimizer, rank, lr, seed, steps in runs:
+        path = out / f"{run_name(optimizer, rank, lr, seed, steps)}.json"
+        if path.exists():
+            continue
+        row = train_one(grid, optimizer, rank, lr, seed, steps, keep)
+        path.write_text(json.dumps(row, indent=1) + "\n")
+        shown = "diverged" if row["diverged"] else f"val loss {row['final_val_loss']:.4f}"
+        print(f"{row['name']}: {shown} ({row['wall_seconds']:.0f} s)", flush=True)
+
+
+def load_rows(grid: dict) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / grid["name"]).glob("*.json"))]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def coarse_runs(grid: dict) -> list[tuple]:
+    coarse = grid["coarse"]
+    return [(opt, coarse["rank"], float(lr), grid["seed"], coarse["steps"])
+            for opt in grid["optimizers"] for lr in coarse["lrs"]]
+
+
+def regimes(grid: dict, rows: list[dict]) -> dict[str, list[float]]:
+    """optimizer -> [low, middle, high] lr from the coarse sweep: its best lr and one grid step either side.
+
+    At an edge of the coarse grid the regime stays inside it (the best lr then
+    is low or high itself), and the report says the grid should be widened.
+    """
+    coarse = grid["coarse"]
+    lrs = sorted(float(lr) for lr in coarse["lrs"])
+    chosen = {}
+    for opt in grid["optimizers"]:
+        scored = {r["lr"]: r["final_val_loss"] for r in rows if r["optimizer"] == opt and r["steps"] == coarse["steps"]
+                  and not failed(r, grid) and (r["rank"] in (None, coarse["rank"]))}
+        if not scored:
+            continue
+        best = lrs.index(min(scored, key=scored.get))
+        if len(lrs) < 3:  # a probe, not a sweep: one regime
+            chosen[opt] = [lrs[best]] * 3
+            continue
+        middle = min(max(best, 1), len(lrs) - 2)
+        chosen[opt] = [lrs[middle - 1], lrs[middle], lrs[middle + 1]]
+    return chosen
+
+
+def grid_runs(grid: dict, chosen: dict[str, list[float]]) -> list[tuple]:
+    runs = []
+    for opt, lrs in chosen.items():
+        for rank in grid["ranks"] if has_rank(opt) else [grid["ranks"][0]]:
+            runs += [(opt, rank, lr, grid["seed"], grid["steps"]) for lr in lrs]
+    return runs
+
+
+def seed_runs(grid: dict, chosen: dict[str, list[float]]) -> list[tuple]:
+    runs = []
+    for opt, lrs in chosen.items():
+        for rank in grid["seed_ranks"] if has_rank(opt) else [grid["ranks"][0]]:
+            runs += [(opt, rank, lrs[1], seed, grid["steps"]) for seed in grid["seeds"]]
+    return runs
+
+
+# ----------------------------------------------------------------------------- report
+
+
+REGIMES = ("low", "middle", "high")
+
+
+def uniform_loss(grid: dict) -> float:
+    """ln(vocabulary): the loss of predicting every token equally likely, what an untrained model starts near."""
+    return math.log(json.loads((Path(grid["model"]) / "config.json").read_text())["vocab_size"])
+
+
+def failed(row: dict, grid: dict) -> bool:
+    """Diverged (NaN/inf stopped it), or ended above the uniform predictor's loss: it learned nothing."""
+    return row["diverged"] or row["final_val_loss"] > uniform_loss(grid)
+
+
+def cells(grid: dict, rows: list[dict], chosen: dict[str, list[float]]) -> dict[tuple[str, str, int | None], list]:
+    """(optimizer, regime, rank) -> the grid-length runs' final losses over seeds (inf where failed)."""
+    out: dict[tuple[str, str, int | None], list] = {}
+    for row in rows:
+        lrs = chosen.get(row["optimizer"], [])
+        if row["steps"] != grid["steps"] or row["lr"] not in lrs:
+            continue
+        regime = REGIMES[lrs.index(row["lr"])]
+        loss = math.inf if failed(row, grid) else row["final_val_loss"]
+        out.setdefault((row["optimizer"], regime, row["rank"]), []).append(loss)
+    return out
+
+
+def fmt(values: list[float]) -> str:
+    if any(math.isinf(v) for v in values):
+        return "failed" if len(values) == 1 else f"failed in {sum(math.isinf(v) for v in values)}/{len(values)}"
+    mean = statistics.mean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} +- {statistics.stdev(values):.3f}"
+
+
+def report(grid: dict) -> str:
+    rows = load_rows(grid)
+    chosen = regimes(grid, rows)
+    table = cells(grid, rows, chosen)
+    ranks = grid["ranks"]
+    lines = ["lr regimes (coarse sweep at rank {rank}, {steps} steps):".format(**grid["coarse"])]
+    lines += [f"  {opt}: " + ", ".join(f"{r} {lr:g}" for r, lr in zip(REGIMES, lrs)) for opt, lrs in chosen.items()]
+    lines += ["", "| optimizer | regime | lr | " + " | ".join(f"r={r}" for r in ranks)
+              + " | spread across ranks (max-min) | relative |", "|---|---|---|" + "---|" * (len(ranks) + 2)]
+    for opt, lrs in chosen.items():
+        for regime, lr in zip(REGIMES, lrs):
+            if has_rank(opt):
+                per_rank = [table.get((opt, regime, r)) for r in ranks]
+                means = [statistics.mean(v) for v in per_rank if v]
+                finite = [m for m in means if math.isfinite(m)]
+                spread = (max(finite) - min(finite)) if len(finite) > 1 else float("nan")
+                relative = spread / statistics.mean(finite) if finite else float("nan")
+                shown = [fmt(v) if v else "-" for v in per_rank]
+                diverged = len(means) - len(finite)
+                note = f" ({diverged} failed)" if diverged else ""
+                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown)
+                             + f" | {spread:.3f}{note} | {100 * relative:.1f}% |")
+            else:
+                value = table.get((opt, regime, None))
+                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join([fmt(value) if value else "-"]
+                                                                         + ["" for _ in ranks[1:]]) + " | - | - |")
+    lines += ["", lr_spread_table(grid, table, chosen), "", cost_table(grid, rows)]
+    return "\n".join(lines)
+
+
+def lr_spread_table(grid: dict, table, chosen) -> str:
+    """Per optimizer and rank: the spread of final loss across the three regimes (diverged counted apart)."""
+    ranks = grid["ranks"]
+    lines = ["| optimizer | " + " | ".join(f"r={r} spread across lrs" for r in ranks) + " |",
+             "|---|" + "---|" * len(ranks)]
+    for opt in chosen:
+        shown = []
+        for rank in ranks if has_rank(opt) else [None]:
+            means = [statistics.mean(v) for regime in REGIMES if (v := table.get((opt, regime, rank)))]
+            finite = [m for m in means if math.isfinite(m)]
+            diverged = len(means) - len(finite)
+            text = f"{max(finite) - min(finite):.3f}" if len(finite) > 1 else "-"
+            shown.append(text + (f" ({diverged} failed)" if diverged else ""))
+        lines.append(f"| {opt} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(grid: dict, rows: list[dict]) -> str:
+    lines = ["| optimizer | rank | runs | failed | s/step (mean) | optimizer + tracker state MB |",
+             "|---|---|---|---|---|---|"]
+    keys = sorted({(r["optimizer"], r["rank"] or 0) for r in rows if r["steps"] == grid["steps"]})
+    for opt, rank in keys:
+        group = [r for r in rows if r["optimizer"] == opt and (r["rank"] or 0) == rank and r["steps"] == grid["steps"]]
+        done = [r for r in group if not failed(r, grid)]
+        step = statistics.mean(r["seconds_per_step"] for r in done) if done else float("nan")
+        state = statistics.mean(r["state_bytes"] for r in done) / 1e6 if done else float("nan")
+        lines.append(f"| {opt} | {rank or '-'} | {len(group)} | {len(group) - len(done)} | {step:.2f} | {state:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(grid: dict) -> list[Path]:
+    """Loss against rank, one panel per regime (the paper's Figure 5 shape); the middle regime's curves."""
+    from umtam.errors import ConfigError
+    from umtam.plots import agg_canvas
+
+    try:
+        canvas_class = agg_canvas()
+    except ConfigError:
+        return []
+    from matplotlib.figure import Figure
+
+    rows = load_rows(grid)
+    chosen = regimes(grid, rows)
+    table = cells(grid, rows, chosen)
+    figure = Figure(figsize=(12, 3.6), layout="tight")
+    canvas_class(figure)
+    axes = figure.subplots(1, 3, sharey=True)
+    for axis, regime in zip(axes, REGIMES):
+        for opt in chosen:
+            if not has_rank(opt):
+                values = table.get((opt, regime, None))
+                if values and all(math.isfinite(v) for v in values):
+                    axis.axhline(statistics.mean(values), color="gray", linestyle="--", label=f"{opt} (no rank)")
+                continue
+            points = [(r, table[(opt, regime, r)]) for r in grid["ranks"] if (opt, regime, r) in table]
+            points = [(r, v) for r, v in points if all(math.isfinite(x) for x in v)]
+            if points:
+                axis.errorbar([r for r, _ in points], [statistics.mean(v) for _, v in points],
+                              yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
+                              marker="o", capsize=3, label=opt)
+        axis.set_xscale("log", base=2)
+        axis.set_title(f"{regime} lr")
+        axis.set_xlabel("rank")
+    axes[0].set_ylabel("final validation loss")
+    for axis in axes:
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    out = RESULTS / grid["name"] / "loss_vs_rank.png"
+    figure.savefig(out, dpi=110)
+    drawn = [out]
+    figure = Figure(figsize=(6, 4), layout="tight")
+    canvas_class(figure)
+    axis = figure.subplots()
+    for row in rows:
+        lrs = chosen.get(row["optimizer"], [])
+        if failed(row, grid) or row["steps"] != grid["steps"] or not lrs or row["lr"] != lrs[1] or row["seed"] != grid["seed"]:
+            continue
+        steps, losses = zip(*row["val_curve"])
+        axis.plot(steps, losses, label=f"{row['optimizer']}" + (f" r={row['rank']}" if row["rank"] else ""))
+    axis.set_xlabel("step")
+    axis.set_ylabel("validation loss")
+    axis.set_title("middle lr regime")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=6, ncol=2)
+    curves = RESULTS / grid["name"] / "middle_curves.png"
+    figure.savefig(curves, dpi=110)
+    return drawn + [curves]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="grid recipe, e.g. recipes/paper/lm-grid.yaml")
+    parser.add_argument("--stage", choices=("coarse", "grid", "seeds"), help="which runs to train")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints under runs_dir")
+    parser.add_argument("--report", action="store_true", help="only print the tables and draw the plots")
+    args = parser.parse_args()
+    grid = load_grid(args.config)
+    if args.stage and not args.report:
+        rows = load_rows(grid)
+        runs = {"coarse": lambda: coarse_runs(grid), "grid": lambda: grid_runs(grid, regimes(grid, rows)),
+                "seeds": lambda: seed_runs(grid, regimes(grid, rows))}[args.stage]()
+        run_all(grid, runs, args.keep)
+    print(report(grid))
+    for path in plot(grid):
+        print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
