@@ -89,7 +89,7 @@ def summarise(name: str, rows: list[dict], shares: dict[str, dict[str, float]], 
              f"median {statistics.median(r['r_peak'] for r in rows):.1f}x, C peak "
              f"{statistics.median(r['c_peak'] for r in rows):.1f}x", "",
              "loudest weights: " + "; ".join(f"{r['name']} {r['curvature_mean'] / median:.1f}x" for r in loudest), "",
-             f"| score | " + " | ".join(f"{kind} share of top {100 * keep:g}%" for kind in modules) + " |",
+             "| score | " + " | ".join(f"{kind} share of top {100 * keep:g}%" for kind in modules) + " |",
              "|---|" + "---|" * len(modules)]
     for score, by_module in shares.items():
         lines.append(f"| {score} | " + " | ".join(f"{100 * by_module.get(kind, 0.0):.1f}%" for kind in modules) + " |")
