@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from cli_runner import run_cli
 
 
-def _train(out, tiny_model_dir, glue_dir, *extra):
+def _train(out, tiny_model_dir, glue_dir, *extra, task="mrpc"):
     code, _, stderr = run_cli(
-        "train", "--task", "mrpc", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
+        "train", "--task", task, "--model", str(tiny_model_dir), "--data-dir", str(glue_dir),
         "--optimizer", "umtam", "--rank", "2", "--lr", "1e-3", "--epochs", "1", "--batch-size", "8",
         "--max-length", "32", "--seed", "7", "-o", str(out), "--quiet", *extra,
     )
@@ -57,3 +57,17 @@ def test_a_checkpoint_without_them_names_the_flag(runs, tmp_path):
     plain, _ = runs
     code, _, stderr = run_cli("prune", str(plain), "--keep", "0.2", "--score", "trajectory", "-o", str(tmp_path / "x"))
     assert code != 0 and "trajectory/" in stderr and "--track-trajectory" in stderr and not (tmp_path / "x").exists()
+
+
+def test_merge_and_inspect_read_a_checkpoint_with_dense_statistics(runs, tmp_path, tiny_model_dir, glue_dir):
+    plain, tracked = runs
+    other = _train(tmp_path / "sst2", tiny_model_dir, glue_dir, "--track-trajectory", task="sst2")
+    code, stdout, stderr = run_cli("inspect", str(tracked), "--json")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("merge", str(tracked), str(other), "--option", "trim=trajectory", "--keep", "0.5",
+                              "-o", str(tmp_path / "merged"))
+    assert code == 0, stderr
+    # trimming by a statistic only one input recorded is refused, naming it, with nothing written
+    code, _, stderr = run_cli("merge", str(plain), str(other), "--option", "trim=trajectory",
+                              "-o", str(tmp_path / "refused"))
+    assert code != 0 and "trajectory/" in stderr and not (tmp_path / "refused").exists()
