@@ -52,6 +52,7 @@ def load_sweep(path: str | Path) -> dict:
         max_eval_samples: int = option(2000, ge=1, help="Dev rows scored per task.")
         holdout: bool = option(False, help="Also score the holdout slice, on which a score is chosen.")
         plot: str = option(str(PLOT), help="Where --report draws dev score against keep.")
+        study: str = option("", help="A subfolder of bench/results/prune/ for this recipe's points.")
 
     return build_config(PruneSweep, load_recipe(path), source=str(path)).model_dump()
 
@@ -61,8 +62,13 @@ def expert_run(expert: str, tag: str, seed: int) -> str:
     return f"{tag}-s{seed}-{expert}"
 
 
-def point_path(run: str, score: str, keep: float) -> Path:
-    return RESULTS / run / f"{score}-keep{keep:g}.json"
+def point_dir(sweep: dict, run: str) -> Path:
+    """bench/results/prune/[<study>/]<run>/: a study keeps its points apart from the main sweep's."""
+    return RESULTS / sweep["study"] / run if sweep["study"] else RESULTS / run
+
+
+def point_path(sweep: dict, run: str, score: str, keep: float) -> Path:
+    return point_dir(sweep, run) / f"{score}-keep{keep:g}.json"
 
 
 def prune_and_score(checkpoint_dir: Path, score: str, keep: float, seed: int, sweep: dict, data_dir) -> dict:
@@ -93,7 +99,7 @@ def run(sweep: dict, tag: str, seeds: tuple[int, ...], data_dir) -> None:
             checkpoint_dir = Path(sweep["runs_dir"]) / name
             for score in sweep["scores"]:
                 for keep in sweep["keeps"]:
-                    path = point_path(name, score, float(keep))
+                    path = point_path(sweep, name, score, float(keep))
                     if path.exists() and (not sweep["holdout"] or "holdout_score" in json.loads(path.read_text())):
                         continue
                     row = prune_and_score(checkpoint_dir, score, float(keep), seed, sweep, data_dir)
@@ -108,7 +114,7 @@ def load_points(sweep: dict, tag: str, seeds: tuple[int, ...]) -> dict[str, dict
     points: dict[str, dict[int, list[dict]]] = {}
     for expert in sweep["experts"]:
         for seed in seeds:
-            rows = [json.loads(p.read_text()) for p in sorted((RESULTS / expert_run(expert, tag, seed)).glob("*.json"))]
+            rows = [json.loads(p.read_text()) for p in sorted(point_dir(sweep, expert_run(expert, tag, seed)).glob("*.json"))]
             if rows:
                 points.setdefault(expert, {})[seed] = rows
     found = {seed for by_seed in points.values() for seed in by_seed}
