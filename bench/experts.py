@@ -40,6 +40,7 @@ DEFAULT_MODEL_TAG = "minilm"  # what the default model (all-MiniLM-L6-v2) is cal
 TASK_ORDER = ["rte", "mrpc", "cola", "sst2", "stsb"]  # the order of every table
 DEFAULT_LRS = {"adamw": [2e-5, 5e-5, 1e-4], "umtam": [1e-4, 2e-4, 5e-4]}
 RECIPES = Path("recipes/paper")  # expert-<task>-<optimizer>.yaml: epochs, caps, holdout slice
+EVAL_CAP = 2000  # the recipes' max_eval_samples: dev rows an expert is scored on
 
 
 VARIANTS = {"error_feedback": "ef", "dense_embeddings": "de"}  # umtam options a run may add, and their name tags
@@ -182,13 +183,30 @@ def dev_cells(row: dict) -> str:
     return " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
 
 
-def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,)) -> str:
-    """Per task, the seed-42 holdout choice of each optimizer, its dev score as mean +- std over ``seeds``."""
+def dev_baselines(task: str, data_dir: str | None) -> str:
+    """'chance / majority' on the task's dev rows (as the experts were scored: capped at 2,000), in points."""
+    from umtam import data, metrics
+
+    try:
+        task_data = data.load_task(task, data_dir=data_dir, max_eval_samples=EVAL_CAP, seed=SELECTION_SEED,
+                                   need_train=False)
+    except Exception as exc:  # no data here: the table still prints, saying why the column is empty
+        return f"- ({type(exc).__name__})"
+    labels = [e.label for rows in task_data.eval.values() for e in rows]
+    return f"{100 * metrics.chance_score(task, labels):.2f} / {100 * metrics.majority_score(task, labels):.2f}"
+
+
+def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,), data_dir: str | None = None) -> str:
+    """Per task, the seed-42 holdout choice of each optimizer, its dev score as mean +- std over ``seeds``.
+
+    Beside them, the dev score of guessing uniformly (chance) and of the best
+    constant prediction (majority class), so a weak expert shows as one.
+    """
     best = chosen(results)
     results = [row for row in results if row["seed"] in seeds]
     tasks = sorted({task for task, _ in best}, key=TASK_ORDER.index)
-    lines = ["| task | metric | AdamW lr (holdout) | AdamW dev | UMTAM r=8 lr (holdout) | UMTAM dev | UMTAM - AdamW "
-             "| seeds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | chance / majority (dev) | AdamW lr (holdout) | AdamW dev | UMTAM r=8 lr (holdout) "
+             "| UMTAM dev | UMTAM - AdamW | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         adamw, umtam = best.get((task, "adamw")), best.get((task, "umtam"))
         if not (adamw and umtam):
@@ -197,7 +215,8 @@ def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,
         seeds = sorted({r["seed"] for r in adamw_runs} & {r["seed"] for r in umtam_runs})
         gaps = [by_seed(umtam_runs)[seed]["dev_score"] - by_seed(adamw_runs)[seed]["dev_score"] for seed in seeds]
         metric = " / ".join(adamw["dev"]["validation"])
-        lines.append(f"| {task} | {metric} | {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) "
+        lines.append(f"| {task} | {metric} | {dev_baselines(task, data_dir)} "
+                     f"| {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) "
                      f"| {spread([r['dev_score'] for r in adamw_runs])} "
                      f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) "
                      f"| {spread([r['dev_score'] for r in umtam_runs])} | {spread(gaps, signed=True)} "
@@ -348,7 +367,7 @@ def main() -> int:
     print()
     print(lr_grid_table(results))
     print()
-    print(quality_table(results, seeds))
+    print(quality_table(results, seeds, args.data_dir))
     print()
     print(rank_table_and_plot(results))
     return 0
