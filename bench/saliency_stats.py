@@ -68,31 +68,43 @@ def _top_share(values, fraction: float) -> float:
     return float(values.topk(k).values.sum()) / total if total > 0 else 0.0
 
 
-def budget_shares(ckpt, scores: list[str], keep: float) -> dict[str, dict[str, float]]:
-    """score -> module type (and 'embeddings') -> its share of the global top-``keep`` entries."""
+def budget_shares(ckpt, scores: list[str], keep: float) -> dict[str, dict[str, dict[str, float]]]:
+    """"by_module" / "by_layer" -> score -> group -> its share of the global top-``keep`` entries.
+
+    A "parameters" row gives each group's share of all entries: what an even spread would take.
+    """
     from umtam.saliency_map import saliency_breakdown
 
     report = saliency_breakdown(ckpt, scores=scores, keep=keep)
-    return {score: {kind: cell["topk_share"] for kind, cell in data["by_module"].items()}
-            for score, data in report["scores"].items()}
+    shares = {}
+    for grouping in ("by_module", "by_layer"):
+        shares[grouping] = {score: {group: cell["topk_share"] for group, cell in data[grouping].items()}
+                            for score, data in report["scores"].items()}
+        any_score = next(iter(report["scores"].values()))
+        shares[grouping]["parameters"] = {group: cell["parameters_share"] for group, cell in any_score[grouping].items()}
+    return shares
 
 
-def summarise(name: str, rows: list[dict], shares: dict[str, dict[str, float]], keep: float) -> str:
+def share_table(shares: dict[str, dict[str, float]], keep: float, what: str) -> list[str]:
+    groups = list(next(iter(shares.values())))
+    lines = [f"| share of the top {100 * keep:g}% by {what} | " + " | ".join(groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    return lines + [f"| {score} | " + " | ".join(f"{100 * by_group.get(g, 0.0):.1f}%" for g in groups) + " |"
+                    for score, by_group in shares.items()]
+
+
+def summarise(name: str, rows: list[dict], shares: dict, keep: float) -> str:
     scales = [row["curvature_mean"] for row in rows]
     median = statistics.median(scales)
     loudest = sorted(rows, key=lambda row: -row["curvature_mean"])[:5]
-    modules = sorted({kind for by_module in shares.values() for kind in by_module})
     lines = [f"**{name}**: {len(rows)} weights; curvature scale max/median {max(scales) / median:.1f}x, "
              f"min/median {min(scales) / median:.3f}x; rows with zero curvature "
              f"{100 * statistics.mean(r['zero_rows'] for r in rows):.2f}% (mean over weights), holding "
              f"{100 * statistics.mean(r['abs_t_in_zero_rows'] for r in rows):.2f}% of |T|; R peak (max/median) "
              f"median {statistics.median(r['r_peak'] for r in rows):.1f}x, C peak "
              f"{statistics.median(r['c_peak'] for r in rows):.1f}x", "",
-             "loudest weights: " + "; ".join(f"{r['name']} {r['curvature_mean'] / median:.1f}x" for r in loudest), "",
-             "| score | " + " | ".join(f"{kind} share of top {100 * keep:g}%" for kind in modules) + " |",
-             "|---|" + "---|" * len(modules)]
-    for score, by_module in shares.items():
-        lines.append(f"| {score} | " + " | ".join(f"{100 * by_module.get(kind, 0.0):.1f}%" for kind in modules) + " |")
+             "loudest weights: " + "; ".join(f"{r['name']} {r['curvature_mean'] / median:.1f}x" for r in loudest), ""]
+    lines += share_table(shares["by_layer"], keep, "layer") + [""] + share_table(shares["by_module"], keep, "module")
     return "\n".join(lines)
 
 
@@ -111,7 +123,7 @@ def main() -> int:
         rows, shares = tensor_rows(ckpt), budget_shares(ckpt, scores, args.keep)
         name = Path(path).name
         (RESULTS / f"{name}.json").write_text(json.dumps(
-            {"checkpoint": name, "keep": args.keep, "tensors": rows, "topk_share_by_module": shares}, indent=1) + "\n")
+            {"checkpoint": name, "keep": args.keep, "tensors": rows, "topk_share": shares}, indent=1) + "\n")
         print(summarise(name, rows, shares, args.keep) + "\n", flush=True)
     return 0
 
