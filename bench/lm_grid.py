@@ -35,7 +35,7 @@ from pathlib import Path
 RESULTS = Path("bench/results/lm_grid")
 
 
-def load_grid(path: str) -> dict:
+def load_sweep(path: str) -> dict:
     """The grid recipe through umtam's loader (unknown keys refused, optimizers checked against the registry)."""
     from typing import Annotated, Any
 
@@ -345,7 +345,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints under runs_dir")
     parser.add_argument("--report", action="store_true", help="only print the tables and draw the plots")
     args = parser.parse_args()
-    grid = load_grid(args.config)
+    grid = load_sweep(args.config)
     if args.stage and not args.report:
         rows = load_rows(grid)
         runs = {"coarse": lambda: coarse_runs(grid), "grid": lambda: grid_runs(grid, regimes(grid, rows)),
