@@ -10,6 +10,10 @@ from safetensors.torch import load_file
 
 from cli_runner import run_cli
 
+# Four tiny trainings through the CLI: the tracker's math and resume are in the default suite
+# (test_tracker.py, test_resume.py); this end-to-end check runs with --slow, as CI does.
+pytestmark = pytest.mark.slow
+
 
 def _train(out, tiny_model_dir, glue_dir, *extra, task="mrpc"):
     code, _, stderr = run_cli(

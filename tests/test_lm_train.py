@@ -257,6 +257,7 @@ def test_eval_every_records_validation_loss_on_the_held_out_text_and_changes_not
     assert run.sidecar.training.loss_curve == lm_run.sidecar.training.loss_curve
 
 
+@pytest.mark.slow  # the GLUE case of the same property runs by default (test_resume.py)
 def test_eval_every_points_survive_a_resume(tmp_path, llama_dir, corpus):
     whole = train(lm_config(llama_dir, corpus, tmp_path / "whole", eval_every=2))
     with pytest.raises(SystemExit):
