@@ -223,7 +223,7 @@ def plot(sweep: dict, tag: str, seeds: tuple[int, ...]) -> Path | None:
     tasks = sorted({rows[0]["task"] for rows in first.values()})
     if not tasks:
         return None
-    figure = Figure(figsize=(3.6 * len(tasks), 3.4), layout="tight")
+    figure = Figure(figsize=(3.6 * len(tasks) + 2.6, 3.4), layout="tight")  # room for the legend outside
     canvas_class(figure)
     axes = figure.subplots(1, len(tasks), squeeze=False)
     for axis, task in zip(axes[0], tasks):
@@ -243,7 +243,7 @@ def plot(sweep: dict, tag: str, seeds: tuple[int, ...]) -> Path | None:
         axis.set_title(task.upper())
         axis.set_xlabel("keep (%)")
     axes[0][0].set_ylabel("dev score")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     out = Path(sweep["plot"])
     figure.savefig(out, dpi=110)
     return out
