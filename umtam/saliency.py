@@ -327,15 +327,8 @@ def _dense_stat(key: str, name: str, shape: torch.Size, stats: Mapping[str, Tens
 
 def _vector_stat(name: str, shape: torch.Size, stats: Mapping[str, Tensor], *,
                  checkpoint_label: str, block: RowBlock | None = None) -> Tensor:
-    whole = whole_shape(shape, block)
-    value = read_stat(stats, vector_key(name), checkpoint_label=checkpoint_label)
-    if value.numel() != math.prod(whole):
-        raise CheckpointError(
-            f"{checkpoint_label}: statistic {vector_key(name)!r} has {value.numel()} entries, "
-            f"but {name} has {math.prod(whole)}"
-        )
-    value = value.reshape(whole)
-    return (value if block is None else block.of(value)).clamp_min(0)
+    return _dense_stat(vector_key(name), name, shape, stats, checkpoint_label=checkpoint_label,
+                       block=block).clamp_min(0)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -358,10 +351,9 @@ def tensor_curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, T
     dividing by the tensor's mean curvature (from the factors, the whole
     weight's for a row block) leaves the comparison across tensors to T^2.
     """
-    t = task_vector.to(torch.float32)
-    mean = curvature_mean(name, whole_shape(t.shape, block), stats, checkpoint_label=checkpoint_label)
-    scale = t.square() * curvature(name, t.shape, stats, checkpoint_label=checkpoint_label, block=block)
-    return scale / mean if mean > 0 else scale
+    mean = curvature_mean(name, whole_shape(task_vector.shape, block), stats, checkpoint_label=checkpoint_label)
+    scores = curvature_score(name, task_vector, stats, checkpoint_label=checkpoint_label, block=block)
+    return scores / mean if mean > 0 else scores
 
 
 def row_curvature_score(name: str, task_vector: Tensor, stats: Mapping[str, Tensor], *,
