@@ -128,10 +128,8 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
                                       batch_size=config.eval_batch_size, progress=progress)
 
     def validate() -> dict[str, Any]:
-        """Every validation split's metrics mid-run, the model put back to training after."""
-        scores = {split: measure(features) for split, features in prepared.eval.items()}
-        model.train()
-        return scores
+        """Every validation split's metrics (evaluation leaves the model in eval mode)."""
+        return {split: measure(features) for split, features in prepared.eval.items()}
 
     loop = _Loop(parts, objective, tokenizer.pad_token_id, precision, config, context, validate)
     try:
@@ -144,7 +142,9 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
         return None
 
     progress("status", "evaluating")
-    metrics = {split: measure(features) for split, features in prepared.eval.items()}
+    last = run.eval_curve[-1] if run.eval_curve else None
+    # --eval-every's point at the last step scored this very model on the same rows: not again
+    metrics = last["metrics"] if last is not None and last["step"] == run.steps else validate()
     holdout_metrics = measure(prepared.holdout) if prepared.holdout else None
     state = {"optimizer_bytes": optimizer_state_bytes(optimizer), "tracker_bytes": tracker.state_bytes()}
     if ranks := effective_ranks(optimizer, model.named_parameters()):  # --rank above min(m, n): clamped, said here
@@ -408,6 +408,7 @@ def _optimizer_step(optimizer, step: int, states, config: TrainConfig) -> None:
 def _validate(loop: _Loop, position, progress) -> None:
     """Score the validation splits mid-run; eval mode draws no random numbers, so training is unchanged."""
     scores = loop.validate()
+    loop.parts.model.train()
     position.eval_curve.append({"step": position.step, "metrics": scores})
     progress("status", f"step {position.step}: " + "; ".join(
         f"{split} " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
