@@ -185,15 +185,15 @@ def dev_cells(row: dict) -> str:
 
 def dev_baselines(task: str, data_dir: str | None) -> str:
     """'chance / majority' on the task's dev rows (as the experts were scored: capped at 2,000), in points."""
-    from umtam import data, metrics
+    from umtam import metrics
     from umtam.errors import UmtamError
+    from umtam.evaluate import scored_rows
 
     try:
-        task_data = data.load_task(task, data_dir=data_dir, max_eval_samples=EVAL_CAP, seed=SELECTION_SEED,
-                                   need_train=False)
+        rows = scored_rows(task, data_dir=data_dir, max_eval_samples=EVAL_CAP, seed=SELECTION_SEED)
     except UmtamError as exc:  # no data here: the table still prints, saying why the column is empty
         return f"- ({type(exc).__name__})"
-    labels = [e.label for rows in task_data.eval.values() for e in rows]
+    labels = [e.label for split in rows.values() for e in split]
     return f"{100 * metrics.chance_score(task, labels):.2f} / {100 * metrics.majority_score(task, labels):.2f}"
 
 

@@ -148,16 +148,13 @@ class Normaliser:
                                               for split in ("dev", "holdout") for seed in seeds)]
 
     def floor(self, task: str, split: str, seed: int) -> float:
-        from umtam.data import load_task
-        from umtam.evaluate import no_skill_score
+        from umtam.evaluate import no_skill_floor, scored_rows
 
         key = (task, split, seed)
         if key not in self.floors:
-            fraction = HOLDOUT if split == "holdout" else 0.0
-            data = load_task(task, data_dir=self.data_dir, max_eval_samples=EVAL_CAP, seed=seed, need_train=False,
-                             holdout_fraction=fraction)
-            chosen = {"holdout": data.holdout} if fraction else data.eval
-            self.floors[key] = mean(no_skill_score(task, [e.label for e in rows]) for rows in chosen.values())
+            rows = scored_rows(task, data_dir=self.data_dir, max_eval_samples=EVAL_CAP, seed=seed,
+                               holdout_fraction=HOLDOUT if split == "holdout" else 0.0)
+            self.floors[key] = no_skill_floor(task, rows)
         return self.floors[key]
 
     def gain(self, task: str, split: str, seed: int) -> float | None:

@@ -161,15 +161,14 @@ class _Setup:
 
 
 def _evaluate_classification(checkpoint, task: str, setup: _Setup) -> dict[str, Any]:
-    from umtam import batching, data
+    from umtam import batching
     from umtam.objectives.classification import evaluate
 
     options = setup.options
     holdout_fraction = options.holdout_fraction
-    task_data = data.load_task(task, data_dir=options.data_dir, max_eval_samples=options.max_eval_samples,
-                               seed=options.seed, need_train=False, holdout_fraction=holdout_fraction)
+    chosen = scored_rows(task, data_dir=options.data_dir, max_eval_samples=options.max_eval_samples,
+                         seed=options.seed, holdout_fraction=holdout_fraction)
     model = build_task_model(checkpoint, task, setup.tensors)
-    chosen = {"holdout": task_data.holdout} if holdout_fraction else task_data.eval
     splits = {
         split: evaluate(model, batching.encode(examples, setup.tokenizer, setup.max_length), task,
                         pad_token_id=setup.tokenizer.pad_token_id, batch_size=options.batch_size,
@@ -177,8 +176,22 @@ def _evaluate_classification(checkpoint, task: str, setup: _Setup) -> dict[str, 
         for split, examples in chosen.items()
     }
     reference = "expert_holdout_metrics" if holdout_fraction else "expert_metrics"
-    floor = sum(no_skill_score(task, [e.label for e in examples]) for examples in chosen.values()) / len(chosen)
-    return _result(checkpoint, task, splits, checkpoint.tasks[task].as_json(), reference, floor)
+    return _result(checkpoint, task, splits, checkpoint.tasks[task].as_json(), reference, no_skill_floor(task, chosen))
+
+
+def scored_rows(task: str, *, data_dir=None, max_eval_samples: int | None = None, seed: int = 0,
+                holdout_fraction: float = 0.0) -> dict[str, list]:
+    """The labelled rows a GLUE task is scored on, by split: dev's, or the holdout slice of train."""
+    from umtam import data
+
+    task_data = data.load_task(task, data_dir=data_dir, max_eval_samples=max_eval_samples, seed=seed,
+                               need_train=False, holdout_fraction=holdout_fraction)
+    return {"holdout": task_data.holdout} if holdout_fraction else task_data.eval
+
+
+def no_skill_floor(task: str, rows_by_split: dict[str, list]) -> float:
+    """``no_skill_score`` of each split's labels, averaged over the splits as the task's score is."""
+    return sum(no_skill_score(task, [e.label for e in rows]) for rows in rows_by_split.values()) / len(rows_by_split)
 
 
 def no_skill_score(task: str, labels) -> float:
