@@ -165,13 +165,17 @@ def test_a_glue_task_on_a_decoder_gets_a_score_head(tmp_path, llama_dir, glue_di
     assert result["rte"]["splits"]["validation"] == checkpoint.sidecar.tasks["rte"].metrics["validation"]
 
 
-def test_resuming_an_lm_run_is_bit_identical_on_cpu(tmp_path, llama_dir, corpus):
-    whole = train(lm_config(llama_dir, corpus, tmp_path / "whole", max_steps=6))
+def whole_and_resumed(tmp_path, llama_dir, corpus, stop: int, **options):
+    """The same run straight through, and stopped after ``stop`` steps (a state saved there) then resumed."""
+    whole = train(lm_config(llama_dir, corpus, tmp_path / "whole", **options))
+    part = lm_config(llama_dir, corpus, tmp_path / "part", save_every=stop, **options)
     with pytest.raises(SystemExit):
-        _stop_after(3, lambda progress: train(lm_config(llama_dir, corpus, tmp_path / "part", max_steps=6,
-                                                        save_every=3), progress=progress))
-    resumed = train(lm_config(llama_dir, corpus, tmp_path / "part", max_steps=6, save_every=3),
-                    resume_from=tmp_path / "part-state")
+        _stop_after(stop, lambda progress: train(part, progress=progress))
+    return whole, train(part, resume_from=tmp_path / "part-state")
+
+
+def test_resuming_an_lm_run_is_bit_identical_on_cpu(tmp_path, llama_dir, corpus):
+    whole, resumed = whole_and_resumed(tmp_path, llama_dir, corpus, 3, max_steps=6)
     assert resumed.sidecar.training.loss_curve == whole.sidecar.training.loss_curve
     for name, tensor in whole.load_tensors().items():
         assert torch.equal(tensor, resumed.load_tensors()[name]), name
@@ -259,10 +263,5 @@ def test_eval_every_records_validation_loss_on_the_held_out_text_and_changes_not
 
 @pytest.mark.slow  # the GLUE case of the same property runs by default (test_resume.py)
 def test_eval_every_points_survive_a_resume(tmp_path, llama_dir, corpus):
-    whole = train(lm_config(llama_dir, corpus, tmp_path / "whole", eval_every=2))
-    with pytest.raises(SystemExit):
-        _stop_after(4, lambda progress: train(lm_config(llama_dir, corpus, tmp_path / "part", save_every=4,
-                                                        eval_every=2), progress=progress))
-    resumed = train(lm_config(llama_dir, corpus, tmp_path / "part", save_every=4, eval_every=2),
-                    resume_from=tmp_path / "part-state")
+    whole, resumed = whole_and_resumed(tmp_path, llama_dir, corpus, 4, eval_every=2)
     assert resumed.sidecar.as_json()["training"]["eval_curve"] == whole.sidecar.as_json()["training"]["eval_curve"]
