@@ -25,6 +25,7 @@ it diverged or ended above ln(vocabulary), the uniform predictor's loss.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -189,14 +190,15 @@ def seed_runs(grid: dict, chosen: dict[str, list[float]]) -> list[tuple]:
 REGIMES = ("low", "middle", "high")
 
 
-def uniform_loss(grid: dict) -> float:
+@functools.lru_cache(maxsize=None)
+def uniform_loss(model: str) -> float:
     """ln(vocabulary): the loss of predicting every token equally likely, what an untrained model starts near."""
-    return math.log(json.loads((Path(grid["model"]) / "config.json").read_text())["vocab_size"])
+    return math.log(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
 
 
 def failed(row: dict, grid: dict) -> bool:
     """Diverged (NaN/inf stopped it), or ended above the uniform predictor's loss: it learned nothing."""
-    return row["diverged"] or row["final_val_loss"] > uniform_loss(grid)
+    return row["diverged"] or row["final_val_loss"] > uniform_loss(grid["model"])
 
 
 def cells(grid: dict, rows: list[dict], chosen: dict[str, list[float]]) -> dict[tuple[str, str, int | None], list]:
