@@ -89,3 +89,13 @@ def test_lm_grid_cells_group_by_regime_and_rank_with_failures_as_inf(lm_grid):
     assert cells == {("umtam", "middle", 32): [4.0, 4.2], ("umtam", "high", 32): [float("inf")]}
     assert lm_grid.fmt(cells[("umtam", "middle", 32)]) == "4.100 +- 0.141"
     assert lm_grid.fmt(cells[("umtam", "high", 32)]) == "failed"
+
+
+def test_lm_grid_trains_the_middle_regime_first_then_high_then_low(lm_grid):
+    grid = {"ranks": [8, 32], "seed": 0, "steps": 200}
+    chosen = {"umtam": [1e-4, 1e-3, 1e-2], "adamw": [3e-4, 3e-3, 3e-2]}
+    runs = lm_grid.grid_runs(grid, chosen)
+    assert [(opt, rank, lr) for opt, rank, lr, _, _ in runs] == [
+        ("umtam", 8, 1e-3), ("umtam", 32, 1e-3), ("adamw", 8, 3e-3),
+        ("umtam", 8, 1e-2), ("umtam", 32, 1e-2), ("adamw", 8, 3e-2),
+        ("umtam", 8, 1e-4), ("umtam", 32, 1e-4), ("adamw", 8, 3e-4)]
