@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from umtam.lm_data import IGNORE_INDEX
@@ -41,7 +42,9 @@ def test_collate_pads_inputs_masks_and_labels_apart():
     assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
 
 
-def test_loss_is_token_weighted_and_equals_the_slow_reference():
+@pytest.mark.parametrize("logit_budget", [1 << 27, 1])  # one forward per batch; one per row
+def test_loss_is_token_weighted_and_equals_the_slow_reference(logit_budget, monkeypatch):
+    monkeypatch.setattr("umtam.objectives.language.LOGIT_BUDGET", logit_budget)
     model = tiny_gpt2()
     generator = torch.Generator().manual_seed(3)
     features = []

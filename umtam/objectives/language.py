@@ -149,6 +149,12 @@ def collate_tokens(features: Sequence[dict], pad_token_id: int) -> dict[str, Any
             for key, pad in pads.items()}
 
 
+# float32 logits one scoring forward may hold (512 MiB). A batch of 64 blocks of 256 tokens over GPT-2's
+# 50,257 words is 3.3 GB of logits, and the loss holds two more of that: rows are scored in slices under
+# this budget instead, which sums the same per-token losses.
+LOGIT_BUDGET = 1 << 27
+
+
 def evaluate_lm(model, features: Sequence[dict], *, pad_token_id: int, batch_size: int = 8,
                 progress: ProgressFn = no_progress, what: str = "eval lm") -> dict[str, float]:
     """{"loss", "perplexity", "tokens"} of ``model`` on ``features`` (which carry their labels)."""
@@ -163,13 +169,11 @@ def evaluate_lm(model, features: Sequence[dict], *, pad_token_id: int, batch_siz
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
             batch = {key: value.to(device) for key, value in collate_tokens(chunk, pad_token_id).items()}
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            targets = labels[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((targets != IGNORE_INDEX).sum())
+            rows = max(1, LOGIT_BUDGET // (batch["input_ids"].shape[1] * model.config.vocab_size))
+            for first in range(0, len(chunk), rows):
+                loss_sum, scored = _summed_token_loss(model, {key: value[first:first + rows]
+                                                              for key, value in batch.items()})
+                total, count = total + loss_sum, count + scored
             progress("advance", len(chunk))
     progress("end", {"what": what})
     model.train(was_training)
@@ -177,3 +181,16 @@ def evaluate_lm(model, features: Sequence[dict], *, pad_token_id: int, batch_siz
         raise ValueError("no predicted token to score (every label is -100)")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def _summed_token_loss(model, batch: dict[str, Any]) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of the batch's labelled tokens, and their number."""
+    import torch
+
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float()
+    # shift the targets, not the logits: a slice of the logits would be a copy of all of them
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(loss), int((targets != IGNORE_INDEX).sum())
