@@ -37,7 +37,7 @@ def write_text_corpus(root: Path) -> Path:
     return root
 
 
-def decoder_config(family: str, *, tie: bool = True, vocab: int | None = None):
+def decoder_config(family: str, *, tie: bool = True, vocab: int | None = None, kv_heads: int = 1):
     """A tiny config of ``family`` (gpt2, llama, mistral, qwen2) for the fixture tokenizer's vocabulary."""
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -46,18 +46,18 @@ def decoder_config(family: str, *, tie: bool = True, vocab: int | None = None):
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=64, **ids)
     common = {"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64, **ids}
+              "num_attention_heads": 2, "num_key_value_heads": kv_heads, "max_position_embeddings": 64, **ids}
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**common)
 
 
 def write_tiny_decoder(root: Path, family: str = "llama", *, tie: bool = True, dtype=None, seed: int = 0,
-                       pad: bool = False, chat: bool = True) -> Path:
+                       pad: bool = False, chat: bool = True, kv_heads: int = 1) -> Path:
     """A randomly initialised tiny causal LM of ``family`` with the fixture tokenizer, saved as transformers does."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(decoder_config(family, tie=tie))
+    model = AutoModelForCausalLM.from_config(decoder_config(family, tie=tie, kv_heads=kv_heads))
     if dtype is not None:
         model = model.to(dtype)
     root.mkdir(parents=True, exist_ok=True)

@@ -245,7 +245,8 @@ def _evaluate_language(checkpoint, tasks: list[str], setup: _Setup) -> dict[str,
         metrics = language.evaluate(model, features, key, pad_token_id=setup.tokenizer.pad_token_id,
                                     batch_size=options.batch_size, progress=setup.progress)
         reference = "expert_holdout_metrics" if split == "holdout" else "expert_metrics"
-        results[key] = _result(checkpoint, key, {split: metrics}, record, reference)
+        floor = language.no_skill_score(features)  # choice accuracy's; perplexity has none
+        results[key] = _result(checkpoint, key, {split: metrics}, record, reference, floor or 0.0)
     return results
 
 
@@ -287,8 +288,10 @@ def normalized_score(task: str, splits, record: dict[str, Any], reference: str =
     chance or the majority class). None when the expert is within
     NORMALIZE_MARGIN of the floor: dividing by its own noise is how a plain
     score / expert's ratio blew up (a CoLA expert at MCC 0.06 turned a merge's
-    -0.04 into -67%). Where lower is better (a language task's perplexity):
-    expert's / score, perplexity having no no-skill floor of its own.
+    -0.04 into -67%). Choice accuracy (``choice``) is normalised the same way,
+    over the floor of its rows' answers. Where lower is better (a language
+    task's perplexity): expert's / score, perplexity having no no-skill floor
+    of its own.
     """
     from umtam.tasks import task_spec
 

@@ -22,6 +22,12 @@ value that is no local path is a dataset id, ``name`` or ``name:split``
 (default split ``train``), with a ``text`` column (``lm``) or ``messages`` /
 ``prompt`` and ``response`` columns (``sft``).
 
+Multiple-choice instruction data (``--task choice``): the same rows with a
+``choices`` list that holds the response, e.g. ``{"prompt": "...", "response":
+"positive", "choices": ["negative", "positive"]}``. Training is sft's, on the
+right answer; scoring also renders every choice in the answer's place and
+counts how often the right one is the most likely (``choice_features``).
+
 Every problem is a DataError naming the file and the line or row.
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -157,16 +164,46 @@ def hub_rows(reference: str) -> list[dict[str, Any]]:
 
 def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
     """Every conversation of the .jsonl file(s): ``messages``, or ``prompt`` and ``response``."""
+    return _instruction_rows(path, _conversation)
+
+
+def read_choice_items(path: str | Path) -> list[ChoiceItem]:
+    """Every conversation of the .jsonl file(s) with its ``choices``, the response being one of them."""
+    return _instruction_rows(path, _choice_item)
+
+
+def _instruction_rows(path: str | Path, parse) -> list:
     if is_hub_reference(path):
-        return [_conversation(row, Path(str(path)), index) for index, row in enumerate(hub_rows(str(path)), 1)]
-    conversations = []
+        return [parse(row, Path(str(path)), index) for index, row in enumerate(hub_rows(str(path)), 1)]
+    rows = []
     for file in text_files(path):
         if file.suffix != ".jsonl":
             raise DataError(f"{file}: instruction data must be .jsonl (one conversation per line)")
-        conversations += [_conversation(row, file, line) for line, row in _jsonl_rows(file)]
-    if not conversations:
+        rows += [parse(row, file, line) for line, row in _jsonl_rows(file)]
+    if not rows:
         raise DataError(f"{path}: no conversations")
-    return conversations
+    return rows
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """A conversation whose last (assistant) turn is the right one of a closed set of answers."""
+
+    messages: list[dict[str, str]]
+    choices: tuple[str, ...]
+    answer: int  # the index of the response in choices
+
+
+def _choice_item(row: dict[str, Any], path: Path, line: int) -> ChoiceItem:
+    messages = _conversation(row, path, line)
+    choices = row.get("choices")
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)
+            and len(set(choices)) == len(choices)):
+        raise DataError(f"{path}:{line}: 'choices' must list two or more distinct, non-empty answers")
+    response = messages[-1]["content"]
+    if response not in choices:
+        raise DataError(f"{path}:{line}: the response {response!r} is not one of its choices {choices}")
+    return ChoiceItem(messages, tuple(choices), choices.index(response))
 
 
 def _conversation(row: dict[str, Any], path: Path, line: int) -> list[dict[str, str]]:
@@ -218,10 +255,7 @@ def sft_features(conversations: Sequence[list[dict[str, str]]], tokenizer,
     A conversation whose every assistant token falls beyond ``max_length`` would
     train on nothing: it is refused, naming its position, rather than dropped.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the model's tokenizer has no chat template, which --task sft renders "
-                          "conversations with", hint="use an instruction-tuned model (its tokenizer "
-                                                     "carries a template) or --task lm")
+    _check_chat_template(tokenizer)
     features = []
     for index, messages in enumerate(conversations):
         ids, labels = _rendered_with_labels(messages, tokenizer)
@@ -231,6 +265,34 @@ def sft_features(conversations: Sequence[list[dict[str, str]]], tokenizer,
                             hint="raise --max-length or shorten the prompt")
         features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return features
+
+
+def choice_features(items: Sequence[ChoiceItem], tokenizer, max_length: int) -> list[dict[str, Any]]:
+    """sft features of each item's right answer, each carrying every choice rendered in the answer's place.
+
+    Choices are compared by the likelihood of their whole rendering, so none may
+    be cut short: an item whose longest choice renders beyond ``max_length`` is
+    refused, naming its position.
+    """
+    _check_chat_template(tokenizer)
+    features = []
+    for index, item in enumerate(items):
+        rendered = [_rendered_with_labels([*item.messages[:-1], {"role": "assistant", "content": choice}], tokenizer)
+                    for choice in item.choices]
+        longest = max(len(ids) for ids, _ in rendered)
+        if longest > max_length:
+            raise DataError(f"item {index + 1}: {longest} tokens with its longest choice, over --max-length "
+                            f"{max_length}", hint="raise --max-length or shorten the prompt")
+        options = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels} for ids, labels in rendered]
+        features.append({**options[item.answer], "choices": options, "answer": item.answer})
+    return features
+
+
+def _check_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the model's tokenizer has no chat template, which --task sft and --task choice "
+                          "render conversations with", hint="use an instruction-tuned model (its tokenizer "
+                                                     "carries a template) or --task lm")
 
 
 def _rendered_with_labels(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:

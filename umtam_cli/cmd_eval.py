@@ -29,7 +29,7 @@ def command(config_file, as_json, quiet, verbose, **flags):
     from umtam.checkpoint import load_checkpoint
     from umtam.config import build_config, load_recipe
     from umtam.evaluate import evaluate_checkpoint
-    from umtam.tasks import is_language_key
+    from umtam.tasks import is_language_key, task_spec
 
     recipe = load_recipe(config_file) if config_file else {}
     config = build_config(EvalConfig, recipe, flags=flags, source=config_file or "options")
@@ -38,13 +38,23 @@ def command(config_file, as_json, quiet, verbose, **flags):
     with progress_renderer(quiet=quiet, verbose=verbose) as progress:
         results = evaluate_checkpoint(ckpt, progress=progress, **settings)
     payload = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "tasks": results,
-               "average_score": sum(r["score"] for r in results.values()) / len(results)}
-    if all(is_language_key(task) for task in results):
-        payload["score_is"] = "perplexity"  # lower is better; GLUE scores are higher-is-better
+               "average_score": average_score(results)}
+    language_scores = {task_spec(task).metrics for task in results if is_language_key(task)}
+    if len(language_scores) == 1 and len(results) == sum(map(is_language_key, results)):
+        (payload["score_is"],) = language_scores.pop()  # perplexity (lower is better) or choice_accuracy
     if as_json:
         emit_json(payload)
     else:
         render_eval(payload)
+
+
+def average_score(results: dict) -> float | None:
+    """The tasks' mean score; None where higher-is-better scores meet perplexity, which do not average."""
+    from umtam.tasks import task_spec
+
+    if len({task_spec(task).higher_is_better for task in results}) > 1:
+        return None
+    return sum(result["score"] for result in results.values()) / len(results)
 
 
 def render_eval(payload: dict) -> None:
@@ -59,5 +69,7 @@ def render_eval(payload: dict) -> None:
             table.add_row(task, split, shown, format_value(result["score"]), format_value(result["normalized"]))
     console = stdout_console()
     console.print(table)
-    what = "perplexity" if payload.get("score_is") == "perplexity" else "score"
-    console.print(f"average {what} {payload['average_score']:.4f}")
+    if payload["average_score"] is None:
+        console.print("no average: perplexity and higher-is-better scores do not average")
+        return
+    console.print(f"average {payload.get('score_is', 'score')} {payload['average_score']:.4f}")

@@ -83,19 +83,19 @@ def task_key(spec, data: str) -> str:
 
 
 def read_items(spec, data: str) -> list:
-    """Documents (``lm``) or conversations (``sft``) of a --data or --eval-data reference."""
-    from umtam.lm_data import read_conversations, read_documents
+    """Documents (``lm``), conversations (``sft``) or conversations with choices (``choice``) of a --data."""
+    from umtam.lm_data import read_choice_items, read_conversations, read_documents
 
-    return read_conversations(data) if spec.name == "sft" else read_documents(data)
+    return {"sft": read_conversations, "choice": read_choice_items}.get(spec.name, read_documents)(data)
 
 
 def featurizer(spec, tokenizer, max_length: int):
-    """texts -> features: packed blocks (``lm``) or templated conversations with response labels (``sft``)."""
-    from umtam.lm_data import lm_features, sft_features
+    """texts -> features: packed blocks (``lm``), templated conversations with response labels (``sft``),
+    and those with every choice rendered beside them (``choice``)."""
+    from umtam.lm_data import choice_features, lm_features, sft_features
 
-    if spec.name == "sft":
-        return lambda items: sft_features(items, tokenizer, max_length) if items else []
-    return lambda items: lm_features(items, tokenizer, max_length) if items else []
+    features = {"sft": sft_features, "choice": choice_features}.get(spec.name, lm_features)
+    return lambda items: features(items, tokenizer, max_length) if items else []
 
 
 def validation_features(spec, record, tokenizer, max_length: int) -> list[dict]:
@@ -128,8 +128,25 @@ def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, Any]:
 
 def evaluate(model, features: Sequence[dict], task: str, *, pad_token_id: int, batch_size: int = 8,
              progress: ProgressFn = no_progress) -> dict[str, float]:
-    return evaluate_lm(model, features, pad_token_id=pad_token_id, batch_size=batch_size, progress=progress,
-                       what=f"eval {task}")
+    """Loss and perplexity of the labelled tokens; with choices (``choice``), choice accuracy too."""
+    metrics = evaluate_lm(model, features, pad_token_id=pad_token_id, batch_size=batch_size, progress=progress,
+                          what=f"eval {task}")
+    if features and "choices" in features[0]:
+        metrics["choice_accuracy"] = choice_accuracy(model, features, pad_token_id=pad_token_id,
+                                                     batch_size=batch_size, progress=progress, what=f"choose {task}")
+    return metrics
+
+
+def no_skill_score(features: Sequence[dict]) -> float | None:
+    """What answering without reading scores on choice features (the better of chance and the most
+    frequent answer's share); None for text with no choices, where perplexity has no such floor."""
+    from collections import Counter
+
+    if not features or "choices" not in features[0]:
+        return None
+    chance = sum(1 / len(feature["choices"]) for feature in features) / len(features)
+    majority = Counter(feature["answer"] for feature in features).most_common(1)[0][1] / len(features)
+    return max(chance, majority)
 
 
 def task_record(spec, metrics: dict[str, Any], holdout_metrics: dict[str, Any] | None, prepared: Prepared):
@@ -158,39 +175,72 @@ LOGIT_BUDGET = 1 << 27
 def evaluate_lm(model, features: Sequence[dict], *, pad_token_id: int, batch_size: int = 8,
                 progress: ProgressFn = no_progress, what: str = "eval lm") -> dict[str, float]:
     """{"loss", "perplexity", "tokens"} of ``model`` on ``features`` (which carry their labels)."""
-    import torch
-
     total, count = 0.0, 0
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    progress("start", {"total": len(features), "what": what})
-    with torch.inference_mode():
-        for start in range(0, len(features), batch_size):
-            chunk = features[start:start + batch_size]
-            batch = {key: value.to(device) for key, value in collate_tokens(chunk, pad_token_id).items()}
-            rows = max(1, LOGIT_BUDGET // (batch["input_ids"].shape[1] * model.config.vocab_size))
-            for first in range(0, len(chunk), rows):
-                loss_sum, scored = _summed_token_loss(model, {key: value[first:first + rows]
-                                                              for key, value in batch.items()})
-                total, count = total + loss_sum, count + scored
-            progress("advance", len(chunk))
-    progress("end", {"what": what})
-    model.train(was_training)
+    for chunk, losses, counts in _scored_batches(model, features, pad_token_id, batch_size, progress, what):
+        total, count = total + float(losses.sum()), count + int(counts.sum())
     if count == 0:
         raise ValueError("no predicted token to score (every label is -100)")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
 
 
-def _summed_token_loss(model, batch: dict[str, Any]) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood of the batch's labelled tokens, and their number."""
+def choice_accuracy(model, features: Sequence[dict], *, pad_token_id: int, batch_size: int = 8,
+                    progress: ProgressFn = no_progress, what: str = "choose") -> float:
+    """The share of features whose right choice has the highest likelihood (the least summed loss over
+    its labelled tokens: the whole answer's probability, lm-evaluation-harness's ``acc``).
+
+    Every choice of ``batch_size`` features is scored in one batch; ties go to the first choice.
+    """
+    candidates = [dict(choice, owner=index, choice=number) for index, feature in enumerate(features)
+                  for number, choice in enumerate(feature["choices"])]
+    best: dict[int, tuple[float, int]] = {}  # feature -> (least loss, its choice)
+    width = max(len(feature["choices"]) for feature in features)
+    for chunk, losses, _counts in _scored_batches(model, candidates, pad_token_id, batch_size * width,
+                                                  progress, what):
+        for candidate, loss in zip(chunk, losses.tolist()):
+            owner = candidate["owner"]
+            if owner not in best or loss < best[owner][0]:
+                best[owner] = (loss, candidate["choice"])
+    right = sum(best[index][1] == feature["answer"] for index, feature in enumerate(features))
+    return right / len(features)
+
+
+def _scored_batches(model, features: Sequence[dict], pad_token_id: int, batch_size: int, progress, what: str):
+    """(features, per-row summed loss, per-row labelled-token count) for each batch, in eval mode.
+
+    Rows go through the model in slices under LOGIT_BUDGET, so the batch size
+    bounds the work per progress step and not the logits held.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    progress("start", {"total": len(features), "what": what})
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(features), batch_size):
+                chunk = features[start:start + batch_size]
+                batch = {key: value.to(device) for key, value in collate_tokens(chunk, pad_token_id).items()}
+                rows = max(1, LOGIT_BUDGET // (batch["input_ids"].shape[1] * model.config.vocab_size))
+                sliced = [_row_token_losses(model, {key: value[first:first + rows] for key, value in batch.items()})
+                          for first in range(0, len(chunk), rows)]
+                yield chunk, torch.cat([s[0] for s in sliced]), torch.cat([s[1] for s in sliced])
+                progress("advance", len(chunk))
+    finally:
+        model.train(was_training)
+    progress("end", {"what": what})
+
+
+def _row_token_losses(model, batch: dict[str, Any]):
+    """Per row: the summed next-token negative log-likelihood (float64) of its labelled tokens, and their number."""
     import torch
 
     labels = batch.pop("labels")
     logits = model(**batch).logits.float()
     # shift the targets, not the logits: a slice of the logits would be a copy of all of them
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(loss), int((targets != IGNORE_INDEX).sum())
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+    scored = targets != IGNORE_INDEX
+    return losses.view(targets.shape).double().sum(dim=1), scored.sum(dim=1)

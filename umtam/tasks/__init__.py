@@ -8,7 +8,8 @@ Two kinds of task, each trained and scored by its objective (umtam.objectives):
   files keep text and label, and which metrics score it.
 - ``LanguageTask`` (language.py): causal language modelling on text the user
   names (``lm``) and instruction tuning on conversations (``sft``), scored by
-  token-weighted loss and perplexity.
+  token-weighted loss and perplexity, and multiple-choice instruction tuning
+  (``choice``), scored by how often the right answer is the likeliest.
 
 Adding a task is one registration in the file of its benchmark (glue.py
 registers the nine GLUE tasks); data loading (umtam.data, umtam.lm_data),
@@ -82,9 +83,9 @@ class LanguageTask:
     name: str
     summary: str
     metrics: tuple[str, ...] = ("perplexity",)  # the score; loss and the token count are reported beside it
+    higher_is_better: bool = False  # perplexity: lower is better
 
     kind: ClassVar[str] = "language"
-    higher_is_better: ClassVar[bool] = False  # perplexity: lower is better
     label_names: ClassVar[tuple[str, ...]] = ()
     is_regression: ClassVar[bool] = False
     num_labels: ClassVar[int] = 0
