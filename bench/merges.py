@@ -20,7 +20,9 @@ holdout-chosen setting there (the ablation, the AdamW-statistics merge).
 Experts are named as bench/experts.py names them, without model and seed:
 --model and --seeds pick the checkpoints (runs/experts/<model>-s<seed>-<expert>),
 and the training seed also seeds the evaluation's subsampling and DARE's masks
-(unless a setting gives its own DARE seed). Merged checkpoints are written to a
+(unless a setting gives its own DARE seed). Decoder experts (bench/decoder_experts.py:
+choice accuracy and perplexity) are averaged by their normalised scores, which
+umtam eval computes against each expert's own; GLUE's by their raw scores. Merged checkpoints are written to a
 scratch directory and deleted; the small JSON results go to
 bench/results/merges/<name>/<model>-s<seed>/ and runs whose JSON exists are
 skipped, so every sweep resumes. A report for seeds without results is refused
@@ -68,14 +70,37 @@ def merge_and_score(experts, method, options, seed: int, args) -> dict:
         merged, _ = merge_checkpoints(experts, Path(scratch) / "merged", method=method, options=applied)
         merge_seconds = time.perf_counter() - started
         ckpt = load_checkpoint(merged.path)
-        common = dict(data_dir=args.data_dir, max_eval_samples=EVAL_CAP, seed=seed)
-        holdout = evaluate_checkpoint(ckpt, task="glue", holdout_fraction=HOLDOUT, **common)
+        common = dict(data_dir=args.data_dir, max_eval_samples=args.eval_cap, seed=seed)
+        holdout = evaluate_checkpoint(ckpt, task="glue", holdout_fraction=HOLDOUT, **common)  # every task it has
         dev = evaluate_checkpoint(ckpt, task="glue", **common)
     return {"method": method, "options": options, "applied_options": applied, "seed": seed,
             "experts": [str(e) for e in experts],
             "merge_seconds": merge_seconds, "holdout": holdout, "dev": dev,
-            "holdout_avg": mean(r["score"] for r in holdout.values()),
-            "dev_avg": mean(r["score"] for r in dev.values())}
+            "holdout_avg": average(holdout), "dev_avg": average(dev), "avg_is": average_kind(dev),
+            "uncounted": sorted(set(uncounted(holdout)) | set(uncounted(dev)))}
+
+
+def average_kind(results: dict) -> str:
+    """GLUE scores average as they are; a decoder's tasks (perplexity beside choice accuracy) do not."""
+    from umtam.tasks import is_language_key
+
+    return "normalized" if any(map(is_language_key, results)) else "score"
+
+
+def average(results: dict) -> float:
+    """The tasks' mean score, or for a decoder's tasks their mean normalised score (umtam.evaluate) over
+    the tasks that have one (``uncounted`` names the others)."""
+    if average_kind(results) == "score":
+        return mean(r["score"] for r in results.values())
+    counted = [r["normalized"] for r in results.values() if r["normalized"] is not None]
+    if not counted:  # every expert within NORMALIZE_MARGIN of answering without reading
+        raise SystemExit(f"merges.py: no task of {', '.join(results)} has a normalised score")
+    return mean(counted)
+
+
+def uncounted(results: dict) -> list[str]:
+    """The tasks a decoder average leaves out: their expert is too close to its no-skill floor."""
+    return [task for task, r in results.items() if average_kind(results) == "normalized" and r["normalized"] is None]
 
 
 def mean(values) -> float:
@@ -108,13 +133,28 @@ def settings(name: str, tag: str, seeds: tuple[int, ...]) -> dict[str, dict[int,
     return found
 
 
-def spread(values: list[float], *, percent: bool = False) -> str:
-    """'83.28' for one seed, '83.28 +- 0.41' (sample standard deviation) for several, in points."""
+def spread(values: list[float], *, percent: bool = False, scale: float = 100) -> str:
+    """'83.28' for one seed, '83.28 +- 0.41' (sample standard deviation) for several, in points
+    (``scale`` 1: as they are)."""
     import statistics
 
     form = ".1f" if percent else ".2f"
-    mean = format(100 * statistics.mean(values), form) + ("%" if percent else "")
-    return mean if len(values) == 1 else f"{mean} +- {format(100 * statistics.stdev(values), form)}"
+    mean = format(scale * statistics.mean(values), form) + ("%" if percent else "")
+    return mean if len(values) == 1 else f"{mean} +- {format(scale * statistics.stdev(values), form)}"
+
+
+def task_cell(values: list[float], task: str) -> str:
+    """A task's scores in points, or a perplexity as it is."""
+    from umtam.tasks import task_spec
+
+    if task_spec(task).higher_is_better:
+        return spread(values)
+    return spread(values, scale=1)
+
+
+def avg_cell(runs: list[dict], key: str) -> str:
+    """GLUE's raw average in points; a decoder set's normalised average as a percentage of the experts'."""
+    return spread([r[key] for r in runs], percent=runs[0].get("avg_is") == "normalized")
 
 
 class Normaliser:
@@ -200,9 +240,9 @@ def report(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | None = N
     lines = [header, "|" + "---|" * (4 + len(tasks))]
     for setting, by_seed in sorted(by_label.items(), key=lambda item: -mean(r["holdout_avg"] for r in item[1].values())):
         runs = list(by_seed.values())
-        per_task = " | ".join(spread([r["dev"][t]["score"] for r in runs]) for t in tasks)
-        lines.append(f"| {setting} | {spread([r['holdout_avg'] for r in runs])} ({norm.cell(runs, 'holdout')}) "
-                     f"| {spread([r['dev_avg'] for r in runs])} ({norm.cell(runs, 'dev')}) "
+        per_task = " | ".join(task_cell([r["dev"][t]["score"] for r in runs], t) for t in tasks)
+        lines.append(f"| {setting} | {avg_cell(runs, 'holdout_avg')} ({norm.cell(runs, 'holdout')}) "
+                     f"| {avg_cell(runs, 'dev_avg')} ({norm.cell(runs, 'dev')}) "
                      f"| {per_task} | {', '.join(map(str, by_seed))} |")
     return "\n".join(lines + ["", norm.note()])
 
@@ -249,6 +289,7 @@ def load_sweep(path: str) -> dict:
         refine: dict[str, list[Any]] = option(default_factory=dict, help="option -> values swept next "
                                                                           "around each method's holdout-best.")
         chosen_from: str | None = option(None, help="Start each entry from its method's choice in this set.")
+        eval_cap: int = option(EVAL_CAP, ge=1, help="Rows (or text blocks) scored per task and split.")
 
     sweep = build_config(MergeSweep, load_recipe(path), source=str(path)).model_dump()
     for method, options in expand_grid(sweep["grid"]):
@@ -349,8 +390,8 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
             swept = [next(iter(r.values()))["options"] for r in candidates.values()]
             setting = ", ".join(f"{k}={v}{' (edge)' if on_edge(k, v, swept) else ''}"
                                 for k, v in sorted(runs[0]["options"].items())) or "-"
-            per_task = " | ".join(spread([r["dev"][t]["score"] for r in runs]) for t in tasks)
-            lines.append(f"| {method} | {by} | {setting} | {per_task} | {spread([r['dev_avg'] for r in runs])} "
+            per_task = " | ".join(task_cell([r["dev"][t]["score"] for r in runs], t) for t in tasks)
+            lines.append(f"| {method} | {by} | {setting} | {per_task} | {avg_cell(runs, 'dev_avg')} "
                          f"| {norm.cell(runs, 'dev')} | {', '.join(map(str, best))} |")
     return "\n".join(lines + ["", norm.note()])
 
@@ -385,6 +426,7 @@ def main() -> int:
         name = name if args.report is True else args.report
         print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir))
         return 0
+    args.eval_cap = sweep["eval_cap"] if sweep else EVAL_CAP
     for seed in seeds:
         out = results_dir(name, tag, seed)
         if sweep:

@@ -99,3 +99,54 @@ def test_lm_grid_trains_the_middle_regime_first_then_high_then_low(lm_grid):
         ("umtam", 8, 1e-3), ("umtam", 32, 1e-3), ("adamw", 8, 3e-3),
         ("umtam", 8, 1e-2), ("umtam", 32, 1e-2), ("adamw", 8, 3e-2),
         ("umtam", 8, 1e-4), ("umtam", 32, 1e-4), ("adamw", 8, 3e-4)]
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    loaded = []
+
+    def load(name):
+        loaded.append(name)
+        return importlib.import_module(name)
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
+
+
+def test_decoder_merges_average_normalised_scores_over_the_tasks_that_have_one(bench_module):
+    merges = bench_module("merges")
+    results = {"choice:sst2": {"score": 0.9, "normalized": 0.8}, "choice:rte": {"score": 0.55, "normalized": None},
+               "lm:fineweb": {"score": 20.0, "normalized": 0.9}}
+    assert merges.average_kind(results) == "normalized"
+    assert merges.average(results) == pytest.approx(0.85)  # rte's expert is near its floor: left out, and named
+    assert merges.uncounted(results) == ["choice:rte"]
+    glue = {"sst2": {"score": 0.9, "normalized": None}, "rte": {"score": 0.6, "normalized": 0.2}}
+    assert merges.average_kind(glue) == "score" and merges.average(glue) == pytest.approx(0.75)
+    assert merges.uncounted(glue) == []
+    assert merges.task_cell([20.0, 22.0], "lm:fineweb") == "21.00 +- 1.41"  # perplexity as it is
+    assert merges.task_cell([0.9], "choice:sst2") == "90.00"  # accuracy in points
+
+
+def test_decoder_experts_cut_a_one_document_text_into_its_passages(bench_module, tmp_path):
+    decoder_experts = bench_module("decoder_experts")
+    text = tmp_path / "play" / "train.txt"
+    text.parent.mkdir()
+    text.write_text("FIRST:\nSpeak.\n\nSECOND:\nI will.\n\n\n\nFIRST:\nThen go.\n")
+    out = decoder_experts.write_passages(text, tmp_path / "out" / "train.jsonl")
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [
+        "FIRST:\nSpeak.", "SECOND:\nI will.", "FIRST:\nThen go."]
+    recipe = {"model": "runs/models/smollm2-135m-instruct", "optimizers": {"umtam": {"lr": 2e-4, "rank": 8},
+                                                                           "adamw": {"lr": 5e-5}}}
+    # the names bench/merges.py finds the checkpoints by: <model>-s<seed>-<expert>
+    assert decoder_experts.run_name(recipe, "choice-sst2", "umtam", 42) == (
+        "smollm2-135m-instruct-s42-choice-sst2-umtam-r8-lr0.0002")
+    assert decoder_experts.run_name(recipe, "lm-fineweb", "adamw", 43) == "smollm2-135m-instruct-s43-lm-fineweb-adamw-lr5e-05"
+
+
+def test_expert_variants_set_by_option_are_named_and_never_chosen(experts):
+    name = experts.run_name("cola", "umtam", 8, 1e-4, settings={"warmup_ratio": 0.0, "beta1": 0.8}, seed=43)
+    assert name == "minilm-s43-cola-umtam-r8-beta10.8-warmup_ratio0-lr0.0001"
+    assert experts.is_variant({"settings": {"beta1": 0.8}}) and not experts.is_variant({"settings": {}})
+    args = type("Args", (), {"set": ["warmup_ratio=0", "beta1=0.8"]})()
+    assert experts.settings_of(args) == {"warmup_ratio": 0, "beta1": 0.8}

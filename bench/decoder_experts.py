@@ -1,0 +1,151 @@
+"""Decoder experts on distinct capabilities, for merging (issue 16 item 3, OTA's setting made small).
+
+    python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml            # train
+    python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml --report   # table only
+    python bench/merges.py --config recipes/paper/decoder-merge-umtam.yaml --model runs/models/smollm2-135m-instruct
+
+Each recipe expert is one capability of a pretrained decoder: a GLUE task cast
+as label-word instructions (``glue: sst2``: --task choice on the rows
+tools/glue_as_choices.py writes, scored by choice accuracy) or language
+modelling of a text (--task lm, scored by perplexity); each is trained once per
+optimizer (UMTAM, and AdamW with the curvature tracker beside it) and seed,
+with the same steps and a 10% holdout slice of its training rows (documents,
+for text) kept unseen, on which bench/merges.py chooses merge settings. A text
+that is one document (tinyshakespeare's train.txt) is cut into its blank-line
+separated passages (``passages: true``), so it has documents to hold out.
+
+Checkpoints go to <runs_dir>/<model>-s<seed>-<expert>-<optimizer>[-r<rank>]-lr<lr>
+(what bench/merges.py reads) and are never committed; one small JSON per run
+goes to bench/results/decoder_experts/. Runs whose JSON exists are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+RESULTS = Path("bench/results/decoder_experts")
+HOLDOUT = 0.1  # as bench/merges.py's HOLDOUT
+
+
+def load_recipe(path: str) -> dict:
+    from umtam.config import Schema, build_config, load_recipe as read, option
+
+    class DecoderExperts(Schema):
+        name: str = option(help="Results subfolder under bench/results/decoder_experts/.")
+        model: str = option(help="The pretrained decoder every expert starts from.")
+        seeds: list[int] = option(help="Training seeds.")
+        optimizers: dict[str, dict[str, Any]] = option(help="optimizer -> {lr, rank}.")
+        experts: dict[str, dict[str, Any]] = option(help="expert -> {glue | task + data + eval_data, steps, "
+                                                          "batch_size, max_length, passages}.")
+        dtype: str = option("bf16", help="Autocast dtype of the forward and backward passes.")
+        max_eval_samples: int = option(200, ge=1, help="Rows (or blocks) scored per split.")
+        data_dir: str = option("runs/data", help="Where generated data (choice rows, passages) is written.")
+        runs_dir: str = option("runs/experts", help="Where checkpoints go.")
+
+    return build_config(DecoderExperts, read(path), source=str(path)).model_dump()
+
+
+def run_name(recipe: dict, expert: str, optimizer: str, seed: int) -> str:
+    from experts import model_tag
+
+    settings = recipe["optimizers"][optimizer]
+    rank = f"-r{settings['rank']}" if "rank" in settings else ""
+    return f"{model_tag(recipe['model'])}-s{seed}-{expert}-{optimizer}{rank}-lr{settings['lr']:g}"
+
+
+def expert_data(recipe: dict, spec: dict) -> dict[str, str]:
+    """The task, --data and --eval-data of one expert, writing generated data once."""
+    from umtam.glue_prompts import write_choice_files
+
+    if "glue" in spec:
+        folder = Path(recipe["data_dir"]) / "choice" / spec["glue"]
+        if not (folder / "validation.jsonl").exists():
+            write_choice_files(spec["glue"], folder, max_train_rows=spec.get("max_train_rows"), seed=0)
+        return {"task": "choice", "data": str(folder / "train.jsonl"), "eval_data": str(folder / "validation.jsonl")}
+    data = {"task": spec["task"], "data": spec["data"], "eval_data": spec["eval_data"]}
+    if spec.get("passages"):
+        folder = Path(recipe["data_dir"]) / "lm" / Path(spec["data"]).parent.name
+        for key, name in (("data", "train.jsonl"), ("eval_data", "validation.jsonl")):
+            data[key] = str(write_passages(Path(spec[key]), folder / name))
+    return data
+
+
+def write_passages(text_file: Path, out: Path) -> Path:
+    """A .txt cut at blank lines into one JSON document per passage (once; staged and renamed)."""
+    if not out.exists():
+        passages = [p.strip() for p in text_file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.with_name(f".{out.name}.tmp")
+        staged.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages), encoding="utf-8")
+        staged.replace(out)
+    return out
+
+
+def train_one(recipe: dict, expert: str, optimizer: str, seed: int) -> dict:
+    from umtam.config import build_config
+    from umtam.train import TrainConfig, train
+
+    spec = recipe["experts"][expert]
+    settings = recipe["optimizers"][optimizer]
+    name = run_name(recipe, expert, optimizer, seed)
+    fields = {**expert_data(recipe, spec), "model": recipe["model"], "optimizer": optimizer, "lr": settings["lr"],
+              "max_steps": spec["steps"], "epochs": 1000, "batch_size": spec["batch_size"],
+              "max_length": spec["max_length"], "holdout_fraction": HOLDOUT, "seed": seed, "dtype": recipe["dtype"],
+              "max_eval_samples": recipe["max_eval_samples"], "output": str(Path(recipe["runs_dir"]) / name),
+              "force": True, **({"rank": settings["rank"]} if "rank" in settings else {})}
+    started = time.perf_counter()
+    checkpoint = train(build_config(TrainConfig, fields, source="decoder_experts"))
+    sidecar = checkpoint.sidecar.as_json()
+    (key, record), = sidecar["tasks"].items()
+    return {"name": name, "expert": expert, "task": key, "optimizer": optimizer, "seed": seed, **settings,
+            "steps": spec["steps"], "validation": record["metrics"]["validation"],
+            "holdout": record["holdout_metrics"], "wall_seconds": time.perf_counter() - started,
+            "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"]}
+
+
+def report(recipe: dict) -> str:
+    folder = RESULTS / recipe["name"]
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    if not rows:
+        raise SystemExit(f"decoder_experts.py: no results under {folder}; train them first")
+    lines = ["| expert | task | optimizer | seed | validation | holdout | s/step | state |", "|---" * 8 + "|"]
+    for row in rows:
+        metric = "choice_accuracy" if row["task"].startswith("choice:") else "perplexity"
+        lines.append(f"| {row['expert']} | {row['task']} | {row['optimizer']} | {row['seed']} "
+                     f"| {metric} {row['validation'][metric]:.4g} | {row['holdout'][metric]:.4g} "
+                     f"| {row['seconds_per_step']:.2f} | {row['state_bytes'] / 2**20:.1f} MiB |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="e.g. recipes/paper/decoder-experts.yaml")
+    parser.add_argument("--report", action="store_true", help="only print the table")
+    args = parser.parse_args()
+    recipe = load_recipe(args.config)
+    if not args.report:
+        out = RESULTS / recipe["name"]
+        out.mkdir(parents=True, exist_ok=True)
+        for seed in recipe["seeds"]:
+            for optimizer in recipe["optimizers"]:
+                for expert in recipe["experts"]:
+                    path = out / f"{run_name(recipe, expert, optimizer, seed)}.json"
+                    if not path.exists():
+                        row = train_one(recipe, expert, optimizer, seed)
+                        path.write_text(json.dumps(row, indent=1) + "\n")
+                        print(f"{row['name']}: {row['validation']} ({row['wall_seconds']:.0f} s)", flush=True)
+    print(report(recipe))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
