@@ -56,14 +56,24 @@ def model_tag(model: str | None) -> str:
 
 
 def run_name(task: str, optimizer: str, rank: int, lr: float, variants: tuple[str, ...] = (), *,
-             model: str = DEFAULT_MODEL_TAG, seed: int = SELECTION_SEED) -> str:
+             model: str = DEFAULT_MODEL_TAG, seed: int = SELECTION_SEED, settings: dict | None = None) -> str:
     rank_part = f"-r{rank}" if optimizer in ("umtam", "galore", "mofasgd") else ""
     variant_part = "".join(f"-{VARIANTS[v]}" for v in variants)
+    variant_part += "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
+                            for key, value in sorted((settings or {}).items()))
     return f"{model}-s{seed}-{task}-{optimizer}{rank_part}{variant_part}-lr{lr:g}"
 
 
 def variants_of(args) -> tuple[str, ...]:
     return tuple(v for v in VARIANTS if getattr(args, v, False))
+
+
+def settings_of(args) -> dict:
+    """--set KEY=VALUE: training options laid over the recipe (a variant: named in the run, never chosen)."""
+    import yaml
+
+    pairs = [entry.partition("=") for entry in getattr(args, "set", None) or []]
+    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
 
 
 def recipe_path(task: str, optimizer: str) -> Path:
@@ -78,10 +88,12 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
     from umtam.train import TrainConfig, train
 
     # The recipe is the single source of the run's settings; the sweep overrides lr, rank, seed and model.
-    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed)
+    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed,
+                    settings=settings_of(args))
     recipe = recipe_path(task, optimizer)
     overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": seed,
                  "data_dir": args.data_dir, "force": True, **{v: True for v in variants_of(args)},
+                 **settings_of(args),
                  **({"track_fisher": True, "track_trajectory": True} if args.track_saliency else {}),
                  **({"model": args.model} if args.model else {})}
     config = build_config(TrainConfig, load_recipe(recipe), overrides, source=str(recipe))
@@ -94,7 +106,7 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
     return {
         "name": name, "model": config.model, "model_tag": model_tag(args.model),
         "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": seed,
-        **{v: True for v in variants_of(args)},
+        **{v: True for v in variants_of(args)}, **({"settings": settings_of(args)} if settings_of(args) else {}),
         "checkpoint": config.output, "steps": sidecar["steps"], "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"],
         "dev": record["metrics"], "dev_score": task_score(task, record["metrics"]),
@@ -105,7 +117,8 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
 
 
 def run_and_record(task, optimizer, rank, lr, seed, args) -> None:
-    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed)
+    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed,
+                    settings=settings_of(args))
     path = RESULTS / f"{name}.json"
     checkpoint_written = has_checkpoint(Path(args.runs_dir) / name, dense=args.track_saliency)
     # the committed JSON is the result; the checkpoint (never committed) is rebuilt only when
@@ -170,7 +183,7 @@ def chosen(results: list[dict], rank: int = 8) -> dict[tuple[str, str], dict]:
 
 
 def is_variant(row: dict) -> bool:
-    return any(row.get(v) for v in VARIANTS)
+    return any(row.get(v) for v in VARIANTS) or bool(row.get("settings"))
 
 
 def is_candidate(row: dict, rank: int = 8) -> bool:
@@ -337,6 +350,9 @@ def main() -> int:
                         help="train umtam with its dense error-feedback buffer (runs named -ef; never chosen)")
     parser.add_argument("--dense-embeddings", action="store_true",
                         help="train umtam with dense AdamW state for the embeddings (runs named -de; never chosen)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a training option over the recipe, e.g. warmup_ratio=0 or beta1=0.8 (runs named "
+                             "-warmup_ratio0; never chosen); repeatable")
     parser.add_argument("--track-saliency", action="store_true",
                         help="train with --track-fisher --track-trajectory (same weights, more statistics); with "
                              "--rebuild-missing, retrains a run whose checkpoint lacks them")
