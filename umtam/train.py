@@ -63,6 +63,7 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     from umtam.tasks import get_task
     from umtam.weights import model_tensors
 
+    reset_peak_rss()  # this run's peak, not the process's
     # Cheap checks first (task, model location, output, device, states), so a mistake is
     # reported before minutes of data loading and tokenisation.
     spec = get_task(config.task)
@@ -329,6 +330,8 @@ def _run_loop(loop: _Loop, features, total_steps, progress, log: _RunLog, states
     model.train()
     device = next(model.parameters()).device
     position = log.position
+    if device.type == "cuda":  # this run's peak, not that of runs before it in the process
+        torch.cuda.reset_peak_memory_stats(device)
     progress("start", {"total": total_steps, "what": "train"})
     timer = _StepTimer()
     while position.step < total_steps:
@@ -441,13 +444,34 @@ def _diverged(step: int, what: str, states, config: TrainConfig) -> UmtamError:
     return resume.diverged_error(step, what, latest, directory, config.learning_rate)
 
 
+def reset_peak_rss() -> None:
+    """Start the peak resident set size afresh where Linux allows it (VmHWM, reset by clear_refs 5).
+
+    A driver that trains many runs in one process (bench/lm_grid.py) would
+    otherwise report every run at the largest peak of any run before it.
+    """
+    from pathlib import Path
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not permitted: the peak stays the process's
+        pass
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size since reset_peak_rss (Linux VmHWM), else of the whole process (ru_maxrss)."""
     import resource
     import sys
+    from pathlib import Path
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 
 
 LOSS_PLOT_FILE = "loss_curve.png"
