@@ -10,10 +10,11 @@ A GPT-2-shaped model (the recipe's config.json) is trained from scratch with
 validation file every ``eval_every`` steps (token-weighted loss, padding
 masked: --eval-every), with the same token stream and seed for every run of a
 seed. Stage ``coarse`` sweeps ``coarse.lrs`` at ``coarse.rank`` for
-``coarse.steps`` steps; from it each optimizer's three regimes are chosen by
-rule (``regimes``): the middle is its best coarse lr, the low and high one
-grid step either side, so the high one is where an optimizer starts to fail
-if any does. Stage ``grid`` trains every optimizer at every rank (AdamW once:
+``coarse.steps`` steps, then widens each optimizer's sweep by half-decade
+steps while its best lr is the edge of those it tried (``widening_runs``);
+from it each optimizer's three regimes are chosen by rule (``regimes``): the
+middle is its best coarse lr, the low and high one tried lr either side, so
+the high one is where an optimizer starts to fail if any does. Stage ``grid`` trains every optimizer at every rank (AdamW once:
 it has no rank) at its three lrs; ``seeds`` repeats the middle-regime cells at
 ``seed_ranks`` for ``seeds``. Every run's small JSON lands in
 bench/results/lm_grid/<name>/ as it finishes, and existing ones are skipped,
@@ -145,18 +146,24 @@ def coarse_runs(grid: dict) -> list[tuple]:
             for opt in grid["optimizers"] for lr in coarse["lrs"]]
 
 
-def regimes(grid: dict, rows: list[dict]) -> dict[str, list[float]]:
-    """optimizer -> [low, middle, high] lr from the coarse sweep: its best lr and one grid step either side.
-
-    At an edge of the coarse grid the regime stays inside it (the best lr then
-    is low or high itself), and the report says the grid should be widened.
-    """
+def coarse_rows(grid: dict, rows: list[dict], optimizer: str) -> list[dict]:
     coarse = grid["coarse"]
-    lrs = sorted(float(lr) for lr in coarse["lrs"])
+    return [r for r in rows if r["optimizer"] == optimizer and r["steps"] == coarse["steps"]
+            and r["rank"] in (None, coarse["rank"]) and r["seed"] == grid["seed"]]
+
+
+def regimes(grid: dict, rows: list[dict]) -> dict[str, list[float]]:
+    """optimizer -> [low, middle, high] lr from its coarse sweep: its best lr and the tried lr either side.
+
+    Each optimizer's tried lrs are the recipe's plus those ``widening_runs``
+    added. At an edge of them the regime stays inside (the best lr then is low
+    or high itself), and the report says the grid should be widened.
+    """
     chosen = {}
     for opt in grid["optimizers"]:
-        scored = {r["lr"]: r["final_val_loss"] for r in rows if r["optimizer"] == opt and r["steps"] == coarse["steps"]
-                  and not failed(r, grid) and (r["rank"] in (None, coarse["rank"]))}
+        swept = coarse_rows(grid, rows, opt)
+        lrs = sorted({r["lr"] for r in swept})
+        scored = {r["lr"]: r["final_val_loss"] for r in swept if not failed(r, grid)}
         if not scored:
             continue
         best = lrs.index(min(scored, key=scored.get))
@@ -166,6 +173,38 @@ def regimes(grid: dict, rows: list[dict]) -> dict[str, list[float]]:
         middle = min(max(best, 1), len(lrs) - 2)
         chosen[opt] = [lrs[middle - 1], lrs[middle], lrs[middle + 1]]
     return chosen
+
+
+# The coarse ladder: half-decade steps (1e-6, 3e-6, 1e-5, ...) up to 1, past any rate these optimizers take.
+LADDER = tuple(sorted(float(f"{m}e{e}") for e in range(-6, 0) for m in (1, 3))) + (1.0,)  # 3e-1, not 0.3000...04
+
+
+def ladder_step(lr: float, up: bool) -> float | None:
+    """The ladder's next rate above (or below) ``lr``, None past its end."""
+    beyond = [r for r in LADDER if (r > lr * 1.01 if up else r < lr / 1.01)]
+    return (min(beyond) if up else max(beyond)) if beyond else None
+
+
+def widening_runs(grid: dict, rows: list[dict]) -> list[tuple]:
+    """One coarse run further out for each optimizer whose best lr is the edge of those it tried.
+
+    MoFaSGD, an SGD-like update, still improves where the Adam-like optimizers
+    are past their best; a shared grid would cut its range off. Run until it
+    returns nothing: no optimizer's best is then on its edge, or the ladder ends.
+    """
+    coarse = grid["coarse"]
+    runs = []
+    for opt in grid["optimizers"]:
+        swept = coarse_rows(grid, rows, opt)
+        scored = {r["lr"]: r["final_val_loss"] for r in swept if not failed(r, grid)}
+        if not scored:
+            continue
+        lrs = sorted({r["lr"] for r in swept})
+        best = min(scored, key=scored.get)
+        step = ladder_step(best, up=True) if best == lrs[-1] else ladder_step(best, up=False) if best == lrs[0] else None
+        if step is not None:
+            runs.append((opt, coarse["rank"], step, grid["seed"], coarse["steps"]))
+    return runs
 
 
 # The grid takes CPU hours and lands over sessions: the middle regime (the rank-invariance
@@ -359,6 +398,8 @@ def main() -> int:
         runs = {"coarse": lambda: coarse_runs(grid), "grid": lambda: grid_runs(grid, regimes(grid, rows)),
                 "seeds": lambda: seed_runs(grid, regimes(grid, rows))}[args.stage]()
         run_all(grid, runs, args.keep)
+        while args.stage == "coarse" and (runs := widening_runs(grid, load_rows(grid))):
+            run_all(grid, runs, args.keep)
     print(report(grid))
     for path in plot(grid):
         print(f"plot: {path}")

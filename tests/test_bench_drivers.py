@@ -68,7 +68,7 @@ def _grid_row(optimizer, lr, loss, *, rank=32, steps=60, diverged=False):
 
 def test_lm_grid_regimes_are_the_best_coarse_lr_and_one_step_either_side(lm_grid):
     grid = {"optimizers": ["umtam", "adamw"], "coarse": {"lrs": [1e-4, 1e-3, 1e-2, 1e-1], "rank": 32, "steps": 60},
-            "model": str(ROOT / "recipes/models/gpt2-mini")}
+            "model": str(ROOT / "recipes/models/gpt2-mini"), "seed": 0}
     rows = [_grid_row("umtam", 1e-4, 6.0), _grid_row("umtam", 1e-3, 5.0), _grid_row("umtam", 1e-2, 5.5),
             _grid_row("umtam", 1e-1, 0, diverged=True),
             # adamw's best is the lowest lr: the regimes stay inside the grid, the best becomes "low"
@@ -150,3 +150,20 @@ def test_expert_variants_set_by_option_are_named_and_never_chosen(experts):
     assert experts.is_variant({"settings": {"beta1": 0.8}}) and not experts.is_variant({"settings": {}})
     args = type("Args", (), {"set": ["warmup_ratio=0", "beta1=0.8"]})()
     assert experts.settings_of(args) == {"warmup_ratio": 0, "beta1": 0.8}
+
+
+def test_lm_grid_widens_an_optimizers_coarse_sweep_while_its_best_lr_is_on_the_edge(lm_grid):
+    grid = {"optimizers": ["umtam", "mofasgd", "adamw", "galore"], "seed": 0,
+            "coarse": {"lrs": [1e-3, 3e-3, 1e-2], "rank": 32, "steps": 60},
+            "model": str(ROOT / "recipes/models/gpt2-mini")}
+    rows = [_grid_row("umtam", 1e-3, 6.0), _grid_row("umtam", 3e-3, 5.0), _grid_row("umtam", 1e-2, 5.5),
+            # still improving at the top: one more half-decade up
+            _grid_row("mofasgd", 1e-3, 9.0), _grid_row("mofasgd", 3e-3, 8.0), _grid_row("mofasgd", 1e-2, 7.0),
+            # best at the bottom: one step down
+            _grid_row("adamw", 1e-3, 5.0), _grid_row("adamw", 3e-3, 5.2), _grid_row("adamw", 1e-2, 6.0),
+            # the top failed: the best is inside, nothing more
+            _grid_row("galore", 1e-3, 6.0), _grid_row("galore", 3e-3, 5.5), _grid_row("galore", 1e-2, 0, diverged=True)]
+    assert lm_grid.widening_runs(grid, rows) == [("mofasgd", 32, 0.03, 0, 60), ("adamw", 32, 0.0003, 0, 60)]
+    rows += [_grid_row("mofasgd", 0.03, 6.5)]  # the widened run joins the sweep the regimes come from
+    assert lm_grid.regimes(grid, rows)["mofasgd"] == [3e-3, 1e-2, 0.03]
+    assert lm_grid.ladder_step(0.1, up=True) == 0.3 and lm_grid.ladder_step(1.0, up=True) is None
