@@ -145,4 +145,13 @@ def test_umtam_only_options_are_refused_for_adamw(flag, option, tmp_path, tiny_m
     assert (code, stdout) == (2, "")
     assert stderr.startswith("umtam: error: ") and len(stderr.splitlines()) == 1
     assert f"{option} is an option of the umtam optimizer, not 'adamw'" in stderr
+
+
+def test_dense_lr_is_refused_for_an_optimizer_that_keeps_nothing_apart(tmp_path, tiny_model_dir, glue_dir):
+    args = tiny_run(tiny_model_dir, glue_dir)
+    args[args.index("umtam")] = "adamw"
+    code, stdout, stderr = run_cli("train", *args, "--dense-lr", "1e-5", "-o", str(tmp_path / "out"))
+    assert (code, stdout) == (2, "") and len(stderr.splitlines()) == 1
+    assert "dense_lr is an option of the galore, mofasgd, umtam optimizer, not 'adamw'" in stderr
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out").exists()

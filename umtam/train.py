@@ -106,7 +106,7 @@ def train(config: TrainConfig, progress: ProgressFn = no_progress, *, resume_fro
     optimizer = build_optimizer(
         config.optimizer, list(model.named_parameters()), lr=config.learning_rate, rank=config.rank,
         betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
-        error_feedback=config.error_feedback, dense_embeddings=config.dense_embeddings,
+        error_feedback=config.error_feedback, dense_embeddings=config.dense_embeddings, dense_lr=config.dense_lr,
         is_embedding=family.is_embedding,
     )
     hparams = optimizer_hparams(optimizer)  # before the scheduler rewrites lr step by step

@@ -38,6 +38,10 @@ def _default_lrs() -> str:
     return "the optimizer's, listed below"
 
 
+# Optimizer options whose default is None (off): given at all, they ask for something.
+_SET_MEANS_ON = ("dense_lr",)
+
+
 class TrainConfig(Schema):
     """Fine-tune one task. Recorded fields go into the sidecar's training.config; a resumed run must match
     the saved run's on every field but the resumable ones."""
@@ -67,6 +71,10 @@ class TrainConfig(Schema):
                                   help="UMTAM's dense error-feedback buffer.")
     dense_embeddings: bool = option(False, flag="--dense-embeddings/--lowrank-embeddings",
                                     help="UMTAM: dense AdamW state for the embedding matrices instead of low-rank.")
+    dense_lr: float | None = option(None, gt=0, le=FLOAT32_MAX,
+                                    help="Low-rank optimizers: the peak rate of the parameters they keep dense "
+                                         "(vectors: biases, LayerNorm; and --dense-embeddings' matrices).",
+                                    default_text="--lr")
     track_fisher: bool = option(False, flag="--track-fisher",
                                 help="Also record the dense Fisher diagonal (EMA of G^2, 4 bytes per weight) for "
                                      "--score fisher.")
@@ -116,7 +124,8 @@ class TrainConfig(Schema):
         # Numbers it does not read (rank for adamw) are recorded and ignored, as recipes set them.
         spec = OPTIMIZERS.get(self.optimizer)
         specific = dict.fromkeys(option for other in OPTIMIZERS for option in other.options)
-        wrong = [name for name in specific if name not in spec.options and getattr(self, name) is True]
+        wrong = [name for name in specific if name not in spec.options
+                 and (getattr(self, name) is True or name in _SET_MEANS_ON and getattr(self, name) is not None)]
         if wrong:
             takers = {name: ", ".join(o.name for o in OPTIMIZERS if name in o.options) for name in wrong}
             raise ValueError("; ".join(f"{name} is an option of the {takers[name]} optimizer, not {spec.name!r}"

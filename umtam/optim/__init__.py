@@ -84,6 +84,7 @@ def build_optimizer(
     eps: float | None = None,
     error_feedback: bool = False,
     dense_embeddings: bool = False,
+    dense_lr: float | None = None,
     is_embedding: Callable[[str], bool] | None = None,
 ) -> torch.optim.Optimizer:
     """Build the registered optimizer ``name`` over the trainable parameters.
@@ -92,15 +93,17 @@ def build_optimizer(
     Options an optimizer's spec does not list (``rank`` for adamw, ``betas``
     for adafactor) do not reach it; ``error_feedback`` and ``dense_embeddings``
     (the embedding matrices, as ``is_embedding`` or the model family says, in
-    a ``lowrank=False`` group: dense AdamW state for them) are refused for an
-    optimizer that does not list them.
+    a ``lowrank=False`` group: dense AdamW state for them) and ``dense_lr``
+    (the rate of the groups a low-rank optimizer steps with AdamW: vectors, and
+    those embeddings) are refused for an optimizer that does not list them.
 
     Raises:
         ConfigError: unknown name (listing the choices), an option the
             optimizer does not have, or a hyperparameter it rejects.
     """
     spec = OPTIMIZERS.get(name)
-    for option, given in (("error_feedback", error_feedback), ("dense_embeddings", dense_embeddings)):
+    for option, given in (("error_feedback", error_feedback), ("dense_embeddings", dense_embeddings),
+                          ("dense_lr", dense_lr is not None)):
         if given and option not in spec.options:
             raise ConfigError(f"{option} is an option of the {optimizers_taking(option)} optimizer, "
                               f"not {spec.name!r}")
@@ -110,12 +113,19 @@ def build_optimizer(
         from umtam.families import generic_family
 
         groups = _embeddings_apart(groups, named_parameters, is_embedding or generic_family().is_embedding)
+    if dense_lr is not None:
+        groups = [{**group, "lr": dense_lr} if _stepped_densely(group) else group for group in groups]
     hyperparameters = Hyperparameters(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, rank=rank,
                                       error_feedback=error_feedback)
     try:
         return spec.build_function()(groups, hyperparameters)
     except ValueError as err:
         raise ConfigError(f"invalid hyperparameter for optimizer {spec.name!r}: {err}") from err
+
+
+def _stepped_densely(group: dict[str, Any]) -> bool:
+    """A group a low-rank optimizer steps with AdamW: vectors (no low-rank form), or lowrank=False."""
+    return group.get("lowrank") is False or all(p.dim() < 2 for p in group["params"])
 
 
 def optimizers_taking(option: str) -> str:

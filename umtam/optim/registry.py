@@ -57,13 +57,13 @@ for _spec in (
                   "transformers' Adafactor as the HF Trainer's optim='adafactor'",
                   url="https://arxiv.org/abs/1804.04235"),
     OptimizerSpec("galore", 2e-4, "umtam.optim.galore:build", "GaLore-AdamW: AdamW in a rank-r gradient projection",
-                  url="https://arxiv.org/abs/2403.03507", options=("rank", "beta1")),
+                  url="https://arxiv.org/abs/2403.03507", options=("rank", "beta1", "dense_lr")),
     OptimizerSpec("mofasgd", 1e-3, "umtam.optim.mofasgd:build",
                   "MoFaSGD: rank-r momentum, orthogonalised steps", url="https://arxiv.org/abs/2507.08091",
-                  options=("rank", "beta1")),
+                  options=("rank", "beta1", "dense_lr")),
     OptimizerSpec("umtam", 2e-4, "umtam.optim.umtam:build",
                   "UMTAM: rank-r momentum over Adafactor's factored second moment",
                   url="https://arxiv.org/abs/2512.17109",
-                  options=("rank", "beta1", "error_feedback", "dense_embeddings")),
+                  options=("rank", "beta1", "error_feedback", "dense_embeddings", "dense_lr")),
 ):
     OPTIMIZERS.register(_spec)
