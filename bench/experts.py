@@ -292,6 +292,37 @@ def sweep_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variant_label(row: dict) -> str:
+    """What a UMTAM run changes from the plain r=8 expert: its rank, switches and --set options."""
+    parts = ([f"r={row['rank']}"] if row["rank"] != 8 else []) + [v.replace("_", "-") for v in VARIANTS if row.get(v)]
+    parts += [f"{key}={value}" for key, value in sorted(row.get("settings", {}).items())]
+    return ", ".join(parts) or "plain r=8"
+
+
+def variants_table(results: list[dict], seeds: tuple[int, ...]) -> str:
+    """Per task with variants: AdamW and the plain UMTAM expert at their chosen lrs, then each UMTAM variant
+    at the plain one's lr; holdout and dev mean +- std over the seeds each has (issue 15 item 5's layout)."""
+    best = chosen(results)
+    lines = ["| task | run | lr | holdout | dev | seeds |", "|---|---|---|---|---|---|"]
+    for task in TASK_ORDER:
+        plain = best.get((task, "umtam"))
+        runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and r["seed"] in seeds
+                and plain is not None and r["lr"] == plain["lr"]]
+        if not any(is_variant(r) or r["rank"] != 8 for r in runs):
+            continue
+        groups: dict[str, list[dict]] = {}
+        adamw = best.get((task, "adamw"))
+        if adamw is not None:
+            groups["AdamW"] = [r for r in results if r["task"] == task and r["optimizer"] == "adamw"
+                               and r["lr"] == adamw["lr"] and r["seed"] in seeds]
+        for row in sorted(runs, key=lambda r: (variant_label(r) != "plain r=8", variant_label(r))):
+            groups.setdefault(variant_label(row), []).append(row)
+        for label, rows in groups.items():
+            lines.append(f"| {task} | {label} | {short_lr(rows[0]['lr'])} | {spread([r['holdout_score'] for r in rows])} "
+                         f"| {spread([r['dev_score'] for r in rows])} | {', '.join(str(r['seed']) for r in rows)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def rank_table_and_plot(results: list[dict], task: str = "mrpc", out: Path = Path("bench/results/rank_sweep.png")):
     """Every learning rate the rank study ran at (two ranks or more) as one table; the PNG at one of them."""
     runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and not is_variant(r)
@@ -387,6 +418,8 @@ def main() -> int:
     print(quality_table(results, seeds, args.data_dir))
     print()
     print(rank_table_and_plot(results))
+    print()
+    print(variants_table(results, seeds))
     return 0
 
 

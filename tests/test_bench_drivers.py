@@ -167,3 +167,22 @@ def test_lm_grid_widens_an_optimizers_coarse_sweep_while_its_best_lr_is_on_the_e
     rows += [_grid_row("mofasgd", 0.03, 6.5)]  # the widened run joins the sweep the regimes come from
     assert lm_grid.regimes(grid, rows)["mofasgd"] == [3e-3, 1e-2, 0.03]
     assert lm_grid.ladder_step(0.1, up=True) == 0.3 and lm_grid.ladder_step(1.0, up=True) is None
+
+
+def test_the_variants_table_puts_each_hypothesis_beside_the_plain_expert_over_its_seeds(experts):
+    def row(optimizer, lr, seed, dev, rank=8, **extra):
+        return {"task": "cola", "optimizer": optimizer, "rank": rank, "lr": lr, "seed": seed,
+                "holdout_score": dev + 0.05, "dev_score": dev, **extra}
+
+    results = [row("adamw", 5e-5, 42, 0.25), row("adamw", 5e-5, 43, 0.27),
+               row("umtam", 1e-4, 42, 0.20), row("umtam", 1e-4, 43, 0.18),
+               row("umtam", 2e-4, 42, 0.10),  # another lr: not the chosen one, left out
+               row("umtam", 1e-4, 42, 0.24, settings={"dense_lr": 5e-5}),
+               row("umtam", 1e-4, 43, 0.22, settings={"dense_lr": 5e-5}),
+               row("umtam", 1e-4, 42, 0.23, error_feedback=True), row("umtam", 1e-4, 42, 0.21, rank=32)]
+    lines = experts.variants_table(results, (42, 43)).splitlines()[2:]
+    assert lines == ["| cola | AdamW | 5e-5 | 31.00 +- 1.41 | 26.00 +- 1.41 | 42, 43 |",
+                     "| cola | plain r=8 | 1e-4 | 24.00 +- 1.41 | 19.00 +- 1.41 | 42, 43 |",
+                     "| cola | dense_lr=5e-05 | 1e-4 | 28.00 +- 1.41 | 23.00 +- 1.41 | 42, 43 |",
+                     "| cola | error-feedback | 1e-4 | 28.00 | 23.00 | 42 |",
+                     "| cola | r=32 | 1e-4 | 26.00 | 21.00 | 42 |"]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 15 item 5: why UMTAM r=8 trails AdamW on CoLA. Each hypothesis is a named variant of the
+# UMTAM expert at its holdout-chosen lr (1e-4), three seeds, never chosen by the lr selection;
+# bench/experts.py --report lists them beside the plain runs. Results: bench/results/experts/.
+#   the 1-D AdamW fallback's rate: UMTAM steps biases and LayerNorm at its own 1e-4, AdamW's
+#     whole model runs at 5e-5            -> --set dense_lr=5e-05
+#   warm-up (recipe: 6% of the steps)     -> --set warmup_ratio=0, --set warmup_ratio=0.15
+#   what the rank-8 momentum drops        -> --ranks 32,64
+#   error feedback of the dropped part    -> --error-feedback
+#   the momentum's beta (0.9)             -> --set beta1=0.8, --set beta1=0.95
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seeds=${SEEDS:-42,43,44}
+common=(--tasks cola --optimizers umtam --lrs umtam=1e-4 --seeds "$seeds")
+python bench/experts.py "${common[@]}" --set dense_lr=5e-05
+python bench/experts.py "${common[@]}" --set warmup_ratio=0
+python bench/experts.py "${common[@]}" --set warmup_ratio=0.15
+python bench/experts.py "${common[@]}" --ranks 32,64
+python bench/experts.py "${common[@]}" --error-feedback
+python bench/experts.py "${common[@]}" --set beta1=0.8
+python bench/experts.py "${common[@]}" --set beta1=0.95
