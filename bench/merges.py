@@ -58,9 +58,9 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f"-{key}{value}" for key, value in sorted(options.items()))
 
 
-def merge_and_score(experts, method, options, seed: int, args) -> dict:
+def merge_and_score(experts, method, options, seed: int, args, *, dev: bool = True) -> dict:
+    """Merge, score the holdout slice and (``dev``) dev; the merged checkpoint is deleted."""
     from umtam.checkpoint import load_checkpoint
-    from umtam.evaluate import evaluate_checkpoint
     from umtam.merge import get_method, merge_checkpoints
 
     takes_seed = "seed" in get_method(method).resolve_options()
@@ -70,14 +70,48 @@ def merge_and_score(experts, method, options, seed: int, args) -> dict:
         merged, _ = merge_checkpoints(experts, Path(scratch) / "merged", method=method, options=applied)
         merge_seconds = time.perf_counter() - started
         ckpt = load_checkpoint(merged.path)
-        common = dict(data_dir=args.data_dir, max_eval_samples=args.eval_cap, seed=seed)
-        holdout = evaluate_checkpoint(ckpt, task="glue", holdout_fraction=HOLDOUT, **common)  # every task it has
-        dev = evaluate_checkpoint(ckpt, task="glue", **common)
-    return {"method": method, "options": options, "applied_options": applied, "seed": seed,
-            "experts": [str(e) for e in experts],
-            "merge_seconds": merge_seconds, "holdout": holdout, "dev": dev,
-            "holdout_avg": average(holdout), "dev_avg": average(dev), "avg_is": average_kind(dev),
-            "uncounted": sorted(set(uncounted(holdout)) | set(uncounted(dev)))}
+        holdout = score(ckpt, seed, args, holdout=True)
+        row = {"method": method, "options": options, "applied_options": applied, "seed": seed,
+               "experts": [str(e) for e in experts], "merge_seconds": merge_seconds, "holdout": holdout,
+               "holdout_avg": average(holdout), "avg_is": average_kind(holdout), "dev": None, "dev_avg": None,
+               "uncounted": uncounted(holdout)}
+        return with_dev(row, ckpt, args) if dev else row
+
+
+def score(ckpt, seed: int, args, *, holdout: bool) -> dict:
+    """Every task the merged checkpoint has, on its holdout slice or on dev (validation text)."""
+    from umtam.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(ckpt, task="glue", data_dir=args.data_dir, max_eval_samples=args.eval_cap, seed=seed,
+                               holdout_fraction=HOLDOUT if holdout else 0.0)
+
+
+def with_dev(row: dict, ckpt, args) -> dict:
+    dev = score(ckpt, row["seed"], args, holdout=False)
+    return {**row, "dev": dev, "dev_avg": average(dev), "uncounted": sorted(set(row["uncounted"]) | set(uncounted(dev)))}
+
+
+def score_chosen_on_dev(name: str, tag: str, seeds: tuple[int, ...], experts_of, args) -> None:
+    """With ``dev_at: chosen``: dev for each method's holdout-chosen setting alone (by the mean over the
+    seeds, as chosen_table chooses), merged again for each seed (merging is deterministic)."""
+    from umtam.checkpoint import load_checkpoint
+    from umtam.merge import merge_checkpoints
+
+    by_label = settings(name, tag, seeds)
+    for method in dict.fromkeys(row["method"] for by_seed in by_label.values() for row in by_seed.values()):
+        candidates = [by_seed for by_seed in by_label.values() if next(iter(by_seed.values()))["method"] == method]
+        best = max(candidates, key=lambda by_seed: mean(r["holdout_avg"] for r in by_seed.values()))
+        for seed, row in best.items():
+            if row["dev"] is not None:
+                continue
+            with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+                merged, _ = merge_checkpoints(experts_of(seed), Path(scratch) / "merged", method=method,
+                                              options=row["applied_options"])
+                row = with_dev(row, load_checkpoint(merged.path), args)
+            (results_dir(name, tag, seed) / f"{label(method, row['options'])}.json").write_text(
+                json.dumps(row, indent=1) + "\n")
+            print(f"{label(method, row['options'])} (holdout-chosen), seed {seed}: dev {row['dev_avg']:.4f}",
+                  flush=True)
 
 
 def average_kind(results: dict) -> str:
@@ -154,7 +188,13 @@ def task_cell(values: list[float], task: str) -> str:
 
 def avg_cell(runs: list[dict], key: str) -> str:
     """GLUE's raw average in points; a decoder set's normalised average as a percentage of the experts'."""
+    if any(r[key] is None for r in runs):
+        return "-"
     return spread([r[key] for r in runs], percent=runs[0].get("avg_is") == "normalized")
+
+
+def dev_cell(runs: list[dict], task: str) -> str:
+    return "-" if any(r["dev"] is None for r in runs) else task_cell([r["dev"][task]["score"] for r in runs], task)
 
 
 class Normaliser:
@@ -182,7 +222,7 @@ class Normaliser:
                     record = json.loads(result.read_text())
                     for split in ("dev", "holdout"):
                         self.experts[(record["task"], split, row["seed"])] = record[f"{split}_score"]
-        tasks = list(rows[0]["dev"])
+        tasks = list(rows[0]["holdout"])
         seeds = sorted({row["seed"] for row in rows})
         self.tasks = [t for t in tasks if all(self.gain(t, split, seed) is not None
                                               for split in ("dev", "holdout") for seed in seeds)]
@@ -215,6 +255,8 @@ class Normaliser:
                     for t in self.tasks)
 
     def cell(self, runs: list[dict], split: str) -> str:
+        if any(r[split] is None for r in runs):  # dev not scored at this setting (dev_at: chosen)
+            return "-"
         values = [self.average(r, split) for r in runs]
         return "n/a" if None in values else spread(values, percent=True)
 
@@ -233,14 +275,14 @@ EXPERT_RESULTS = Path("bench/results/experts")
 def report(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | None = None) -> str:
     by_label = settings(name, tag, seeds)
     rows = [row for by_seed in by_label.values() for row in by_seed.values()]
-    tasks = list(rows[0]["dev"])
+    tasks = list(rows[0]["holdout"])
     norm = Normaliser(rows, tag, data_dir)
     header = ("| setting | holdout avg (norm) | dev avg (norm) | " + " | ".join(f"dev {t}" for t in tasks)
               + " | seeds |")
     lines = [header, "|" + "---|" * (4 + len(tasks))]
     for setting, by_seed in sorted(by_label.items(), key=lambda item: -mean(r["holdout_avg"] for r in item[1].values())):
         runs = list(by_seed.values())
-        per_task = " | ".join(task_cell([r["dev"][t]["score"] for r in runs], t) for t in tasks)
+        per_task = " | ".join(dev_cell(runs, t) for t in tasks)
         lines.append(f"| {setting} | {avg_cell(runs, 'holdout_avg')} ({norm.cell(runs, 'holdout')}) "
                      f"| {avg_cell(runs, 'dev_avg')} ({norm.cell(runs, 'dev')}) "
                      f"| {per_task} | {', '.join(map(str, by_seed))} |")
@@ -276,7 +318,7 @@ def on_chosen(entries, results_name: str, tag: str, seed: int) -> list[tuple[str
 
 def load_sweep(path: str) -> dict:
     """The sweep recipe through umtam's loader (unknown keys, types), every grid point's options checked."""
-    from typing import Any
+    from typing import Any, Literal
 
     from umtam.config import Schema, build_config, load_recipe, option
     from umtam.merge import get_method
@@ -290,6 +332,9 @@ def load_sweep(path: str) -> dict:
                                                                           "around each method's holdout-best.")
         chosen_from: str | None = option(None, help="Start each entry from its method's choice in this set.")
         eval_cap: int = option(EVAL_CAP, ge=1, help="Rows (or text blocks) scored per task and split.")
+        dev_at: Literal["every", "chosen"] = option("every", help="Score dev at every setting (the best-on-dev "
+                                                                "check possible) or only at each method's "
+                                                                "holdout choice (decoders: eval is most of the cost).")
 
     sweep = build_config(MergeSweep, load_recipe(path), source=str(path)).model_dump()
     for method, options in expand_grid(sweep["grid"]):
@@ -357,9 +402,10 @@ def run_entries(experts: list[Path], entries, out: Path, seed: int, args) -> Non
         path = out / f"{label(method, options)}.json"
         if path.exists():
             continue
-        row = merge_and_score(experts, method, options, seed, args)
+        row = merge_and_score(experts, method, options, seed, args, dev=args.dev_at == "every")
         path.write_text(json.dumps(row, indent=1) + "\n")
-        print(f"{label(method, options)}: holdout {row['holdout_avg']:.4f} dev {row['dev_avg']:.4f}", flush=True)
+        dev = "" if row["dev_avg"] is None else f" dev {row['dev_avg']:.4f}"
+        print(f"{label(method, options)}: holdout {row['holdout_avg']:.4f}{dev}", flush=True)
 
 
 def load_rows(name: str, tag: str, seed: int) -> list[dict]:
@@ -376,12 +422,14 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
     """
     by_label = settings(name, tag, seeds)
     rows = [row for by_seed in by_label.values() for row in by_seed.values()]
-    tasks = list(rows[0]["dev"])
+    tasks = list(rows[0]["holdout"])
     norm = Normaliser(rows, tag, data_dir)
     lines = ["| method | chosen by | setting | " + " | ".join(tasks) + " | dev avg | normalised avg | seeds |",
              "|---|---|---|" + "---|" * (len(tasks) + 3)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for by, key in (("holdout", "holdout_avg"), ("dev (oracle)", "dev_avg")):
+    # the best-on-dev check needs dev at every setting (not with dev_at: chosen)
+    every_dev = all(row["dev"] is not None for row in rows)
+    for by, key in (("holdout", "holdout_avg"), ("dev (oracle)", "dev_avg"))[:2 if every_dev else 1]:
         for method in methods:
             candidates = {setting: runs for setting, runs in by_label.items()
                           if next(iter(runs.values()))["method"] == method}
@@ -390,7 +438,7 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
             swept = [next(iter(r.values()))["options"] for r in candidates.values()]
             setting = ", ".join(f"{k}={v}{' (edge)' if on_edge(k, v, swept) else ''}"
                                 for k, v in sorted(runs[0]["options"].items())) or "-"
-            per_task = " | ".join(task_cell([r["dev"][t]["score"] for r in runs], t) for t in tasks)
+            per_task = " | ".join(dev_cell(runs, t) for t in tasks)
             lines.append(f"| {method} | {by} | {setting} | {per_task} | {avg_cell(runs, 'dev_avg')} "
                          f"| {norm.cell(runs, 'dev')} | {', '.join(map(str, best))} |")
     return "\n".join(lines + ["", norm.note()])
@@ -427,6 +475,7 @@ def main() -> int:
         print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir))
         return 0
     args.eval_cap = sweep["eval_cap"] if sweep else EVAL_CAP
+    args.dev_at = sweep["dev_at"] if sweep else "every"
     for seed in seeds:
         out = results_dir(name, tag, seed)
         if sweep:
@@ -441,6 +490,9 @@ def main() -> int:
         else:
             experts = expert_paths(args.experts.split(","), args.runs_dir, tag, seed)
             run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, seed, args)
+    if sweep and args.dev_at == "chosen":
+        score_chosen_on_dev(name, tag, seeds, lambda seed: expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed),
+                            args)
     print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir))
     return 0
 

@@ -186,3 +186,11 @@ def test_the_variants_table_puts_each_hypothesis_beside_the_plain_expert_over_it
                      "| cola | dense_lr=5e-05 | 1e-4 | 28.00 +- 1.41 | 23.00 +- 1.41 | 42, 43 |",
                      "| cola | error-feedback | 1e-4 | 28.00 | 23.00 | 42 |",
                      "| cola | r=32 | 1e-4 | 26.00 | 21.00 | 42 |"]
+
+
+def test_settings_without_dev_show_no_dev_cells(bench_module):
+    merges = bench_module("merges")
+    scored = {"seed": 42, "dev": {"sst2": {"score": 0.9}}, "dev_avg": 0.9, "holdout_avg": 0.8}
+    unscored = {"seed": 42, "dev": None, "dev_avg": None, "holdout_avg": 0.85}  # dev_at: chosen, not chosen
+    assert merges.dev_cell([scored], "sst2") == "90.00" and merges.dev_cell([unscored], "sst2") == "-"
+    assert merges.avg_cell([scored], "dev_avg") == "90.00" and merges.avg_cell([unscored], "dev_avg") == "-"
