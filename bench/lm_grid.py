@@ -271,8 +271,9 @@ def report(grid: dict) -> str:
     chosen = regimes(grid, rows)
     table = cells(grid, rows, chosen)
     ranks = grid["ranks"]
-    lines = ["lr regimes (coarse sweep at rank {rank}, {steps} steps):".format(**grid["coarse"])]
-    lines += [f"  {opt}: " + ", ".join(f"{r} {lr:g}" for r, lr in zip(REGIMES, lrs)) for opt, lrs in chosen.items()]
+    lines = [coarse_table(grid, rows), "", "lr regimes (from the coarse sweep):"]
+    lines += [f"  {opt}: " + ", ".join(f"{r} {lr:g}" for r, lr in zip(REGIMES, lrs)) + edge_note(grid, rows, opt)
+              for opt, lrs in chosen.items()]
     lines += ["", "| optimizer | regime | lr | " + " | ".join(f"r={r}" for r in ranks)
               + " | spread across ranks (max-min) | relative |", "|---|---|---|" + "---|" * (len(ranks) + 2)]
     for opt, lrs in chosen.items():
@@ -281,19 +282,41 @@ def report(grid: dict) -> str:
                 per_rank = [table.get((opt, regime, r)) for r in ranks]
                 means = [statistics.mean(v) for v in per_rank if v]
                 finite = [m for m in means if math.isfinite(m)]
-                spread = (max(finite) - min(finite)) if len(finite) > 1 else float("nan")
-                relative = spread / statistics.mean(finite) if finite else float("nan")
                 shown = [fmt(v) if v else "-" for v in per_rank]
                 diverged = len(means) - len(finite)
                 note = f" ({diverged} failed)" if diverged else ""
-                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown)
-                             + f" | {spread:.3f}{note} | {100 * relative:.1f}% |")
+                spread = (f"{max(finite) - min(finite):.3f}{note} | "
+                          f"{100 * (max(finite) - min(finite)) / statistics.mean(finite):.1f}%"
+                          if len(finite) > 1 else f"-{note} | -")
+                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown) + f" | {spread} |")
             else:
                 value = table.get((opt, regime, None))
                 lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join([fmt(value) if value else "-"]
                                                                          + ["" for _ in ranks[1:]]) + " | - | - |")
     lines += ["", lr_spread_table(grid, table, chosen), "", cost_table(grid, rows)]
     return "\n".join(lines)
+
+
+def coarse_table(grid: dict, rows: list[dict]) -> str:
+    """Final validation loss of each optimizer's coarse runs by lr (widened ones included), its best in bold."""
+    coarse = grid["coarse"]
+    swept = {opt: {r["lr"]: r for r in coarse_rows(grid, rows, opt)} for opt in grid["optimizers"]}
+    lrs = sorted({lr for runs in swept.values() for lr in runs})
+    lines = [f"coarse sweep: rank {coarse['rank']}, {coarse['steps']} steps, final validation loss",
+             "", "| optimizer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for opt, runs in swept.items():
+        scored = {lr: r["final_val_loss"] for lr, r in runs.items() if not failed(r, grid)}
+        best = min(scored, key=scored.get) if scored else None
+        cells_ = ["-" if lr not in runs else "failed" if lr not in scored
+                  else f"**{scored[lr]:.3f}**" if lr == best else f"{scored[lr]:.3f}" for lr in lrs]
+        lines.append(f"| {opt} | " + " | ".join(cells_) + " |")
+    return "\n".join(lines)
+
+
+def edge_note(grid: dict, rows: list[dict], optimizer: str) -> str:
+    """' (best lr on the edge of those tried: widen)' while widening_runs still has a run for it."""
+    return " (best lr on the edge of those tried: widen)" if any(
+        run[0] == optimizer for run in widening_runs(grid, rows)) else ""
 
 
 def lr_spread_table(grid: dict, table, chosen) -> str:
