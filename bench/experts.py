@@ -55,6 +55,31 @@ def model_tag(model: str | None) -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in Path(model.rstrip("/")).name.lower())
 
 
+def load_profile(path: str | None) -> dict | None:
+    """--profile FILE: {name, train: {TrainConfig fields}} laid over every expert recipe for one model
+    (a 135M decoder on 2 CPU cores: bf16, one epoch, fewer rows). Its name joins the model's tag, so a
+    profile's runs are chosen, reported and merged apart from the recipes' own."""
+    if path is None:
+        return None
+    import yaml
+
+    profile = yaml.safe_load(Path(path).read_text())
+    if not (isinstance(profile, dict) and isinstance(profile.get("name"), str) and isinstance(profile.get("train"), dict)
+            and set(profile) <= {"name", "train"}):
+        raise SystemExit(f"experts.py: {path}: a profile is {{name: str, train: {{option: value}}}}")
+    return profile
+
+
+def tag_of(model: str | None, profile: dict | None) -> str:
+    """The model's tag, with the profile's name when one is given: 'smollm2-135m-instruct+cpu1k'."""
+    return model_tag(model) + (f"+{profile['name']}" if profile else "")
+
+
+def eval_cap(profile: dict | None) -> int:
+    """The dev rows an expert is scored on: the recipes' cap, or the profile's."""
+    return (profile or {}).get("train", {}).get("max_eval_samples", EVAL_CAP)
+
+
 def run_name(task: str, optimizer: str, rank: int, lr: float, variants: tuple[str, ...] = (), *,
              model: str = DEFAULT_MODEL_TAG, seed: int = SELECTION_SEED, settings: dict | None = None) -> str:
     rank_part = f"-r{rank}" if optimizer in ("umtam", "galore", "mofasgd") else ""
@@ -88,10 +113,12 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
     from umtam.train import TrainConfig, train
 
     # The recipe is the single source of the run's settings; the sweep overrides lr, rank, seed and model.
-    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed,
+    profile = load_profile(args.profile)
+    name = run_name(task, optimizer, rank, lr, variants_of(args), model=tag_of(args.model, profile), seed=seed,
                     settings=settings_of(args))
     recipe = recipe_path(task, optimizer)
-    overrides = {"output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": seed,
+    overrides = {**(profile["train"] if profile else {}),
+                 "output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": seed,
                  "data_dir": args.data_dir, "force": True, **{v: True for v in variants_of(args)},
                  **settings_of(args),
                  **({"track_fisher": True, "track_trajectory": True} if args.track_saliency else {}),
@@ -104,7 +131,8 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {
-        "name": name, "model": config.model, "model_tag": model_tag(args.model),
+        "name": name, "model": config.model, "model_tag": tag_of(args.model, profile),
+        **({"profile": profile} if profile else {}),
         "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": seed,
         **{v: True for v in variants_of(args)}, **({"settings": settings_of(args)} if settings_of(args) else {}),
         "checkpoint": config.output, "steps": sidecar["steps"], "wall_seconds": time.perf_counter() - started,
@@ -117,7 +145,8 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
 
 
 def run_and_record(task, optimizer, rank, lr, seed, args) -> None:
-    name = run_name(task, optimizer, rank, lr, variants_of(args), model=model_tag(args.model), seed=seed,
+    name = run_name(task, optimizer, rank, lr, variants_of(args), model=tag_of(args.model, load_profile(args.profile)),
+                    seed=seed,
                     settings=settings_of(args))
     path = RESULTS / f"{name}.json"
     checkpoint_written = has_checkpoint(Path(args.runs_dir) / name, dense=args.track_saliency)
@@ -196,21 +225,22 @@ def dev_cells(row: dict) -> str:
     return " / ".join(f"{100 * v:.2f}" for v in row["dev"]["validation"].values())
 
 
-def dev_baselines(task: str, data_dir: str | None) -> str:
-    """'chance / majority' on the task's dev rows (as the experts were scored: capped at 2,000), in points."""
+def dev_baselines(task: str, data_dir: str | None, cap: int = EVAL_CAP) -> str:
+    """'chance / majority' on the task's dev rows (as the experts were scored: capped at ``cap``), in points."""
     from umtam import metrics
     from umtam.errors import UmtamError
     from umtam.evaluate import scored_rows
 
     try:
-        rows = scored_rows(task, data_dir=data_dir, max_eval_samples=EVAL_CAP, seed=SELECTION_SEED)
+        rows = scored_rows(task, data_dir=data_dir, max_eval_samples=cap, seed=SELECTION_SEED)
     except UmtamError as exc:  # no data here: the table still prints, saying why the column is empty
         return f"- ({type(exc).__name__})"
     labels = [e.label for split in rows.values() for e in split]
     return f"{100 * metrics.chance_score(task, labels):.2f} / {100 * metrics.majority_score(task, labels):.2f}"
 
 
-def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,), data_dir: str | None = None) -> str:
+def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,), data_dir: str | None = None,
+                  cap: int = EVAL_CAP) -> str:
     """Per task, the seed-42 holdout choice of each optimizer, its dev score as mean +- std over ``seeds``.
 
     Beside them, the dev score of guessing uniformly (chance) and of the best
@@ -229,7 +259,7 @@ def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,
         seeds = sorted({r["seed"] for r in adamw_runs} & {r["seed"] for r in umtam_runs})
         gaps = [by_seed(umtam_runs)[seed]["dev_score"] - by_seed(adamw_runs)[seed]["dev_score"] for seed in seeds]
         metric = " / ".join(adamw["dev"]["validation"])
-        lines.append(f"| {task} | {metric} | {dev_baselines(task, data_dir)} "
+        lines.append(f"| {task} | {metric} | {dev_baselines(task, data_dir, cap)} "
                      f"| {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) "
                      f"| {spread([r['dev_score'] for r in adamw_runs])} "
                      f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) "
@@ -387,12 +417,16 @@ def main() -> int:
     parser.add_argument("--track-saliency", action="store_true",
                         help="train with --track-fisher --track-trajectory (same weights, more statistics); with "
                              "--rebuild-missing, retrains a run whose checkpoint lacks them")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="training options over every recipe for this model, e.g. "
+                             "recipes/paper/profile-decoder-cpu.yaml; its name joins the model's tag")
     parser.add_argument("--report", action="store_true", help="only print tables from existing results")
     parser.add_argument("--rebuild-missing", action="store_true",
                         help="retrain runs whose result JSON exists but whose checkpoint is missing")
     args = parser.parse_args()
     seeds = tuple(int(seed) for seed in args.seeds.split(","))
-    tag = model_tag(args.model)
+    profile = load_profile(args.profile)
+    tag = tag_of(args.model, profile)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.report:
@@ -415,7 +449,7 @@ def main() -> int:
     print()
     print(lr_grid_table(results))
     print()
-    print(quality_table(results, seeds, args.data_dir))
+    print(quality_table(results, seeds, args.data_dir, eval_cap(profile)))
     print()
     print(rank_table_and_plot(results))
     print()

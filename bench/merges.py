@@ -72,7 +72,8 @@ def merge_and_score(experts, method, options, seed: int, args, *, dev: bool = Tr
         ckpt = load_checkpoint(merged.path)
         holdout = score(ckpt, seed, args, holdout=True)
         row = {"method": method, "options": options, "applied_options": applied, "seed": seed,
-               "experts": [str(e) for e in experts], "merge_seconds": merge_seconds, "holdout": holdout,
+               "experts": [str(e) for e in experts], "eval_cap": args.eval_cap, "merge_seconds": merge_seconds,
+               "holdout": holdout,
                "holdout_avg": average(holdout), "avg_is": average_kind(holdout), "dev": None, "dev_avg": None,
                "uncounted": uncounted(holdout)}
         return with_dev(row, ckpt, args) if dev else row
@@ -210,6 +211,7 @@ class Normaliser:
 
     def __init__(self, rows: list[dict], tag: str, data_dir: str | None):
         self.data_dir = data_dir
+        self.caps = {row["seed"]: row.get("eval_cap", EVAL_CAP) for row in rows}  # the rows each seed scored
         self.floors: dict[tuple[str, str, int], float] = {}
         self.experts: dict[tuple[str, str, int], float] = {}
         for row in rows:
@@ -232,7 +234,7 @@ class Normaliser:
 
         key = (task, split, seed)
         if key not in self.floors:
-            rows = scored_rows(task, data_dir=self.data_dir, max_eval_samples=EVAL_CAP, seed=seed,
+            rows = scored_rows(task, data_dir=self.data_dir, max_eval_samples=self.caps[seed], seed=seed,
                                holdout_fraction=HOLDOUT if split == "holdout" else 0.0)
             self.floors[key] = no_skill_floor(task, rows)
         return self.floors[key]
@@ -458,6 +460,8 @@ def main() -> int:
     parser.add_argument("--name", default="default", help="results subfolder")
     parser.add_argument("--model", help="the experts' model, as bench/experts.py --model [default: all-MiniLM-L6-v2]")
     parser.add_argument("--seeds", default="42", help="comma list of the experts' training seeds")
+    parser.add_argument("--profile", metavar="FILE", help="the experts' training profile, as bench/experts.py "
+                                                          "--profile (its name is part of their tag)")
     parser.add_argument("--runs-dir", default="runs/experts", help="where the experts' checkpoints are")
     parser.add_argument("--data-dir")
     parser.add_argument("--scratch", default=None, help="where merged checkpoints are written (then deleted)")
@@ -465,9 +469,9 @@ def main() -> int:
                         help="only print the tables of an existing result set (NAME, or the --config's)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from experts import model_tag
+    from experts import load_profile, tag_of
 
-    tag, seeds = model_tag(args.model), tuple(int(seed) for seed in args.seeds.split(","))
+    tag, seeds = tag_of(args.model, load_profile(args.profile)), tuple(int(seed) for seed in args.seeds.split(","))
     sweep = load_sweep(args.config) if args.config else None
     name = sweep["name"] if sweep else args.name
     if args.report:

@@ -194,3 +194,16 @@ def test_settings_without_dev_show_no_dev_cells(bench_module):
     unscored = {"seed": 42, "dev": None, "dev_avg": None, "holdout_avg": 0.85}  # dev_at: chosen, not chosen
     assert merges.dev_cell([scored], "sst2") == "90.00" and merges.dev_cell([unscored], "sst2") == "-"
     assert merges.avg_cell([scored], "dev_avg") == "90.00" and merges.avg_cell([unscored], "dev_avg") == "-"
+
+
+def test_a_profile_joins_the_model_tag_and_must_say_its_name_and_options(experts, tmp_path):
+    profile_file = tmp_path / "profile.yaml"
+    profile_file.write_text("name: cpu1k\ntrain: {dtype: bf16, epochs: 1, max_eval_samples: 200}\n")
+    profile = experts.load_profile(str(profile_file))
+    assert experts.tag_of("runs/models/smollm2-135m-instruct", profile) == "smollm2-135m-instruct+cpu1k"
+    assert experts.tag_of(None, None) == "minilm" and experts.eval_cap(profile) == 200
+    assert experts.eval_cap(None) == experts.EVAL_CAP
+    profile_file.write_text("name: cpu1k\ndtype: bf16\n")  # options outside train: refused, not ignored
+    with pytest.raises(SystemExit, match="a profile is"):
+        experts.load_profile(str(profile_file))
+    assert experts.load_profile(str(ROOT / "recipes/paper/profile-decoder-cpu.yaml"))["train"]["epochs"] == 1
