@@ -41,6 +41,8 @@ Examples:
   umtam train --task lm --model recipes/models/gpt2-small --from-scratch --tokenizer \\
       gpt2-tokenizer --data tinyshakespeare/train.txt --holdout-fraction 0.05 -o runs/gpt2
   umtam train --task sft --model smollm2-dir --data chats.jsonl --holdout-fraction 0.1 -o runs/sft
+  python tools/glue_as_choices.py --tasks sst2 --out choice && umtam train --task choice \\
+      --model smollm2-dir --data choice/sst2/train.jsonl --holdout-fraction 0.1 -o runs/smol-sst2
 
 \b
 {states}
