@@ -163,7 +163,10 @@ def report(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
 
 
 def cell_means(sweep: dict, tag: str, seeds: tuple[int, ...], split: str) -> dict[tuple[str, str, float], float]:
-    """(expert, score, keep) -> the seed mean of the split's score, over the cells every seed has."""
+    """(expert, score, keep) -> the seed mean of the split's score, over the cells every seed has.
+
+    Only the sweep's own scores and keeps count: studies may share a folder of points.
+    """
     import statistics
 
     means = {}
@@ -171,7 +174,7 @@ def cell_means(sweep: dict, tag: str, seeds: tuple[int, ...], split: str) -> dic
         values: dict[tuple[str, float], list[float]] = {}
         for seed_rows in by_seed.values():
             for row in seed_rows:
-                if f"{split}_score" in row:
+                if f"{split}_score" in row and row["score"] in sweep["scores"] and row["keep"] in sweep["keeps"]:
                     values.setdefault((row["score"], row["keep"]), []).append(row[f"{split}_score"])
         means.update({(expert, score, keep): statistics.mean(v) for (score, keep), v in values.items()
                       if len(v) == len(by_seed)})
