@@ -218,15 +218,16 @@ def _scored_batches(model, features: Sequence[dict], pad_token_id: int, batch_si
     model.eval()
     progress("start", {"total": len(features), "what": what})
     try:
-        with torch.inference_mode():
-            for start in range(0, len(features), batch_size):
-                chunk = features[start:start + batch_size]
+        for start in range(0, len(features), batch_size):
+            chunk = features[start:start + batch_size]
+            with torch.inference_mode():  # not held across the yield: the caller's code runs in its own mode
                 batch = {key: value.to(device) for key, value in collate_tokens(chunk, pad_token_id).items()}
                 rows = max(1, LOGIT_BUDGET // (batch["input_ids"].shape[1] * model.config.vocab_size))
                 sliced = [_row_token_losses(model, {key: value[first:first + rows] for key, value in batch.items()})
                           for first in range(0, len(chunk), rows)]
-                yield chunk, torch.cat([s[0] for s in sliced]), torch.cat([s[1] for s in sliced])
-                progress("advance", len(chunk))
+                losses, counts = torch.cat([s[0] for s in sliced]), torch.cat([s[1] for s in sliced])
+            yield chunk, losses, counts
+            progress("advance", len(chunk))
     finally:
         model.train(was_training)
     progress("end", {"what": what})
