@@ -36,7 +36,8 @@ RESULTS = Path("bench/results/decoder_experts")
 HOLDOUT = 0.1  # as bench/merges.py's HOLDOUT
 
 
-def load_recipe(path: str) -> dict:
+def load_sweep(path: str) -> dict:
+    """The recipe through umtam's loader: unknown keys and wrong types refused in one line."""
     from umtam.config import Schema, build_config, load_recipe as read, option
 
     class DecoderExperts(Schema):
@@ -131,7 +132,7 @@ def main() -> int:
     parser.add_argument("--config", required=True, help="e.g. recipes/paper/decoder-experts.yaml")
     parser.add_argument("--report", action="store_true", help="only print the table")
     args = parser.parse_args()
-    recipe = load_recipe(args.config)
+    recipe = load_sweep(args.config)
     if not args.report:
         out = RESULTS / recipe["name"]
         out.mkdir(parents=True, exist_ok=True)
