@@ -89,6 +89,13 @@ def test_choice_accuracy_equals_the_slow_reference(logit_budget, monkeypatch):
     expected = slow_choice_accuracy(model, features)
     assert 0 < expected < 1  # a random model picks some right and some wrong: the test can tell them apart
     assert choice_accuracy(model, features, pad_token_id=1, batch_size=5) == pytest.approx(expected)
+    # eval's one pass over the choices gives the right answers' loss as scoring them alone does
+    from umtam.objectives.language import evaluate, evaluate_lm
+
+    metrics, alone = evaluate(model, features, "choice:x", pad_token_id=1, batch_size=5), evaluate_lm(
+        model, features, pad_token_id=1, batch_size=5)
+    assert metrics["tokens"] == alone["tokens"] and metrics["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+    assert metrics["choice_accuracy"] == pytest.approx(expected)
 
 
 def test_the_no_skill_floor_is_chance_or_the_most_frequent_answer():

@@ -128,13 +128,18 @@ def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, Any]:
 
 def evaluate(model, features: Sequence[dict], task: str, *, pad_token_id: int, batch_size: int = 8,
              progress: ProgressFn = no_progress) -> dict[str, float]:
-    """Loss and perplexity of the labelled tokens; with choices (``choice``), choice accuracy too."""
-    metrics = evaluate_lm(model, features, pad_token_id=pad_token_id, batch_size=batch_size, progress=progress,
-                          what=f"eval {task}")
-    if features and "choices" in features[0]:
-        metrics["choice_accuracy"] = choice_accuracy(model, features, pad_token_id=pad_token_id,
-                                                     batch_size=batch_size, progress=progress, what=f"choose {task}")
-    return metrics
+    """Loss and perplexity of the labelled tokens; with choices (``choice``), choice accuracy too.
+
+    The right answer is one of the choices, so one pass over every choice gives
+    both: its loss is the right choice's, not scored a second time.
+    """
+    if not (features and "choices" in features[0]):
+        return evaluate_lm(model, features, pad_token_id=pad_token_id, batch_size=batch_size, progress=progress,
+                           what=f"eval {task}")
+    scored = _choice_losses(model, features, pad_token_id, batch_size, progress, f"eval {task}")
+    right = [losses[feature["answer"]] for losses, feature in zip(scored, features)]
+    metrics = _loss_metrics(sum(loss for loss, _ in right), sum(count for _, count in right))
+    return {**metrics, "choice_accuracy": _accuracy(scored, features)}
 
 
 def no_skill_score(features: Sequence[dict]) -> float | None:
@@ -176,8 +181,12 @@ def evaluate_lm(model, features: Sequence[dict], *, pad_token_id: int, batch_siz
                 progress: ProgressFn = no_progress, what: str = "eval lm") -> dict[str, float]:
     """{"loss", "perplexity", "tokens"} of ``model`` on ``features`` (which carry their labels)."""
     total, count = 0.0, 0
-    for chunk, losses, counts in _scored_batches(model, features, pad_token_id, batch_size, progress, what):
+    for _chunk, losses, counts in _scored_batches(model, features, pad_token_id, batch_size, progress, what):
         total, count = total + float(losses.sum()), count + int(counts.sum())
+    return _loss_metrics(total, count)
+
+
+def _loss_metrics(total: float, count: int) -> dict[str, float]:
     if count == 0:
         raise ValueError("no predicted token to score (every label is -100)")
     loss = total / count
@@ -191,18 +200,24 @@ def choice_accuracy(model, features: Sequence[dict], *, pad_token_id: int, batch
 
     Every choice of ``batch_size`` features is scored in one batch; ties go to the first choice.
     """
-    candidates = [dict(choice, owner=index, choice=number) for index, feature in enumerate(features)
-                  for number, choice in enumerate(feature["choices"])]
-    best: dict[int, tuple[float, int]] = {}  # feature -> (least loss, its choice)
+    return _accuracy(_choice_losses(model, features, pad_token_id, batch_size, progress, what), features)
+
+
+def _choice_losses(model, features, pad_token_id: int, batch_size: int, progress, what) -> list[list[tuple]]:
+    """Per feature, per choice: (summed loss over its labelled tokens, their number)."""
+    candidates = [dict(choice, owner=index) for index, feature in enumerate(features) for choice in feature["choices"]]
+    scored: list[list[tuple]] = [[] for _ in features]
     width = max(len(feature["choices"]) for feature in features)
-    for chunk, losses, _counts in _scored_batches(model, candidates, pad_token_id, batch_size * width,
-                                                  progress, what):
-        for candidate, loss in zip(chunk, losses.tolist()):
-            owner = candidate["owner"]
-            if owner not in best or loss < best[owner][0]:
-                best[owner] = (loss, candidate["choice"])
-    right = sum(best[index][1] == feature["answer"] for index, feature in enumerate(features))
-    return right / len(features)
+    for chunk, losses, counts in _scored_batches(model, candidates, pad_token_id, batch_size * width, progress, what):
+        for candidate, loss, count in zip(chunk, losses.tolist(), counts.tolist()):
+            scored[candidate["owner"]].append((loss, count))
+    return scored
+
+
+def _accuracy(scored: list[list[tuple]], features: Sequence[dict]) -> float:
+    """The share of features whose least-loss choice (the first on a tie) is the answer."""
+    picks = [min(range(len(choices)), key=lambda number: choices[number][0]) for choices in scored]
+    return sum(pick == feature["answer"] for pick, feature in zip(picks, features)) / len(features)
 
 
 def _scored_batches(model, features: Sequence[dict], pad_token_id: int, batch_size: int, progress, what: str):
