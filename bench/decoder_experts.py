@@ -72,23 +72,25 @@ def expert_data(recipe: dict, spec: dict) -> dict[str, str]:
         if not (folder / "validation.jsonl").exists():
             write_choice_files(spec["glue"], folder, max_train_rows=spec.get("max_train_rows"), seed=0)
         return {"task": "choice", "data": str(folder / "train.jsonl"), "eval_data": str(folder / "validation.jsonl")}
-    data = {"task": spec["task"], "data": spec["data"], "eval_data": spec["eval_data"]}
-    if spec.get("passages"):
-        folder = Path(recipe["data_dir"]) / "lm" / Path(spec["data"]).parent.name
-        for key, name in (("data", "train.jsonl"), ("eval_data", "validation.jsonl")):
-            data[key] = str(write_passages(Path(spec[key]), folder / name))
-    return data
+    if not spec.get("passages"):
+        return {"task": spec["task"], "data": spec["data"], "eval_data": spec["eval_data"]}
+    folder = Path(recipe["data_dir"]) / "lm" / Path(spec["data"]).parent.name
+    if not (folder / "validation.jsonl").exists():
+        write_passages({"train.jsonl": Path(spec["data"]), "validation.jsonl": Path(spec["eval_data"])}, folder)
+    return {"task": spec["task"], "data": str(folder / "train.jsonl"), "eval_data": str(folder / "validation.jsonl")}
 
 
-def write_passages(text_file: Path, out: Path) -> Path:
-    """A .txt cut at blank lines into one JSON document per passage (once; staged and renamed)."""
-    if not out.exists():
-        passages = [p.strip() for p in text_file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.with_name(f".{out.name}.tmp")
-        staged.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages), encoding="utf-8")
-        staged.replace(out)
-    return out
+def write_passages(text_files: dict[str, Path], out: Path) -> None:
+    """Each .txt cut at blank lines into one JSON document per passage, as ``out``/<name>: the folder is
+    written whole or not at all (umtam.atomic.write_directory)."""
+    from umtam.atomic import write_directory
+
+    def fill(staging: Path) -> None:
+        for name, text_file in text_files.items():
+            passages = [p.strip() for p in text_file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+            (staging / name).write_text("".join(json.dumps({"text": p}) + "\n" for p in passages), encoding="utf-8")
+
+    write_directory(out, fill, what="passages", replace=True)
 
 
 def train_one(recipe: dict, expert: str, optimizer: str, seed: int) -> dict:

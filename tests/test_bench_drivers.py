@@ -133,9 +133,11 @@ def test_decoder_experts_cut_a_one_document_text_into_its_passages(bench_module,
     text = tmp_path / "play" / "train.txt"
     text.parent.mkdir()
     text.write_text("FIRST:\nSpeak.\n\nSECOND:\nI will.\n\n\n\nFIRST:\nThen go.\n")
-    out = decoder_experts.write_passages(text, tmp_path / "out" / "train.jsonl")
+    decoder_experts.write_passages({"train.jsonl": text}, tmp_path / "out")
+    out = tmp_path / "out" / "train.jsonl"
     assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [
         "FIRST:\nSpeak.", "SECOND:\nI will.", "FIRST:\nThen go."]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "play"]  # nothing staged left beside it
     recipe = {"model": "runs/models/smollm2-135m-instruct", "optimizers": {"umtam": {"lr": 2e-4, "rank": 8},
                                                                            "adamw": {"lr": 5e-5}}}
     # the names bench/merges.py finds the checkpoints by: <model>-s<seed>-<expert>

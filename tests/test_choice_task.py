@@ -174,4 +174,4 @@ def test_the_choice_files_hold_train_and_dev_and_read_back_as_items(tmp_path, gl
     assert [item.answer for item in train] == [int(e.label) for e in task.train]
     assert [item.answer for item in dev] == [int(e.label) for e in task.eval["validation"]]
     assert task.train[0].text_a in train[0].messages[0]["content"]
-    assert not list(tmp_path.glob("mrpc/.*"))  # nothing staged is left behind
+    assert not [p for p in tmp_path.rglob(".*")]  # nothing staged is left behind, in or beside the folder

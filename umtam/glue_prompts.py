@@ -60,29 +60,19 @@ def write_choice_files(task: str, out: Path, *, data_dir: str | Path | None = No
     """``out``/train.jsonl (train, or a seeded subset) and ``out``/validation.jsonl (dev) of a GLUE task.
 
     The folder is named for the task's data in a checkpoint (``choice:<folder name>``);
-    each file is written whole or not at all.
+    it is written whole or not at all, replacing an earlier one (umtam.atomic.write_directory).
     """
+    from umtam.atomic import write_directory
     from umtam.data import load_task
 
     data = load_task(PROMPTS.get(task).task, data_dir=data_dir, max_train_samples=max_train_rows, seed=seed)
     (dev,) = data.eval.values()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out / "train.jsonl", "validation": out / "validation.jsonl"}
-    for split, examples in (("train", data.train), ("validation", dev)):
-        _write_whole(paths[split], "".join(json.dumps(row) + "\n" for row in choice_rows(task, examples)))
-    return paths
+    splits = {"train.jsonl": data.train, "validation.jsonl": dev}
 
+    def fill(staging: Path) -> None:
+        for name, examples in splits.items():
+            (staging / name).write_text("".join(json.dumps(row) + "\n" for row in choice_rows(task, examples)),
+                                        encoding="utf-8")
 
-def _write_whole(path: Path, text: str) -> None:
-    """Staged beside ``path`` and renamed over it: a full disk or an interrupt leaves no half file."""
-    import os
-
-    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(staged, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
+    write_directory(out, fill, what="choice data", replace=True)
+    return {"train": out / "train.jsonl", "validation": out / "validation.jsonl"}
