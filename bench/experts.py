@@ -113,14 +113,14 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
     from umtam.train import TrainConfig, train
 
     # The recipe is the single source of the run's settings; the sweep overrides lr, rank, seed and model.
-    profile = load_profile(args.profile)
+    profile, settings = load_profile(args.profile), settings_of(args)
     name = run_name(task, optimizer, rank, lr, variants_of(args), model=tag_of(args.model, profile), seed=seed,
-                    settings=settings_of(args))
+                    settings=settings)
     recipe = recipe_path(task, optimizer)
     overrides = {**(profile["train"] if profile else {}),
                  "output": str(Path(args.runs_dir) / name), "rank": rank, "lr": lr, "seed": seed,
                  "data_dir": args.data_dir, "force": True, **{v: True for v in variants_of(args)},
-                 **settings_of(args),
+                 **settings,
                  **({"track_fisher": True, "track_trajectory": True} if args.track_saliency else {}),
                  **({"model": args.model} if args.model else {})}
     config = build_config(TrainConfig, load_recipe(recipe), overrides, source=str(recipe))
@@ -134,7 +134,7 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
         "name": name, "model": config.model, "model_tag": tag_of(args.model, profile),
         **({"profile": profile} if profile else {}),
         "task": task, "optimizer": optimizer, "rank": rank, "lr": lr, "seed": seed,
-        **{v: True for v in variants_of(args)}, **({"settings": settings_of(args)} if settings_of(args) else {}),
+        **{v: True for v in variants_of(args)}, **({"settings": settings} if settings else {}),
         "checkpoint": config.output, "steps": sidecar["steps"], "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"],
         "dev": record["metrics"], "dev_score": task_score(task, record["metrics"]),

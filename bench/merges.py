@@ -32,6 +32,7 @@ in one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -58,18 +59,26 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f"-{key}{value}" for key, value in sorted(options.items()))
 
 
-def merge_and_score(experts, method, options, seed: int, args, *, dev: bool = True) -> dict:
-    """Merge, score the holdout slice and (``dev``) dev; the merged checkpoint is deleted."""
+@contextlib.contextmanager
+def merged(experts, method: str, options: dict, args):
+    """(the merged checkpoint, merge seconds), in a scratch directory deleted afterwards."""
     from umtam.checkpoint import load_checkpoint
-    from umtam.merge import get_method, merge_checkpoints
+    from umtam.merge import merge_checkpoints
+
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        started = time.perf_counter()
+        written, _ = merge_checkpoints(experts, Path(scratch) / "merged", method=method, options=options)
+        seconds = time.perf_counter() - started
+        yield load_checkpoint(written.path), seconds
+
+
+def merge_and_score(experts, method, options, seed: int, args, *, dev: bool = True) -> dict:
+    """Merge, score the holdout slice and (``dev``) dev."""
+    from umtam.merge import get_method
 
     takes_seed = "seed" in get_method(method).resolve_options()
     applied = {**({"seed": seed} if takes_seed else {}), **options}  # DARE's masks follow the training seed
-    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-        started = time.perf_counter()
-        merged, _ = merge_checkpoints(experts, Path(scratch) / "merged", method=method, options=applied)
-        merge_seconds = time.perf_counter() - started
-        ckpt = load_checkpoint(merged.path)
+    with merged(experts, method, applied, args) as (ckpt, merge_seconds):
         holdout = score(ckpt, seed, args, holdout=True)
         row = {"method": method, "options": options, "applied_options": applied, "seed": seed,
                "experts": [str(e) for e in experts], "eval_cap": args.eval_cap, "merge_seconds": merge_seconds,
@@ -95,9 +104,6 @@ def with_dev(row: dict, ckpt, args) -> dict:
 def score_chosen_on_dev(name: str, tag: str, seeds: tuple[int, ...], experts_of, args) -> None:
     """With ``dev_at: chosen``: dev for each method's holdout-chosen setting alone (by the mean over the
     seeds, as chosen_table chooses), merged again for each seed (merging is deterministic)."""
-    from umtam.checkpoint import load_checkpoint
-    from umtam.merge import merge_checkpoints
-
     by_label = settings(name, tag, seeds)
     for method in dict.fromkeys(row["method"] for by_seed in by_label.values() for row in by_seed.values()):
         candidates = [by_seed for by_seed in by_label.values() if next(iter(by_seed.values()))["method"] == method]
@@ -105,10 +111,8 @@ def score_chosen_on_dev(name: str, tag: str, seeds: tuple[int, ...], experts_of,
         for seed, row in best.items():
             if row["dev"] is not None:
                 continue
-            with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-                merged, _ = merge_checkpoints(experts_of(seed), Path(scratch) / "merged", method=method,
-                                              options=row["applied_options"])
-                row = with_dev(row, load_checkpoint(merged.path), args)
+            with merged(experts_of(seed), method, row["applied_options"], args) as (ckpt, _seconds):
+                row = with_dev(row, ckpt, args)
             (results_dir(name, tag, seed) / f"{label(method, row['options'])}.json").write_text(
                 json.dumps(row, indent=1) + "\n")
             print(f"{label(method, row['options'])} (holdout-chosen), seed {seed}: dev {row['dev_avg']:.4f}",
@@ -135,7 +139,9 @@ def average(results: dict) -> float:
 
 def uncounted(results: dict) -> list[str]:
     """The tasks a decoder average leaves out: their expert is too close to its no-skill floor."""
-    return [task for task, r in results.items() if average_kind(results) == "normalized" and r["normalized"] is None]
+    if average_kind(results) == "score":
+        return []
+    return [task for task, r in results.items() if r["normalized"] is None]
 
 
 def mean(values) -> float:

@@ -39,9 +39,9 @@ def command(config_file, as_json, quiet, verbose, **flags):
         results = evaluate_checkpoint(ckpt, progress=progress, **settings)
     payload = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "tasks": results,
                "average_score": average_score(results)}
-    language_scores = {task_spec(task).metrics for task in results if is_language_key(task)}
-    if len(language_scores) == 1 and len(results) == sum(map(is_language_key, results)):
-        (payload["score_is"],) = language_scores.pop()  # perplexity (lower is better) or choice_accuracy
+    metrics = {task_spec(task).metrics for task in results}
+    if all(map(is_language_key, results)) and len(metrics) == 1:
+        (payload["score_is"],) = metrics.pop()  # perplexity (lower is better) or choice_accuracy
     if as_json:
         emit_json(payload)
     else:
