@@ -14,7 +14,7 @@ seed. Stage ``coarse`` sweeps ``coarse.lrs`` at ``coarse.rank`` for
 steps while its best lr is the edge of those it tried (``widening_runs``);
 from it each optimizer's three regimes are chosen by rule (``regimes``): the
 middle is its best coarse lr, the low and high one tried lr either side, so
-the high one is where an optimizer starts to fail if any does. Stage ``grid`` trains every optimizer at every rank (AdamW once:
+the high one is where an optimizer gets worse than its best (or fails). Stage ``grid`` trains every optimizer at every rank (AdamW once:
 it has no rank) at its three lrs; ``seeds`` repeats the middle-regime cells at
 ``seed_ranks`` for ``seeds``. Every run's small JSON lands in
 bench/results/lm_grid/<name>/ as it finishes, and existing ones are skipped,
@@ -152,6 +152,13 @@ def coarse_rows(grid: dict, rows: list[dict], optimizer: str) -> list[dict]:
             and r["rank"] in (None, coarse["rank"]) and r["seed"] == grid["seed"]]
 
 
+def coarse_best(grid: dict, rows: list[dict], optimizer: str) -> tuple[list[float], float] | None:
+    """(the lrs its coarse sweep tried, in order; the one with the least final loss), None if none finished."""
+    swept = coarse_rows(grid, rows, optimizer)
+    scored = {r["lr"]: r["final_val_loss"] for r in swept if not failed(r, grid)}
+    return (sorted({r["lr"] for r in swept}), min(scored, key=scored.get)) if scored else None
+
+
 def regimes(grid: dict, rows: list[dict]) -> dict[str, list[float]]:
     """optimizer -> [low, middle, high] lr from its coarse sweep: its best lr and the tried lr either side.
 
@@ -161,12 +168,10 @@ def regimes(grid: dict, rows: list[dict]) -> dict[str, list[float]]:
     """
     chosen = {}
     for opt in grid["optimizers"]:
-        swept = coarse_rows(grid, rows, opt)
-        lrs = sorted({r["lr"] for r in swept})
-        scored = {r["lr"]: r["final_val_loss"] for r in swept if not failed(r, grid)}
-        if not scored:
+        if (found := coarse_best(grid, rows, opt)) is None:
             continue
-        best = lrs.index(min(scored, key=scored.get))
+        lrs, best_lr = found
+        best = lrs.index(best_lr)
         if len(lrs) < 3:  # a probe, not a sweep: one regime
             chosen[opt] = [lrs[best]] * 3
             continue
@@ -195,12 +200,9 @@ def widening_runs(grid: dict, rows: list[dict]) -> list[tuple]:
     coarse = grid["coarse"]
     runs = []
     for opt in grid["optimizers"]:
-        swept = coarse_rows(grid, rows, opt)
-        scored = {r["lr"]: r["final_val_loss"] for r in swept if not failed(r, grid)}
-        if not scored:
+        if (found := coarse_best(grid, rows, opt)) is None:
             continue
-        lrs = sorted({r["lr"] for r in swept})
-        best = min(scored, key=scored.get)
+        lrs, best = found
         step = ladder_step(best, up=True) if best == lrs[-1] else ladder_step(best, up=False) if best == lrs[0] else None
         if step is not None:
             runs.append((opt, coarse["rank"], step, grid["seed"], coarse["steps"]))
@@ -271,8 +273,10 @@ def report(grid: dict) -> str:
     chosen = regimes(grid, rows)
     table = cells(grid, rows, chosen)
     ranks = grid["ranks"]
+    on_edge = {run[0] for run in widening_runs(grid, rows)}
     lines = [coarse_table(grid, rows), "", "lr regimes (from the coarse sweep):"]
-    lines += [f"  {opt}: " + ", ".join(f"{r} {lr:g}" for r, lr in zip(REGIMES, lrs)) + edge_note(grid, rows, opt)
+    lines += [f"  {opt}: " + ", ".join(f"{r} {lr:g}" for r, lr in zip(REGIMES, lrs))
+              + (" (best lr on the edge of those tried: widen)" if opt in on_edge else "")
               for opt, lrs in chosen.items()]
     lines += ["", "| optimizer | regime | lr | " + " | ".join(f"r={r}" for r in ranks)
               + " | spread across ranks (max-min) | relative |", "|---|---|---|" + "---|" * (len(ranks) + 2)]
@@ -311,12 +315,6 @@ def coarse_table(grid: dict, rows: list[dict]) -> str:
                   else f"**{scored[lr]:.3f}**" if lr == best else f"{scored[lr]:.3f}" for lr in lrs]
         lines.append(f"| {opt} | " + " | ".join(cells_) + " |")
     return "\n".join(lines)
-
-
-def edge_note(grid: dict, rows: list[dict], optimizer: str) -> str:
-    """' (best lr on the edge of those tried: widen)' while widening_runs still has a run for it."""
-    return " (best lr on the edge of those tried: widen)" if any(
-        run[0] == optimizer for run in widening_runs(grid, rows)) else ""
 
 
 def lr_spread_table(grid: dict, table, chosen) -> str:
