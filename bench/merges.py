@@ -13,8 +13,9 @@ best-on-dev setting of each method is shown beside it, labelled as such. Each
 experts and a grid per method (lists are swept as a product), and optionally
 `refine`: values swept next around each method's holdout-best setting (e.g.
 lambda once keep is chosen), so a two-stage sweep costs a sum, not a product;
-then lambda is widened by factors of 1.5 while a method's holdout choice is the
-edge of the values it tried (widening_entries), so no choice is cut off;
+then lambda (by factors of 1.5), keep and drop (halving the distance to 0 or 1)
+are widened while a method's holdout choice is the edge of the values it tried
+(widening_entries), so no choice is cut off;
 or `chosen_from: <result set>`: each entry starts from its method's
 holdout-chosen setting there (the ablation, the AdamW-statistics merge).
 Experts are named as bench/experts.py names them, without model and seed:
@@ -368,14 +369,41 @@ def refine_entries(name: str, tag: str, seed: int, grid: dict, refine: dict) -> 
 
 WIDEN_FACTOR = 1.5  # each widening step multiplies (or divides) lambda by this
 LAMBDA_RANGE = (0.05, 8.0)  # and stops outside this range
+DENSITY_RANGE = (0.01, 0.99)  # keep (1 - drop) halves its distance to 0 or to 1 per step, within this
+
+
+def _widen_lambda(value: float, up: bool) -> float | None:
+    new = round(value * WIDEN_FACTOR if up else value / WIDEN_FACTOR, 3)
+    return new if LAMBDA_RANGE[0] <= new <= LAMBDA_RANGE[1] else None
+
+
+def _widen_keep(value: float, up: bool) -> float | None:
+    """Halfway to keeping everything (up) or half as many (down): densities crowd near 0 and 1."""
+    new = round(1 - (1 - value) / 2 if up else value / 2, 4)
+    return new if new != value and DENSITY_RANGE[0] <= new <= DENSITY_RANGE[1] else None
+
+
+def _widen_drop(value: float, up: bool) -> float | None:
+    keep = _widen_keep(round(1 - value, 4), not up)
+    return None if keep is None else round(1 - keep, 4)
+
+
+# How each swept option is pushed past the edge of what was tried: value, upward -> next value or None.
+WIDENINGS = {"lambda": _widen_lambda, "keep": _widen_keep, "drop": _widen_drop}
+
+
+def _others(options: dict, key: str, defaults: dict) -> dict:
+    """Every option but ``key``, defaults filled in (so {} and {lambda: 1.0} agree)."""
+    return {k: v for k, v in {**defaults, **options}.items() if k != key}
 
 
 def widening_entries(name: str, tag: str, seed: int, grid: dict) -> list[tuple[str, dict]]:
-    """One lambda further out for each method whose holdout-best lambda is the edge of those it tried.
+    """One value further out for each option (lambda, keep, drop) whose holdout-best is the edge of those tried.
 
-    Compared among the runs with the best's other options (its keep, say);
-    run until it returns nothing, no method's choice then sits on its grid's
-    edge (or the edge is LAMBDA_RANGE's, which the report shows).
+    Compared among the runs with the best's other options; lambda widens
+    upward from a single tried value (its default), keep and drop only where
+    several were swept. Run until it returns nothing: no method's choice then
+    sits on its grid's edge (or on WIDENINGS' limits, which the report marks).
     """
     from umtam.merge import get_method
 
@@ -383,18 +411,26 @@ def widening_entries(name: str, tag: str, seed: int, grid: dict) -> list[tuple[s
     entries = []
     for method in grid:
         stage = [r for r in rows if r["method"] == method]
-        if not stage or "lambda" not in _method_options(method):
+        if not stage:
             continue
-        default = get_method(method).resolve_options({})["lambda"]
+        defaults = get_method(method).resolve_options({})
         best = max(stage, key=lambda r: r["holdout_avg"])["options"]
-        others = {k: v for k, v in best.items() if k != "lambda"}
-        tried = sorted({r["options"].get("lambda", default) for r in stage
-                        if {k: v for k, v in r["options"].items() if k != "lambda"} == others})
-        value = best.get("lambda", default)
-        if value == tried[-1] and value * WIDEN_FACTOR <= LAMBDA_RANGE[1]:
-            entries.append((method, {**others, "lambda": round(value * WIDEN_FACTOR, 3)}))
-        elif len(tried) > 1 and value == tried[0] and value / WIDEN_FACTOR >= LAMBDA_RANGE[0]:
-            entries.append((method, {**others, "lambda": round(value / WIDEN_FACTOR, 3)}))
+        for key in WIDENINGS.keys() & set(_method_options(method)):
+            fixed = _others(best, key, defaults)
+            tried = sorted({r["options"].get(key, defaults[key]) for r in stage
+                            if _others(r["options"], key, defaults) == fixed})
+            value = best.get(key, defaults[key])
+            others = {k: v for k, v in best.items() if k != key}
+            if len(tried) < 2 and key != "lambda":
+                continue
+            if value == tried[-1]:
+                new = WIDENINGS[key](value, True)
+            elif len(tried) > 1 and value == tried[0]:
+                new = WIDENINGS[key](value, False)
+            else:
+                continue
+            if new is not None:
+                entries.append((method, {**others, key: new}))
     return entries
 
 
@@ -453,9 +489,13 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
 
 
 def on_edge(key: str, value, swept: list[dict]) -> bool:
-    """Whether ``value`` is the least or greatest numeric value of ``key`` among several swept."""
+    """Whether ``value`` is the least or greatest numeric value of ``key`` among several swept.
+
+    Keeping everything (keep 1.0, drop 0.0) is a bound, not an edge: nothing lies past it.
+    """
     values = {o[key] for o in swept if isinstance(o.get(key), (int, float)) and not isinstance(o.get(key), bool)}
-    return len(values) > 1 and value in (min(values), max(values))
+    at_bound = (key == "keep" and value == 1.0) or (key == "drop" and value == 0.0)
+    return len(values) > 1 and value in (min(values), max(values)) and not at_bound
 
 
 def main() -> int:
@@ -495,7 +535,8 @@ def main() -> int:
                 entries = on_chosen(entries, sweep["chosen_from"], tag, seed)
             run_entries(experts, entries, out, seed, args)
             run_entries(experts, refine_entries(name, tag, seed, sweep["grid"], sweep["refine"]), out, seed, args)
-            while entries := widening_entries(name, tag, seed, sweep["grid"]):
+            # settings chosen elsewhere (the ablation) are not searched further here
+            while not sweep.get("chosen_from") and (entries := widening_entries(name, tag, seed, sweep["grid"])):
                 run_entries(experts, entries, out, seed, args)
         else:
             experts = expert_paths(args.experts.split(","), args.runs_dir, tag, seed)
