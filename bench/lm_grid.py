@@ -294,9 +294,9 @@ def report(grid: dict) -> str:
                           if len(finite) > 1 else f"-{note} | -")
                 lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown) + f" | {spread} |")
             else:
-                value = table.get((opt, regime, None))
-                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join([fmt(value) if value else "-"]
-                                                                         + ["" for _ in ranks[1:]]) + " | - | - |")
+                value = table.get((opt, regime, None))  # no rank: its one run is the reference at every rank
+                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join([fmt(value) if value else "-"] * len(ranks))
+                             + " | no rank | - |")
     lines += ["", lr_spread_table(grid, table, chosen), "", cost_table(grid, rows)]
     return "\n".join(lines)
 
@@ -330,6 +330,7 @@ def lr_spread_table(grid: dict, table, chosen) -> str:
             diverged = len(means) - len(finite)
             text = f"{max(finite) - min(finite):.3f}" if len(finite) > 1 else "-"
             shown.append(text + (f" ({diverged} failed)" if diverged else ""))
+        shown = shown if has_rank(opt) else shown * len(ranks)  # no rank: one spread, shown at every rank
         lines.append(f"| {opt} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
