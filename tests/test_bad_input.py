@@ -427,8 +427,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, code, names, build", CASES)
-def test_bad_input(env, args, code, names, build):
+def run_bad_case(env, args, code, names, build) -> tuple[dict, dict]:
+    """Build the case, run the CLI, check its one-line error; the workspace before and after, to compare."""
     if build is not None:
         build(env)
     before = snapshot(env.ws)
@@ -439,7 +439,13 @@ def test_bad_input(env, args, code, names, build):
     for name in names:
         assert env.fill(name) in lines[0]
     assert stdout == ""
-    assert unchanged_but_for_streaming(args, before, snapshot(env.ws))
+    return before, snapshot(env.ws)
+
+
+@pytest.mark.parametrize("args, code, names, build", CASES)
+def test_bad_input(env, args, code, names, build):
+    before, after = run_bad_case(env, args, code, names, build)
+    assert unchanged_but_for_streaming(args, before, after)
 
 
 # ----------------------------------------------------------------------------- --force, and the real process

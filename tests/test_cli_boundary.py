@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cli_runner import run_cli
-from test_bad_input import TRAIN, Env, case, env, family_root, snapshot  # noqa: F401 (fixtures)
+from test_bad_input import TRAIN, Env, case, env, family_root, run_bad_case, snapshot  # noqa: F401 (fixtures)
 from umtam.config import build_config
 from umtam.config.evaluate import EvalConfig
 from umtam.config.inspect import InspectConfig
@@ -160,17 +160,8 @@ CASES = [
 
 @pytest.mark.parametrize("args, code, names, build", CASES)
 def test_bad_option_is_one_line(env, args, code, names, build):
-    if build is not None:
-        build(env)
-    before = snapshot(env.ws)
-    got, stdout, stderr = run_cli(*[env.fill(arg) for arg in args])
-    lines = stderr.strip().splitlines()
-    assert (got, len(lines)) == (code, 1), stderr
-    assert lines[0].startswith("umtam: error: ") and "Traceback" not in stderr
-    for name in names:
-        assert env.fill(name) in lines[0]
-    assert stdout == ""
-    assert snapshot(env.ws) == before
+    before, after = run_bad_case(env, args, code, names, build)
+    assert after == before
 
 
 def test_an_unreadable_recipe_is_one_line(env, monkeypatch):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from cli_runner import run_cli
 from fuzz_strategies import BYTE_EDITS, dump_json, mutate_json
-from test_bad_input import Env, edit_sidecar, env, family_root, rehash, snapshot  # noqa: F401 (fixtures)
+from test_bad_input import Env, edit_sidecar, env, family_root, rehash, run_bad_case, snapshot  # noqa: F401 (fixtures)
 from umtam import batching
 from umtam.errors import CheckpointError, ConfigError, UmtamError
 
@@ -284,17 +284,8 @@ CASES = [
 
 @pytest.mark.parametrize("args, code, names, build", CASES)
 def test_loading_failure_is_one_line(lenv, args, code, names, build):
-    if build is not None:
-        build(lenv)
-    before = snapshot(lenv.ws)
-    got, stdout, stderr = run_cli(*[lenv.fill(arg) for arg in args])
-    lines = stderr.strip().splitlines()
-    assert (got, len(lines)) == (code, 1), stderr
-    assert lines[0].startswith("umtam: error: ") and "Traceback" not in stderr
-    for name in names:
-        assert lenv.fill(name) in lines[0]
-    assert stdout == ""
-    assert snapshot(lenv.ws) == before
+    before, after = run_bad_case(lenv, args, code, names, build)
+    assert after == before
 
 
 # ----------------------------------------------------------------------------- what still works

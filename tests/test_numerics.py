@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from cli_runner import run_cli
-from test_bad_input import (Env, edit_sidecar, env, family_root, rehash, snapshot,  # noqa: F401 (fixtures)
+from test_bad_input import (Env, edit_sidecar, env, family_root, rehash, run_bad_case, snapshot,  # noqa: F401 (fixtures)
                             unchanged_but_for_streaming)
 from tiny_checkpoints import VOCAB, build_family, fake_stats, tiny_model
 from umtam.base_model import check_base_covers, fingerprint
@@ -627,17 +627,8 @@ CASES = [
 
 @pytest.mark.parametrize("args, code, names, build", CASES)
 def test_bad_numbers_on_the_command_line(env, args, code, names, build):
-    if build is not None:
-        build(env)
-    before = snapshot(env.ws)
-    got, stdout, stderr = run_cli(*[env.fill(arg) for arg in args])
-    lines = stderr.strip().splitlines()
-    assert (got, len(lines)) == (code, 1), stderr
-    assert lines[0].startswith("umtam: error: ") and "Traceback" not in stderr
-    for name in names:
-        assert env.fill(name) in lines[0]
-    assert stdout == ""
-    assert unchanged_but_for_streaming(args, before, snapshot(env.ws))
+    before, after = run_bad_case(env, args, code, names, build)
+    assert unchanged_but_for_streaming(args, before, after)
 
 
 def test_prune_keeps_exactly_the_fraction_asked_on_the_command_line(env):
