@@ -92,3 +92,36 @@ def test_sft_needs_a_chat_template_and_a_response_within_max_length():
         sft_features(conversation, make_lm_tokenizer(chat=False), max_length=64)
     with pytest.raises(DataError, match="no response token within --max-length 4"):
         sft_features(conversation, make_lm_tokenizer(), max_length=4)
+
+
+def test_whole_documents_longer_than_the_models_maximum_are_packed_without_a_warning():
+    import logging
+
+    tokenizer = make_lm_tokenizer()
+    tokenizer.model_max_length = 4
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        features = lm_features(["the cat likes a dog . the bird sees the dog ."], tokenizer, block=3)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert len(features) == 4 and seen == []  # 12 tokens + eos, cut into blocks: nothing truncated
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_causal_lm_names_its_loss_and_it_is_next_token_cross_entropy(tmp_path, family):
+    import torch
+
+    from lm_fixtures import write_tiny_decoder
+    from umtam.models import load_config, load_causal_lm, model_from_config, resolve_model
+
+    source = resolve_model(str(write_tiny_decoder(tmp_path / family, family)))
+    for model in (load_causal_lm(source), model_from_config(load_config(source), source, "causal-lm").eval()):
+        # GPT2LMHeadModel's name matches no transformers loss: unnamed, it warns and falls back
+        assert model.loss_type == "ForCausalLM"
+        ids = torch.tensor([[3, 4, 5, 6, 7]])
+        logits = model(input_ids=ids).logits
+        expected = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, expected)

@@ -243,7 +243,8 @@ def lm_features(documents: Sequence[str], tokenizer, block: int) -> list[dict[st
     if eos is None:
         raise ConfigError("the tokenizer has no end-of-sequence token to separate documents",
                           hint="use a tokenizer that defines eos_token")
-    encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    # whole documents, packed into blocks next: longer than the model's maximum is expected, not worth a warning
+    encoded = tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]
     return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
             for ids in pack_documents(encoded, block, eos)]
 

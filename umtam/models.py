@@ -155,8 +155,17 @@ def _auto_class(architecture: str):
 
 def load_causal_lm(source: ModelSource):
     """A pretrained causal LM (its ``lm_head`` tied to the embedding when its config says so), safetensors only."""
-    return _from_pretrained(_auto_class("causal-lm"), source, suspects=(_weight_files_problem,),
-                            use_safetensors=True)
+    return _named_causal_lm_loss(_from_pretrained(_auto_class("causal-lm"), source, suspects=(_weight_files_problem,),
+                                                  use_safetensors=True))
+
+
+def _named_causal_lm_loss(model):
+    """``model`` with its loss named: transformers picks a loss from the class name, and GPT-2's
+    (``GPT2LMHeadModel``) names none, so every forward with labels would warn once and fall back to the
+    causal-LM loss anyway."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def load_pretrained(source: ModelSource, architecture: str, **head):
@@ -173,7 +182,8 @@ def model_from_config(config, source: ModelSource, architecture: str = "sequence
     """
     with _quiet_transformers():
         try:
-            return _auto_class(architecture).from_config(config)
+            model = _auto_class(architecture).from_config(config)
+            return _named_causal_lm_loss(model) if architecture == "causal-lm" else model
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - see _from_pretrained: any failure here is the config's
