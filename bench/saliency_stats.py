@@ -8,8 +8,12 @@ verified base, statistics from its stats.safetensors) it measures what the
 issue-15 hypotheses need: the tensor's curvature scale mean(sqrt R) mean(sqrt C)
 against the median tensor's; the rows and columns with zero curvature (no
 gradient ever reached them) and how much of |T| sits in them; how peaked R and C
-are (max over median); and, per score, which share of the global top-``keep``
-budget each module type and the embeddings take (umtam.saliency_map). Results
+are (max over median); where the dense second moment was recorded (train
+--track-fisher), how far Adafactor's rank-1 estimate R C^T / mean(R) that UMTAM
+divides by is from it, as the ratio of the two Adam denominators
+sqrt(factored) / sqrt(dense) (the step of an entry is off by that factor); and,
+per score, which share of the global top-``keep`` budget each module type and
+the embeddings take (umtam.saliency_map). Results
 go to bench/results/saliency/<checkpoint>.json and a summary is printed.
 """
 
@@ -51,8 +55,27 @@ def tensor_rows(ckpt) -> list[dict]:
             "abs_t_in_zero_rows": float(matrix[r == 0].sum() / matrix.sum()) if matrix.sum() > 0 else 0.0,
             "r_peak": _peak(r), "c_peak": _peak(c),
             "r_top1pct_share": _top_share(r, 0.01), "c_top1pct_share": _top_share(c, 0.01),
+            **_factored_fit(stats.get(f"fisher/{name}"), r, c),
         })
     return rows
+
+
+def _factored_fit(dense, r, c) -> dict[str, float]:
+    """Adam's denominator from the rank-1 factored second moment against the dense one, entries the gradient reached.
+
+    Both EMAs have the same rate and bias correction, so the ratio is the factorisation's error alone.
+    """
+    from umtam.optim.functional import factored_rms_factors
+
+    if dense is None:
+        return {}
+    a, b = factored_rms_factors(r, c)
+    dense = dense.float().reshape(len(a), -1)
+    reached = dense > 0
+    ratio = ((a[:, None] * b[None, :])[reached] / dense[reached].sqrt()).log2()
+    return {"denominator_log2_ratio_median": float(ratio.median()),
+            "denominator_off_2x": float((ratio.abs() > 1).double().mean()),
+            "denominator_under_half": float((ratio < -1).double().mean())}
 
 
 def _peak(values) -> float:
@@ -104,6 +127,14 @@ def summarise(name: str, rows: list[dict], shares: dict, keep: float) -> str:
              f"median {statistics.median(r['r_peak'] for r in rows):.1f}x, C peak "
              f"{statistics.median(r['c_peak'] for r in rows):.1f}x", "",
              "loudest weights: " + "; ".join(f"{r['name']} {r['curvature_mean'] / median:.1f}x" for r in loudest), ""]
+    fitted = [r for r in rows if "denominator_off_2x" in r]
+    if fitted:
+        worst = sorted(fitted, key=lambda r: -r["denominator_off_2x"])[:3]
+        lines += [f"factored against dense second moment (Adam denominator ratio, {len(fitted)} weights): median "
+                  f"log2 ratio {statistics.median(r['denominator_log2_ratio_median'] for r in fitted):+.2f}, entries "
+                  f"off by more than 2x {100 * statistics.mean(r['denominator_off_2x'] for r in fitted):.1f}% "
+                  f"(under half: {100 * statistics.mean(r['denominator_under_half'] for r in fitted):.1f}%); worst: "
+                  + "; ".join(f"{r['name']} {100 * r['denominator_off_2x']:.0f}%" for r in worst), ""]
     lines += share_table(shares["by_layer"], keep, "layer") + [""] + share_table(shares["by_module"], keep, "module")
     return "\n".join(lines)
 

@@ -240,3 +240,16 @@ def test_merge_sweeps_widen_lambda_keep_and_drop_past_an_edge_choice_but_not_pas
     assert merges._widen_lambda(6.0, True) is None and merges._widen_lambda(3.0, True) == 4.5
     assert merges.on_edge("keep", 1.0, [{"keep": 0.5}, {"keep": 1.0}]) is False
     assert merges.on_edge("keep", 0.05, [{"keep": 0.05}, {"keep": 1.0}]) is True
+
+
+def test_the_factored_second_moments_fit_is_the_ratio_of_adam_denominators_where_gradients_reached(bench_module):
+    import torch
+
+    stats = bench_module("saliency_stats")
+    r, c = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])  # rank-1 estimate: 1 everywhere
+    fit = stats._factored_fit(torch.tensor([[1.0, 1.0], [1.0, 16.0]]), r, c)
+    # sqrt(1) / sqrt(16) = 1/4: one entry in four steps 4x too large
+    assert fit == {"denominator_log2_ratio_median": 0.0, "denominator_off_2x": 0.25, "denominator_under_half": 0.25}
+    fit = stats._factored_fit(torch.tensor([[1.0, 0.0], [0.25, 1.0]]), r, c)  # the zero never had a gradient
+    assert fit["denominator_off_2x"] == 0.0 and fit["denominator_under_half"] == 0.0  # 1/sqrt(1/4) = 2: not over
+    assert stats._factored_fit(None, r, c) == {}  # no dense statistics recorded
