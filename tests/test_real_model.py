@@ -8,6 +8,9 @@ import pytest
 
 from umtam.train import TrainConfig, train
 
+# loading and training the real 22.7M-parameter model takes 10-40 s here: CI runs it (--slow)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, shared_model_dir, shared_glue_dir):
