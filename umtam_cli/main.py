@@ -17,11 +17,11 @@ import click
 
 # name -> (module, one-line help shown by `umtam --help` without importing it)
 SUBCOMMANDS = {
-    "train": ("umtam_cli.cmd_train", "Fine-tune a model on a GLUE task, recording curvature statistics."),
+    "train": ("umtam_cli.cmd_train", "Fine-tune on a GLUE task or on text, recording curvature statistics."),
     "inspect": ("umtam_cli.cmd_inspect", "Describe a checkpoint: tasks, base, stats, metrics, costs."),
     "prune": ("umtam_cli.cmd_prune", "Keep the most salient task-vector entries, reset the rest to the base."),
     "merge": ("umtam_cli.cmd_merge", "Merge checkpoints fine-tuned from the same base."),
-    "eval": ("umtam_cli.cmd_eval", "Evaluate a checkpoint on GLUE dev sets."),
+    "eval": ("umtam_cli.cmd_eval", "Evaluate a checkpoint on GLUE dev sets or on text."),
 }
 
 

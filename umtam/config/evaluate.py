@@ -9,10 +9,10 @@ class EvalSettings(Schema):
     """What to evaluate and how (the library's evaluate_checkpoint takes these)."""
 
     task: str = option("glue", help="A task, a comma list, or 'glue' for every task the checkpoint has "
-                                       "(lm, sft: every task of that kind).")
+                                       "(lm, sft, choice: every task of that kind).")
     data_dir: PathText | None = option(None, metavar="DIRECTORY", help="GLUE directory (TSV or parquet layout).")
     data: PathText | None = option(None, metavar="TEXT",
-                                   help="lm, sft: the text to evaluate on (.txt, .jsonl, parquet, a directory or a "
+                                   help="lm, sft, choice: the text to evaluate on (.txt, .jsonl, parquet, a directory or a "
                                         "hub id).", default_text="each task's recorded validation text")
     max_eval_samples: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Subsample each dev set (seeded).")
     max_length: int | None = option(None, ge=1, le=COUNT_LIMIT, help="Truncate inputs to this many tokens.",

@@ -93,10 +93,10 @@ class TrainConfig(Schema):
     data_dir: PathText | None = option(None, resumable=True, metavar="DIRECTORY",
                                   help="GLUE directory (TSV or parquet layout).")
     data: PathText | None = option(None, resumable=True, metavar="TEXT",
-                                   help="lm, sft: text to train on: a .txt, .jsonl or parquet file, a directory "
+                                   help="lm, sft, choice: text to train on: a .txt, .jsonl or parquet file, a directory "
                                         "of them, or a hub dataset id (name[:split]).")
     eval_data: PathText | None = option(None, resumable=True, metavar="TEXT",
-                                        help="lm, sft: validation text, as --data (else --holdout-fraction of "
+                                        help="lm, sft, choice: validation text, as --data (else --holdout-fraction of "
                                              "--data).")
     from_scratch: bool = option(False, flag="--from-scratch",
                                 help="Initialise from --model's config.json alone (seeded), not its weights.")
