@@ -117,7 +117,13 @@ def train_one(grid: dict, optimizer: str, rank: int, lr: float, seed: int, steps
             "val_curve": curve, "train_loss_curve": sidecar["training"]["loss_curve"],
             "wall_seconds": time.perf_counter() - started, "seconds_per_step": sidecar["seconds_per_step"],
             "state_bytes": sidecar["optimizer"]["state_bytes"], "peak_rss_bytes": sidecar["peak_rss_bytes"],
-            "parameters": parameters}
+            "peak_gpu_bytes": sidecar.get("peak_gpu_bytes"), "device": _device_name(), "parameters": parameters}
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def run_all(grid: dict, runs: list[tuple[str, int, float, int, int]], keep: bool) -> None:
@@ -336,15 +342,18 @@ def lr_spread_table(grid: dict, table, chosen) -> str:
 
 
 def cost_table(grid: dict, rows: list[dict]) -> str:
-    lines = ["| optimizer | rank | runs | failed | s/step (mean) | optimizer + tracker state MB |",
-             "|---|---|---|---|---|---|"]
+    gpu = any(r.get("peak_gpu_bytes") for r in rows)  # a GPU run's peak memory is the figure that matters there
+    lines = ["| optimizer | rank | runs | failed | s/step (mean) | optimizer + tracker state MB |"
+             + (" peak GPU GB |" if gpu else ""), "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     keys = sorted({(r["optimizer"], r["rank"] or 0) for r in rows if r["steps"] == grid["steps"]})
     for opt, rank in keys:
         group = [r for r in rows if r["optimizer"] == opt and (r["rank"] or 0) == rank and r["steps"] == grid["steps"]]
         done = [r for r in group if not failed(r, grid)]
         step = statistics.mean(r["seconds_per_step"] for r in done) if done else float("nan")
         state = statistics.mean(r["state_bytes"] for r in done) / 1e6 if done else float("nan")
-        lines.append(f"| {opt} | {rank or '-'} | {len(group)} | {len(group) - len(done)} | {step:.2f} | {state:.1f} |")
+        peak = max((r.get("peak_gpu_bytes") or 0 for r in done), default=0) / 1e9
+        lines.append(f"| {opt} | {rank or '-'} | {len(group)} | {len(group) - len(done)} | {step:.2f} | {state:.1f} |"
+                     + (f" {peak:.2f} |" if gpu else ""))
     return "\n".join(lines)
 
 

@@ -253,3 +253,12 @@ def test_the_factored_second_moments_fit_is_the_ratio_of_adam_denominators_where
     fit = stats._factored_fit(torch.tensor([[1.0, 0.0], [0.25, 1.0]]), r, c)  # the zero never had a gradient
     assert fit["denominator_off_2x"] == 0.0 and fit["denominator_under_half"] == 0.0  # 1/sqrt(1/4) = 2: not over
     assert stats._factored_fit(None, r, c) == {}  # no dense statistics recorded
+
+
+def test_lm_grid_cost_table_shows_peak_gpu_memory_only_when_a_run_had_a_gpu(lm_grid):
+    grid = {"steps": 200, "model": str(ROOT / "recipes/models/gpt2-mini")}
+    cpu = [{**_grid_row("umtam", 1e-3, 7.0, steps=200), "seconds_per_step": 2.0, "state_bytes": 9e6}]
+    assert lm_grid.cost_table(grid, cpu).splitlines()[2] == "| umtam | 32 | 1 | 0 | 2.00 | 9.0 |"
+    gpu = [{**row, "peak_gpu_bytes": 3.5e9} for row in cpu] + [{**cpu[0], "seconds_per_step": 4.0,
+                                                                "peak_gpu_bytes": 2.5e9}]
+    assert lm_grid.cost_table(grid, gpu).splitlines()[2] == "| umtam | 32 | 2 | 0 | 3.00 | 9.0 | 3.50 |"
