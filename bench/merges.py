@@ -392,18 +392,15 @@ def _widen_drop(value: float, up: bool) -> float | None:
 WIDENINGS = {"lambda": _widen_lambda, "keep": _widen_keep, "drop": _widen_drop}
 
 
-def _others(options: dict, key: str, defaults: dict) -> dict:
-    """Every option but ``key``, defaults filled in (so {} and {lambda: 1.0} agree)."""
-    return {k: v for k, v in {**defaults, **options}.items() if k != key}
-
-
 def widening_entries(name: str, tag: str, seed: int, grid: dict) -> list[tuple[str, dict]]:
     """One value further out for each option (lambda, keep, drop) whose holdout-best is the edge of those tried.
 
-    Compared among the runs with the best's other options; lambda widens
-    upward from a single tried value (its default), keep and drop only where
-    several were swept. Run until it returns nothing: no method's choice then
-    sits on its grid's edge (or on WIDENINGS' limits, which the report marks).
+    The edge is that of every value the method tried (as the report marks
+    it), the new point keeps the best's other options (its lambda, say);
+    lambda widens upward from a single tried value (its default), keep and
+    drop only where several were swept. Run until it returns nothing: no
+    method's choice then sits on its grid's edge (or on WIDENINGS' limits,
+    which the report marks).
     """
     from umtam.merge import get_method
 
@@ -416,9 +413,7 @@ def widening_entries(name: str, tag: str, seed: int, grid: dict) -> list[tuple[s
         defaults = get_method(method).resolve_options({})
         best = max(stage, key=lambda r: r["holdout_avg"])["options"]
         for key in WIDENINGS.keys() & set(_method_options(method)):
-            fixed = _others(best, key, defaults)
-            tried = sorted({r["options"].get(key, defaults[key]) for r in stage
-                            if _others(r["options"], key, defaults) == fixed})
+            tried = sorted({r["options"].get(key, defaults[key]) for r in stage})
             value = best.get(key, defaults[key])
             others = {k: v for k, v in best.items() if k != key}
             if len(tried) < 2 and key != "lambda":

@@ -224,17 +224,21 @@ def test_merge_sweeps_widen_lambda_keep_and_drop_past_an_edge_choice_but_not_pas
             _merge_row("dare-ties", 0.5, drop=0.95), _merge_row("dare-ties", 0.6, drop=0.2),
             _merge_row("ota", 0.4, keep=0.5), _merge_row("ota", 0.45, keep=1.0),
             _merge_row("task-arithmetic", 0.5, **{"lambda": 0.5}), _merge_row("task-arithmetic", 0.6, **{"lambda": 1.0}),
-            _merge_row("task-arithmetic", 0.55, **{"lambda": 1.5})]
+            _merge_row("task-arithmetic", 0.55, **{"lambda": 1.5}),
+            # the best's keep is the top of those tried, though it is the only keep tried at its lambda
+            _merge_row("umtam", 0.5, keep=0.05), _merge_row("umtam", 0.55, keep=0.2),
+            _merge_row("umtam", 0.6, keep=0.2, **{"lambda": 1.5})]
     folder = merges.results_dir("sweep", "minilm", 42)
     folder.mkdir(parents=True)
     for i, row in enumerate(rows):
         (folder / f"{i}.json").write_text(json.dumps(row))
-    grid = {"ties": {}, "dare-ties": {}, "ota": {}, "task-arithmetic": {}}
+    grid = {"ties": {}, "dare-ties": {}, "ota": {}, "task-arithmetic": {}, "umtam": {}}
     entries = {json.dumps(entry, sort_keys=True) for entry in merges.widening_entries("sweep", "minilm", 42, grid)}
     assert entries == {json.dumps(entry, sort_keys=True) for entry in [("ties", {"keep": 0.025, "lambda": 1.0}),  # half as dense below the lowest keep
                               ("ties", {"keep": 0.05, "lambda": 1.5}),  # lambda's top edge, 1.5x further
                               ("dare-ties", {"drop": 0.1}),  # halfway from keeping 80% to keeping all
-                              ("dare-ties", {"drop": 0.2, "lambda": 1.5})]}  # one lambda tried: widen upward
+                              ("dare-ties", {"drop": 0.2, "lambda": 1.5}),  # one lambda tried: widen upward
+                              ("umtam", {"keep": 0.6, "lambda": 1.5}), ("umtam", {"keep": 0.2, "lambda": 2.25})]}
     # (ota's best keeps everything, a bound; task arithmetic's best lambda is inside what it tried)
     assert merges._widen_keep(0.0125, False) is None and merges._widen_drop(0.9875, True) is None  # limits
     assert merges._widen_lambda(6.0, True) is None and merges._widen_lambda(3.0, True) == 4.5
