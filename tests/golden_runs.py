@@ -15,6 +15,9 @@ because they record times, paths and memory.
 The values hold for the dependency versions pyproject allows (torch 2.13 CPU,
 transformers <= 5.24, safetensors <= 0.8); a change of either kind of library
 that moves them is a real change of umtam's outputs and needs a new recording.
+They also depend on how many threads torch splits a reduction over, so the runs
+pin it (RECORDED_THREADS, what they were recorded with) whatever OMP_NUM_THREADS
+says.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ RECORD = HERE / "golden" / "outputs.json"
 SIDECARS = {"train": "train/umtam", "prune": "prune/curvature-global", "merge": "merge/umtam"}
 # Measured, not computed: they differ from run to run.
 VOLATILE = ("peak_rss_bytes", "seconds_per_step")
+RECORDED_THREADS = 2  # the 2-core machines the record was made and CI runs on
 
 TRAIN_RUNS = {
     "adamw": [],
@@ -90,6 +94,17 @@ def train_args(optimizer_run: str, model: Path, glue: Path, output: Path) -> lis
 
 def run_all(root: Path, model: Path, glue: Path) -> dict:
     """Run every golden stage under ``root``; {stage: {run: {file: sha256}}} plus the loss curves."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    try:
+        return _run_stages(root, model, glue)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(root: Path, model: Path, glue: Path) -> dict:
     from cli_runner import run_cli
     from tiny_checkpoints import build_family
 
