@@ -61,9 +61,9 @@ def load_profile(path: str | None) -> dict | None:
     profile's runs are chosen, reported and merged apart from the recipes' own."""
     if path is None:
         return None
-    import yaml
+    from umtam.config.schema import parse_yaml
 
-    profile = yaml.safe_load(Path(path).read_text())
+    profile = parse_yaml(Path(path).read_text(), str(path))
     if not (isinstance(profile, dict) and isinstance(profile.get("name"), str) and isinstance(profile.get("train"), dict)
             and set(profile) <= {"name", "train"}):
         raise SystemExit(f"experts.py: {path}: a profile is {{name: str, train: {{option: value}}}}")
@@ -95,10 +95,10 @@ def variants_of(args) -> tuple[str, ...]:
 
 def settings_of(args) -> dict:
     """--set KEY=VALUE: training options laid over the recipe (a variant: named in the run, never chosen)."""
-    import yaml
+    from umtam.config.schema import parse_yaml
 
     pairs = [entry.partition("=") for entry in getattr(args, "set", None) or []]
-    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
+    return {key.strip(): parse_yaml(value, f"--set {key.strip()}") for key, _, value in pairs}
 
 
 def recipe_path(task: str, optimizer: str) -> Path:

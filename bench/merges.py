@@ -41,18 +41,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 HOLDOUT = 0.1
 EVAL_CAP = 2000
 
 
 def parse_entry(entry: str) -> tuple[str, dict]:
+    from umtam.config.schema import parse_yaml
+
     method, _, rest = entry.partition(":")
     options = {}
     for pair in filter(None, rest.split(",")):
         key, _, value = pair.partition("=")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = parse_yaml(value, f"--grid {key.strip()}")
     return method.strip(), options
 
 

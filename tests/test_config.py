@@ -51,3 +51,17 @@ def test_bad_recipes(tmp_path, text, message):
     recipe.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_recipe(recipe)
+
+
+def test_a_float_with_an_exponent_and_no_dot_is_a_number_as_in_yaml_1_2(tmp_path):
+    # PyYAML's YAML 1.1 reads `lr: 5e-5` as the string '5e-5'; every Trainer recipe writes rates that way
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: mrpc\nlr: 5e-5\nweight-decay: 1E-2\nmax-steps: 100\nwarmup-ratio: .06\nseed: 0x10\n")
+    assert load_recipe(recipe) == {"task": "mrpc", "lr": 5e-5, "weight_decay": 0.01, "max_steps": 100,
+                                   "warmup_ratio": 0.06, "seed": 16}
+    config = build_config(TrainConfig, load_recipe(recipe), {"output": "a"})
+    assert (config.lr, config.weight_decay) == (5e-5, 0.01)
+    from umtam.config.schema import parse_yaml
+
+    assert [parse_yaml(text, "x") for text in ("-2.5e+3", "1_000e2", "[1e-3, 2]")] == [-2500.0, 1e5, [0.001, 2]]
+    assert [parse_yaml(text, "x") for text in ("1e", "e5", "5e-5x", "v1e5")] == ["1e", "e5", "5e-5x", "v1e5"]

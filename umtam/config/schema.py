@@ -22,6 +22,7 @@ named as the flag (``--rank``), one from a recipe by its key (``rank``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -306,8 +307,29 @@ def _recipe_text(path: Path) -> str:
 MAX_YAML_DEPTH = 32
 
 
+# YAML 1.1 (PyYAML) reads a float only with a dot: `lr: 5e-5` would be the string '5e-5'.
+# YAML 1.2, JSON and every recipe a Trainer user writes read it as a number, and so does umtam.
+_EXPONENT_FLOAT = r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"
+
+
+@functools.lru_cache(maxsize=1)
+def _loader():
+    """SafeLoader, plus floats written with an exponent and no dot (built on first use: yaml loads lazily)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT), list("-+0123456789"))
+    return Loader
+
+
 def parse_yaml(text: str, where: str) -> Any:
     """``yaml.safe_load`` of a recipe or an option value; any problem is one ConfigError naming ``where``.
+
+    Floats may be written with an exponent and no dot (5e-5), as in YAML 1.2.
 
     The events are read first, before anything is built, and two shapes are
     refused: aliases (nested ten deep, a few hundred bytes of ``&a [*a, *a]``
@@ -317,8 +339,8 @@ def parse_yaml(text: str, where: str) -> Any:
     import yaml
 
     try:
-        _check_events(yaml.parse(text, Loader=yaml.SafeLoader), where)
-        return yaml.safe_load(text)
+        _check_events(yaml.parse(text, Loader=_loader()), where)
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(exc)})") from exc
     except (ValueError, OverflowError) as exc:
