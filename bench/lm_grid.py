@@ -394,26 +394,46 @@ def plot(grid: dict) -> list[Path]:
     for axis in axes:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
+        axis.set_xticks(grid["ranks"], [str(r) for r in grid["ranks"]])  # the grid's ranks, drawn or not yet
+        axis.set_xlim(grid["ranks"][0] / 1.4, grid["ranks"][-1] * 1.4)
     out = RESULTS / grid["name"] / "loss_vs_rank.png"
     figure.savefig(out, dpi=110)
-    drawn = [out]
-    figure = Figure(figsize=(6, 4), layout="tight")
+    return [out, plot_middle_curves(grid, rows, chosen, canvas_class)]
+
+
+# One colour map per optimizer, darker for a higher rank, so 16 curves stay readable.
+CURVE_COLOURS = {"umtam": "Blues", "mofasgd": "Oranges", "galore": "Greens"}
+
+
+def plot_middle_curves(grid: dict, rows: list[dict], chosen: dict, canvas_class) -> Path:
+    """Validation loss against step of every middle-regime run of the grid's seed."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 4.2), layout="tight")
     canvas_class(figure)
     axis = figure.subplots()
-    for row in rows:
+    ranks = grid["ranks"]
+    for row in sorted(rows, key=lambda r: (r["optimizer"], r["rank"] or 0)):
         lrs = chosen.get(row["optimizer"], [])
         if failed(row, grid) or row["steps"] != grid["steps"] or not lrs or row["lr"] != lrs[1] or row["seed"] != grid["seed"]:
             continue
         steps, losses = zip(*row["val_curve"])
-        axis.plot(steps, losses, label=f"{row['optimizer']}" + (f" r={row['rank']}" if row["rank"] else ""))
+        if row["rank"] and row["optimizer"] in CURVE_COLOURS:
+            shade = 0.35 + 0.65 * ranks.index(row["rank"]) / max(1, len(ranks) - 1) if row["rank"] in ranks else 1.0
+            colour, style = colormaps[CURVE_COLOURS[row["optimizer"]]](shade), "-"
+        else:
+            colour, style = "black", "--"
+        axis.plot(steps, losses, color=colour, linestyle=style,
+                  label=f"{row['optimizer']}" + (f" r={row['rank']}" if row["rank"] else ""))
     axis.set_xlabel("step")
     axis.set_ylabel("validation loss")
-    axis.set_title("middle lr regime")
+    axis.set_title("middle lr regime (darker: higher rank)")
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=6, ncol=2)
     curves = RESULTS / grid["name"] / "middle_curves.png"
     figure.savefig(curves, dpi=110)
-    return drawn + [curves]
+    return curves
 
 
 def main() -> int:
