@@ -323,8 +323,9 @@ def sweep_table(results: list[dict]) -> str:
 
 
 def variant_label(row: dict) -> str:
-    """What a UMTAM run changes from the plain r=8 expert: its rank, switches and --set options."""
-    parts = ([f"r={row['rank']}"] if row["rank"] != 8 else []) + [v.replace("_", "-") for v in VARIANTS if row.get(v)]
+    """What a run changes from the plain expert (UMTAM's: r=8): its rank, switches and --set options."""
+    ranked = row["optimizer"] == "umtam" and row["rank"] != 8
+    parts = ([f"r={row['rank']}"] if ranked else []) + [v.replace("_", "-") for v in VARIANTS if row.get(v)]
     parts += [f"{key}={value}" for key, value in sorted(row.get("settings", {}).items())]
     return ", ".join(parts) or "plain r=8"
 
@@ -342,9 +343,10 @@ def variants_table(results: list[dict], seeds: tuple[int, ...]) -> str:
             continue
         groups: dict[str, list[dict]] = {}
         adamw = best.get((task, "adamw"))
-        if adamw is not None:
-            groups["AdamW"] = [r for r in results if r["task"] == task and r["optimizer"] == "adamw"
-                               and r["lr"] == adamw["lr"] and r["seed"] in seeds]
+        if adamw is not None:  # the plain AdamW expert, then AdamW under the same variant (is it UMTAM's alone?)
+            for row in sorted((r for r in results if r["task"] == task and r["optimizer"] == "adamw"
+                               and r["lr"] == adamw["lr"] and r["seed"] in seeds), key=is_variant):
+                groups.setdefault(f"AdamW, {variant_label(row)}" if is_variant(row) else "AdamW", []).append(row)
         for row in sorted(runs, key=lambda r: (variant_label(r) != "plain r=8", variant_label(r))):
             groups.setdefault(variant_label(row), []).append(row)
         for label, rows in groups.items():

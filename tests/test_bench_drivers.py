@@ -177,6 +177,7 @@ def test_the_variants_table_puts_each_hypothesis_beside_the_plain_expert_over_it
                 "holdout_score": dev + 0.05, "dev_score": dev, **extra}
 
     results = [row("adamw", 5e-5, 42, 0.25), row("adamw", 5e-5, 43, 0.27),
+               row("adamw", 5e-5, 42, 0.26, settings={"warmup_ratio": 0}),  # the same variant of AdamW, apart
                row("umtam", 1e-4, 42, 0.20), row("umtam", 1e-4, 43, 0.18),
                row("umtam", 2e-4, 42, 0.10),  # another lr: not the chosen one, left out
                row("umtam", 1e-4, 42, 0.24, settings={"dense_lr": 5e-5}),
@@ -184,6 +185,7 @@ def test_the_variants_table_puts_each_hypothesis_beside_the_plain_expert_over_it
                row("umtam", 1e-4, 42, 0.23, error_feedback=True), row("umtam", 1e-4, 42, 0.21, rank=32)]
     lines = experts.variants_table(results, (42, 43)).splitlines()[2:]
     assert lines == ["| cola | AdamW | 5e-5 | 31.00 +- 1.41 | 26.00 +- 1.41 | 42, 43 |",
+                     "| cola | AdamW, warmup_ratio=0 | 5e-5 | 31.00 | 26.00 | 42 |",
                      "| cola | plain r=8 | 1e-4 | 24.00 +- 1.41 | 19.00 +- 1.41 | 42, 43 |",
                      "| cola | dense_lr=5e-05 | 1e-4 | 28.00 +- 1.41 | 23.00 +- 1.41 | 42, 43 |",
                      "| cola | error-feedback | 1e-4 | 28.00 | 23.00 | 42 |",
