@@ -14,6 +14,8 @@ seeds=${SEEDS:-42,43,44}
 common=(--tasks cola --optimizers umtam --lrs umtam=1e-4 --seeds "$seeds")
 python bench/experts.py "${common[@]}" --set dense_lr=5e-05
 python bench/experts.py "${common[@]}" --set warmup_ratio=0
+# and AdamW without warm-up: a gain both optimizers get would not explain UMTAM's gap
+python bench/experts.py --tasks cola --optimizers adamw --lrs adamw=5e-5 --seeds "$seeds" --set warmup_ratio=0
 python bench/experts.py "${common[@]}" --set warmup_ratio=0.15
 python bench/experts.py "${common[@]}" --ranks 32,64
 python bench/experts.py "${common[@]}" --error-feedback
