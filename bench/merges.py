@@ -103,13 +103,11 @@ def with_dev(row: dict, ckpt, args) -> dict:
 
 
 def score_chosen_on_dev(name: str, tag: str, seeds: tuple[int, ...], experts_of, args) -> None:
-    """With ``dev_at: chosen``: dev for each method's holdout-chosen setting alone (by the mean over the
-    seeds, as chosen_table chooses), merged again for each seed (merging is deterministic)."""
-    by_label = settings(name, tag, seeds)
-    for method in dict.fromkeys(row["method"] for by_seed in by_label.values() for row in by_seed.values()):
-        candidates = [by_seed for by_seed in by_label.values() if next(iter(by_seed.values()))["method"] == method]
-        best = max(candidates, key=lambda by_seed: mean(r["holdout_avg"] for r in by_seed.values()))
-        for seed, row in best.items():
+    """With ``dev_at: chosen``: dev for each seed's holdout-chosen setting of each method alone (as
+    chosen_table chooses), merged again (merging is deterministic)."""
+    methods = dict.fromkeys(row["method"] for by_seed in settings(name, tag, seeds).values() for row in by_seed.values())
+    for method in methods:
+        for seed, row in seed_choices(name, tag, seeds, method, "holdout_avg").items():
             if row["dev"] is not None:
                 continue
             with merged(experts_of(seed), method, row["applied_options"], args) as (ckpt, _seconds):
@@ -453,8 +451,25 @@ def load_rows(name: str, tag: str, seed: int) -> list[dict]:
     return [{"seed": seed, **row} for row in rows]
 
 
+def seed_choices(name: str, tag: str, seeds: tuple[int, ...], method: str, key: str) -> dict[int, dict]:
+    """seed -> that seed's row of ``method`` with the best ``key`` (holdout_avg, or dev_avg where scored).
+
+    Each seed chooses on its own holdout, as each seed's sweep refined and widened around its own
+    best: a setting only one seed reached is never compared, as a mean, with settings all seeds ran.
+    """
+    by_label = settings(name, tag, seeds)
+    choices = {}
+    for seed in seeds:
+        rows = [by_seed[seed] for by_seed in by_label.values()
+                if seed in by_seed and by_seed[seed]["method"] == method and by_seed[seed][key] is not None]
+        if rows:
+            choices[seed] = max(rows, key=lambda row: row[key])
+    return choices
+
+
 def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | None = None) -> str:
-    """Per method: the setting with the best mean holdout score, its dev scores; then the best on dev, labelled.
+    """Per method: each seed's holdout-chosen setting and its dev scores, mean +- std over the seeds; then
+    each seed's best on dev, labelled (an oracle).
 
     A chosen value that is the smallest or largest of its option's values
     swept for that method is marked "(edge)": the grid may cut the optimum off.
@@ -470,17 +485,24 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
     every_dev = all(row["dev"] is not None for row in rows)
     for by, key in (("holdout", "holdout_avg"), ("dev (oracle)", "dev_avg"))[:2 if every_dev else 1]:
         for method in methods:
-            candidates = {setting: runs for setting, runs in by_label.items()
-                          if next(iter(runs.values()))["method"] == method}
-            best = max(candidates.values(), key=lambda runs: mean(r[key] for r in runs.values()))
-            runs = list(best.values())
-            swept = [next(iter(r.values()))["options"] for r in candidates.values()]
-            setting = ", ".join(f"{k}={v}{' (edge)' if on_edge(k, v, swept) else ''}"
-                                for k, v in sorted(runs[0]["options"].items())) or "-"
-            per_task = " | ".join(dev_cell(runs, t) for t in tasks)
-            lines.append(f"| {method} | {by} | {setting} | {per_task} | {avg_cell(runs, 'dev_avg')} "
-                         f"| {norm.cell(runs, 'dev')} | {', '.join(map(str, best))} |")
+            choices = seed_choices(name, tag, seeds, method, key)
+            runs = list(choices.values())
+            swept = [row["options"] for row in rows if row["method"] == method]
+            lines.append(f"| {method} | {by} | {setting_cell(choices, swept)} | "
+                         + " | ".join(dev_cell(runs, t) for t in tasks)
+                         + f" | {avg_cell(runs, 'dev_avg')} | {norm.cell(runs, 'dev')} | {', '.join(map(str, choices))} |")
     return "\n".join(lines + ["", norm.note()])
+
+
+def setting_cell(choices: dict[int, dict], swept: list[dict]) -> str:
+    """The chosen options ("-" for none), once if every seed chose the same, else per seed."""
+    def shown(options: dict) -> str:
+        return ", ".join(f"{k}={v}{' (edge)' if on_edge(k, v, swept) else ''}" for k, v in sorted(options.items())) or "-"
+
+    texts = {seed: shown(row["options"]) for seed, row in choices.items()}
+    if len(set(texts.values())) <= 1:
+        return next(iter(texts.values()), "-")
+    return "; ".join(f"s{seed}: {text}" for seed, text in texts.items())
 
 
 def on_edge(key: str, value, swept: list[dict]) -> bool:

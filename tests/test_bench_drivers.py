@@ -268,3 +268,25 @@ def test_lm_grid_cost_table_shows_peak_gpu_memory_only_when_a_run_had_a_gpu(lm_g
     gpu = [{**row, "peak_gpu_bytes": 3.5e9} for row in cpu] + [{**cpu[0], "seconds_per_step": 4.0,
                                                                 "peak_gpu_bytes": 2.5e9}]
     assert lm_grid.cost_table(grid, gpu).splitlines()[2] == "| umtam | 32 | 2 | 0 | 3.00 | 9.0 | 3.50 |"
+
+
+def test_each_seed_chooses_its_own_merge_setting_and_a_setting_one_seed_reached_is_not_averaged_in(
+        bench_module, tmp_path, monkeypatch):
+    merges = bench_module("merges")
+    monkeypatch.setattr(merges, "RESULTS", tmp_path)
+    points = {42: [("ties", {"keep": 0.1}, 0.60, 0.50), ("ties", {"keep": 0.2}, 0.55, 0.52)],
+              43: [("ties", {"keep": 0.1}, 0.50, 0.48), ("ties", {"keep": 0.2}, 0.58, 0.49),
+                   ("ties", {"keep": 0.2, "lambda": 2.0}, 0.70, 0.40)]}  # widened on seed 43 alone
+    for seed, rows in points.items():
+        folder = merges.results_dir("sweep", "minilm", seed)
+        folder.mkdir(parents=True)
+        for method, options, holdout, dev in rows:
+            row = {"method": method, "options": options, "holdout_avg": holdout, "dev_avg": dev, "seed": seed}
+            (folder / f"{merges.label(method, options)}.json").write_text(json.dumps(row))
+    choices = merges.seed_choices("sweep", "minilm", (42, 43), "ties", "holdout_avg")
+    assert {seed: row["options"] for seed, row in choices.items()} == {42: {"keep": 0.1}, 43: {"keep": 0.2, "lambda": 2.0}}
+    swept = [options for rows in points.values() for _, options, _, _ in rows]
+    assert merges.setting_cell(choices, swept) == "s42: keep=0.1 (edge); s43: keep=0.2 (edge), lambda=2.0"
+    oracle = merges.seed_choices("sweep", "minilm", (42, 43), "ties", "dev_avg")
+    assert [row["dev_avg"] for row in oracle.values()] == [0.52, 0.49]
+    assert merges.setting_cell(oracle, swept) == "keep=0.2 (edge)"  # both seeds: shown once
