@@ -494,6 +494,28 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
     return "\n".join(lines + ["", norm.note()])
 
 
+def paired_table(name: str, tag: str, seeds: tuple[int, ...], reference: str = "umtam",
+                 data_dir: str | None = None) -> str:
+    """Each method's holdout-chosen dev average minus ``reference``'s, seed by seed: mean +- std of the
+    differences, the spread a difference has to exceed to be called."""
+    rows = [row for by_seed in settings(name, tag, seeds).values() for row in by_seed.values()]
+    norm = Normaliser(rows, tag, data_dir)
+    ours = seed_choices(name, tag, seeds, reference, "holdout_avg")
+    lines = [f"| method | dev avg - {reference}'s | normalised avg - {reference}'s | seeds |", "|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        theirs = seed_choices(name, tag, seeds, method, "holdout_avg")
+        paired = [seed for seed in theirs if seed in ours and theirs[seed]["dev"] is not None
+                  and ours[seed]["dev"] is not None]
+        if method == reference or not paired:
+            continue
+        raw = [theirs[seed]["dev_avg"] - ours[seed]["dev_avg"] for seed in paired]
+        normalised = [(norm.average(theirs[seed], "dev"), norm.average(ours[seed], "dev")) for seed in paired]
+        norm_cell = ("n/a" if any(None in pair for pair in normalised)
+                     else spread([a - b for a, b in normalised], percent=True))
+        lines.append(f"| {method} | {spread(raw)} | {norm_cell} | {', '.join(map(str, paired))} |")
+    return "\n".join(lines)
+
+
 def setting_cell(choices: dict[int, dict], swept: list[dict]) -> str:
     """The chosen options ("-" for none), once if every seed chose the same, else per seed."""
     def shown(options: dict) -> str:
@@ -539,7 +561,8 @@ def main() -> int:
     name = sweep["name"] if sweep else args.name
     if args.report:
         name = name if args.report is True else args.report
-        print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir))
+        print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir)
+              + "\n\n" + paired_table(name, tag, seeds, data_dir=args.data_dir))
         return 0
     args.eval_cap = sweep["eval_cap"] if sweep else EVAL_CAP
     args.dev_at = sweep["dev_at"] if sweep else "every"

@@ -290,3 +290,22 @@ def test_each_seed_chooses_its_own_merge_setting_and_a_setting_one_seed_reached_
     oracle = merges.seed_choices("sweep", "minilm", (42, 43), "ties", "dev_avg")
     assert [row["dev_avg"] for row in oracle.values()] == [0.52, 0.49]
     assert merges.setting_cell(oracle, swept) == "keep=0.2 (edge)"  # both seeds: shown once
+
+
+def test_the_paired_table_differences_each_seeds_choice_from_umtams_on_the_same_seed(
+        bench_module, tmp_path, monkeypatch):
+    merges = bench_module("merges")
+    monkeypatch.setattr(merges, "RESULTS", tmp_path)
+    points = {42: [("umtam", {"keep": 0.2}, 0.60, 0.52), ("ties", {"keep": 0.1}, 0.58, 0.50),
+                   ("ties", {"keep": 0.2}, 0.50, 0.55)],  # better on dev, not chosen
+              43: [("umtam", {"keep": 0.2}, 0.61, 0.50), ("ties", {"keep": 0.1}, 0.55, 0.51)]}
+    for seed, rows in points.items():
+        folder = merges.results_dir("sweep", "minilm", seed)
+        folder.mkdir(parents=True)
+        for method, options, holdout, dev in rows:
+            row = {"method": method, "options": options, "holdout_avg": holdout, "dev_avg": dev, "seed": seed,
+                   "experts": [], "holdout": {"sst2": {"score": holdout}}, "dev": {"sst2": {"score": dev}}}
+            (folder / f"{merges.label(method, options)}.json").write_text(json.dumps(row))
+    lines = merges.paired_table("sweep", "minilm", (42, 43)).splitlines()
+    # ties minus umtam: 0.50 - 0.52 and 0.51 - 0.50, in points; no expert results, so nothing to normalise by
+    assert lines[2:] == ["| ties | -0.50 +- 2.12 | n/a | 42, 43 |"]
