@@ -516,6 +516,29 @@ def paired_table(name: str, tag: str, seeds: tuple[int, ...], reference: str = "
     return "\n".join(lines)
 
 
+def ablation_table(name: str, tag: str, seeds: tuple[int, ...], grid: dict, data_dir: str | None = None) -> str:
+    """A recipe with ``chosen_from`` (the ablation): one row per grid entry, whatever setting each seed
+    chose, dev mean +- std and the paired difference from the first entry (the full method)."""
+    rows = [row for by_seed in settings(name, tag, seeds).values() for row in by_seed.values()]
+    norm = Normaliser(rows, tag, data_dir)
+    entries = expand_grid(grid)
+    ablated = {key for _, options in entries for key in options}  # what the entries switch
+
+    def runs_of(method: str, options: dict) -> dict[int, dict]:
+        return {row["seed"]: row for row in rows if row["method"] == method
+                and all(row["options"].get(key) == options.get(key) for key in ablated)}
+
+    full = runs_of(*entries[0])
+    lines = [f"| variant | dev avg | normalised avg | dev avg - {label(*entries[0])}'s | seeds |", "|---|---|---|---|---|"]
+    for method, options in entries:
+        runs = runs_of(method, options)
+        paired = [runs[seed]["dev_avg"] - full[seed]["dev_avg"] for seed in runs if seed in full]
+        lines.append(f"| {label(method, options)} | {avg_cell(list(runs.values()), 'dev_avg')} "
+                     f"| {norm.cell(list(runs.values()), 'dev')} | {spread(paired) if paired else '-'} "
+                     f"| {', '.join(map(str, sorted(runs)))} |")
+    return "\n".join(lines)
+
+
 def setting_cell(choices: dict[int, dict], swept: list[dict]) -> str:
     """The chosen options ("-" for none), once if every seed chose the same, else per seed."""
     def shown(options: dict) -> str:
@@ -561,6 +584,9 @@ def main() -> int:
     name = sweep["name"] if sweep else args.name
     if args.report:
         name = name if args.report is True else args.report
+        if sweep and sweep.get("chosen_from"):
+            print(ablation_table(name, tag, seeds, sweep["grid"], args.data_dir))
+            return 0
         print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir)
               + "\n\n" + paired_table(name, tag, seeds, data_dir=args.data_dir))
         return 0

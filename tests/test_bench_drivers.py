@@ -309,3 +309,20 @@ def test_the_paired_table_differences_each_seeds_choice_from_umtams_on_the_same_
     lines = merges.paired_table("sweep", "minilm", (42, 43)).splitlines()
     # ties minus umtam: 0.50 - 0.52 and 0.51 - 0.50, in points; no expert results, so nothing to normalise by
     assert lines[2:] == ["| ties | -0.50 +- 2.12 | n/a | 42, 43 |"]
+
+
+def test_the_ablation_table_groups_each_variant_over_the_settings_its_seeds_chose(bench_module, tmp_path, monkeypatch):
+    merges = bench_module("merges")
+    monkeypatch.setattr(merges, "RESULTS", tmp_path)
+    points = {42: [({"keep": 0.6}, 0.52), ({"keep": 0.6, "trim": "magnitude"}, 0.48)],
+              43: [({"keep": 0.05, "lambda": 2.0}, 0.54), ({"keep": 0.05, "lambda": 2.0, "trim": "magnitude"}, 0.53)]}
+    for seed, rows in points.items():
+        folder = merges.results_dir("ablation", "minilm", seed)
+        folder.mkdir(parents=True)
+        for options, dev in rows:
+            row = {"method": "umtam", "options": options, "holdout_avg": dev, "dev_avg": dev, "seed": seed,
+                   "experts": [], "holdout": {"sst2": {"score": dev}}, "dev": {"sst2": {"score": dev}}}
+            (folder / f"{merges.label('umtam', options)}.json").write_text(json.dumps(row))
+    lines = merges.ablation_table("ablation", "minilm", (42, 43), {"umtam": [{}, {"trim": "magnitude"}]}).splitlines()
+    assert lines[2:] == ["| umtam | 53.00 +- 1.41 | n/a | 0.00 +- 0.00 | 42, 43 |",
+                         "| umtam-trimmagnitude | 50.50 +- 3.54 | n/a | -2.50 +- 2.12 | 42, 43 |"]
