@@ -105,9 +105,9 @@ def with_dev(row: dict, ckpt, args) -> dict:
 def score_chosen_on_dev(name: str, tag: str, seeds: tuple[int, ...], experts_of, args) -> None:
     """With ``dev_at: chosen``: dev for each seed's holdout-chosen setting of each method alone (as
     chosen_table chooses), merged again (merging is deterministic)."""
-    methods = dict.fromkeys(row["method"] for by_seed in settings(name, tag, seeds).values() for row in by_seed.values())
-    for method in methods:
-        for seed, row in seed_choices(name, tag, seeds, method, "holdout_avg").items():
+    rows = all_rows(name, tag, seeds)
+    for method in dict.fromkeys(row["method"] for row in rows):
+        for seed, row in seed_choices(rows, seeds, method, "holdout_avg").items():
             if row["dev"] is not None:
                 continue
             with merged(experts_of(seed), method, row["applied_options"], args) as (ckpt, _seconds):
@@ -418,7 +418,7 @@ def widening_entries(name: str, tag: str, seed: int, grid: dict) -> list[tuple[s
                 continue
             if value == tried[-1]:
                 new = WIDENINGS[key](value, True)
-            elif len(tried) > 1 and value == tried[0]:
+            elif value == tried[0]:
                 new = WIDENINGS[key](value, False)
             else:
                 continue
@@ -451,19 +451,22 @@ def load_rows(name: str, tag: str, seed: int) -> list[dict]:
     return [{"seed": seed, **row} for row in rows]
 
 
-def seed_choices(name: str, tag: str, seeds: tuple[int, ...], method: str, key: str) -> dict[int, dict]:
+def all_rows(name: str, tag: str, seeds: tuple[int, ...]) -> list[dict]:
+    """Every row of the seeds asked for (each carries its seed); a seed without any result is refused."""
+    return [row for by_seed in settings(name, tag, seeds).values() for row in by_seed.values()]
+
+
+def seed_choices(rows: list[dict], seeds: tuple[int, ...], method: str, key: str) -> dict[int, dict]:
     """seed -> that seed's row of ``method`` with the best ``key`` (holdout_avg, or dev_avg where scored).
 
     Each seed chooses on its own holdout, as each seed's sweep refined and widened around its own
     best: a setting only one seed reached is never compared, as a mean, with settings all seeds ran.
     """
-    by_label = settings(name, tag, seeds)
     choices = {}
     for seed in seeds:
-        rows = [by_seed[seed] for by_seed in by_label.values()
-                if seed in by_seed and by_seed[seed]["method"] == method and by_seed[seed][key] is not None]
-        if rows:
-            choices[seed] = max(rows, key=lambda row: row[key])
+        candidates = [row for row in rows if row["seed"] == seed and row["method"] == method and row[key] is not None]
+        if candidates:
+            choices[seed] = max(candidates, key=lambda row: row[key])
     return choices
 
 
@@ -474,8 +477,7 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
     A chosen value that is the smallest or largest of its option's values
     swept for that method is marked "(edge)": the grid may cut the optimum off.
     """
-    by_label = settings(name, tag, seeds)
-    rows = [row for by_seed in by_label.values() for row in by_seed.values()]
+    rows = all_rows(name, tag, seeds)
     tasks = list(rows[0]["holdout"])
     norm = Normaliser(rows, tag, data_dir)
     lines = ["| method | chosen by | setting | " + " | ".join(tasks) + " | dev avg | normalised avg | seeds |",
@@ -485,7 +487,7 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
     every_dev = all(row["dev"] is not None for row in rows)
     for by, key in (("holdout", "holdout_avg"), ("dev (oracle)", "dev_avg"))[:2 if every_dev else 1]:
         for method in methods:
-            choices = seed_choices(name, tag, seeds, method, key)
+            choices = seed_choices(rows, seeds, method, key)
             runs = list(choices.values())
             swept = [row["options"] for row in rows if row["method"] == method]
             lines.append(f"| {method} | {by} | {setting_cell(choices, swept)} | "
@@ -498,12 +500,12 @@ def paired_table(name: str, tag: str, seeds: tuple[int, ...], reference: str = "
                  data_dir: str | None = None) -> str:
     """Each method's holdout-chosen dev average minus ``reference``'s, seed by seed: mean +- std of the
     differences, the spread a difference has to exceed to be called."""
-    rows = [row for by_seed in settings(name, tag, seeds).values() for row in by_seed.values()]
+    rows = all_rows(name, tag, seeds)
     norm = Normaliser(rows, tag, data_dir)
-    ours = seed_choices(name, tag, seeds, reference, "holdout_avg")
+    ours = seed_choices(rows, seeds, reference, "holdout_avg")
     lines = [f"| method | dev avg - {reference}'s | normalised avg - {reference}'s | seeds |", "|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
-        theirs = seed_choices(name, tag, seeds, method, "holdout_avg")
+        theirs = seed_choices(rows, seeds, method, "holdout_avg")
         paired = [seed for seed in theirs if seed in ours and theirs[seed]["dev"] is not None
                   and ours[seed]["dev"] is not None]
         if method == reference or not paired:
@@ -519,7 +521,7 @@ def paired_table(name: str, tag: str, seeds: tuple[int, ...], reference: str = "
 def ablation_table(name: str, tag: str, seeds: tuple[int, ...], grid: dict, data_dir: str | None = None) -> str:
     """A recipe with ``chosen_from`` (the ablation): one row per grid entry, whatever setting each seed
     chose, dev mean +- std and the paired difference from the first entry (the full method)."""
-    rows = [row for by_seed in settings(name, tag, seeds).values() for row in by_seed.values()]
+    rows = all_rows(name, tag, seeds)
     norm = Normaliser(rows, tag, data_dir)
     entries = expand_grid(grid)
     ablated = {key for _, options in entries for key in options}  # what the entries switch

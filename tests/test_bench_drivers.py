@@ -283,11 +283,12 @@ def test_each_seed_chooses_its_own_merge_setting_and_a_setting_one_seed_reached_
         for method, options, holdout, dev in rows:
             row = {"method": method, "options": options, "holdout_avg": holdout, "dev_avg": dev, "seed": seed}
             (folder / f"{merges.label(method, options)}.json").write_text(json.dumps(row))
-    choices = merges.seed_choices("sweep", "minilm", (42, 43), "ties", "holdout_avg")
+    rows = merges.all_rows("sweep", "minilm", (42, 43))
+    choices = merges.seed_choices(rows, (42, 43), "ties", "holdout_avg")
     assert {seed: row["options"] for seed, row in choices.items()} == {42: {"keep": 0.1}, 43: {"keep": 0.2, "lambda": 2.0}}
     swept = [options for rows in points.values() for _, options, _, _ in rows]
     assert merges.setting_cell(choices, swept) == "s42: keep=0.1 (edge); s43: keep=0.2 (edge), lambda=2.0"
-    oracle = merges.seed_choices("sweep", "minilm", (42, 43), "ties", "dev_avg")
+    oracle = merges.seed_choices(rows, (42, 43), "ties", "dev_avg")
     assert [row["dev_avg"] for row in oracle.values()] == [0.52, 0.49]
     assert merges.setting_cell(oracle, swept) == "keep=0.2 (edge)"  # both seeds: shown once
 
