@@ -37,6 +37,7 @@ def tensor_rows(ckpt) -> list[dict]:
     from umtam.prune import prunable_names
     from umtam.saliency import curvature_mean, row_col_factors
     from umtam.saliency_map import module_type
+    from umtam.scores import fisher_key
 
     tensors, stats = ckpt.load_tensors(), ckpt.load_stats()
     family = family_of_dir(ckpt.path)
@@ -55,7 +56,7 @@ def tensor_rows(ckpt) -> list[dict]:
             "abs_t_in_zero_rows": float(matrix[r == 0].sum() / matrix.sum()) if matrix.sum() > 0 else 0.0,
             "r_peak": _peak(r), "c_peak": _peak(c),
             "r_top1pct_share": _top_share(r, 0.01), "c_top1pct_share": _top_share(c, 0.01),
-            **_factored_fit(stats.get(f"fisher/{name}"), r, c),
+            **_factored_fit(stats.get(fisher_key(name)), r, c),
         })
     return rows
 
@@ -65,14 +66,14 @@ def _factored_fit(dense, r, c) -> dict[str, float]:
 
     Both EMAs have the same rate and bias correction, so the ratio is the factorisation's error alone.
     """
-    from umtam.optim.functional import factored_rms_factors
+    from umtam.optim.functional import factored_rsqrt_denominator
 
     if dense is None:
         return {}
-    a, b = factored_rms_factors(r, c)
-    dense = dense.float().reshape(len(a), -1)
+    factored = factored_rsqrt_denominator(r, c, eps=0.0)  # UMTAM's denominator, eps aside
+    dense = dense.float().reshape(factored.shape)
     reached = dense > 0
-    ratio = ((a[:, None] * b[None, :])[reached] / dense[reached].sqrt()).log2()
+    ratio = (factored[reached] / dense[reached].sqrt()).log2()
     return {"denominator_log2_ratio_median": float(ratio.median()),
             "denominator_off_2x": float((ratio.abs() > 1).double().mean()),
             "denominator_under_half": float((ratio < -1).double().mean())}
