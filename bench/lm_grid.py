@@ -254,12 +254,16 @@ def failed(row: dict, grid: dict) -> bool:
     return row["diverged"] or row["final_val_loss"] > uniform_loss(grid["model"])
 
 
-def cells(grid: dict, rows: list[dict], chosen: dict[str, list[float]]) -> dict[tuple[str, str, int | None], list]:
-    """(optimizer, regime, rank) -> the grid-length runs' final losses over seeds (inf where failed)."""
+def cells(grid: dict, rows: list[dict], chosen: dict[str, list[float]],
+          seed: int | None = None) -> dict[tuple[str, str, int | None], list]:
+    """(optimizer, regime, rank) -> the grid-length runs' final losses over seeds (inf where failed).
+
+    ``seed``: that seed's runs only, so spreads compare runs of one seed.
+    """
     out: dict[tuple[str, str, int | None], list] = {}
     for row in rows:
         lrs = chosen.get(row["optimizer"], [])
-        if row["steps"] != grid["steps"] or row["lr"] not in lrs:
+        if row["steps"] != grid["steps"] or row["lr"] not in lrs or seed not in (None, row["seed"]):
             continue
         regime = REGIMES[lrs.index(row["lr"])]
         loss = math.inf if failed(row, grid) else row["final_val_loss"]
@@ -274,10 +278,21 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} +- {statistics.stdev(values):.3f}"
 
 
+def spread(values: list[float]) -> str:
+    """max - min of the finite values and its share of their mean, the failed ones counted apart."""
+    finite = [v for v in values if math.isfinite(v)]
+    diverged = len(values) - len(finite)
+    note = f" ({diverged} failed)" if diverged else ""
+    if len(finite) < 2:
+        return f"-{note} | -"
+    return f"{max(finite) - min(finite):.3f}{note} | {100 * (max(finite) - min(finite)) / statistics.mean(finite):.1f}%"
+
+
 def report(grid: dict) -> str:
     rows = load_rows(grid)
     chosen = regimes(grid, rows)
     table = cells(grid, rows, chosen)
+    one_seed = cells(grid, rows, chosen, seed=grid["seed"])  # spreads compare runs of the same seed
     ranks = grid["ranks"]
     on_edge = {run[0] for run in widening_runs(grid, rows)}
     lines = [coarse_table(grid, rows), "", "lr regimes (from the coarse sweep):"]
@@ -285,25 +300,44 @@ def report(grid: dict) -> str:
               + (" (best lr on the edge of those tried: widen)" if opt in on_edge else "")
               for opt, lrs in chosen.items()]
     lines += ["", "| optimizer | regime | lr | " + " | ".join(f"r={r}" for r in ranks)
-              + " | spread across ranks (max-min) | relative |", "|---|---|---|" + "---|" * (len(ranks) + 2)]
+              + f" | spread across ranks (max-min, seed {grid['seed']}) | relative |",
+              "|---|---|---|" + "---|" * (len(ranks) + 2)]
     for opt, lrs in chosen.items():
         for regime, lr in zip(REGIMES, lrs):
             if has_rank(opt):
-                per_rank = [table.get((opt, regime, r)) for r in ranks]
-                means = [statistics.mean(v) for v in per_rank if v]
-                finite = [m for m in means if math.isfinite(m)]
-                shown = [fmt(v) if v else "-" for v in per_rank]
-                diverged = len(means) - len(finite)
-                note = f" ({diverged} failed)" if diverged else ""
-                spread = (f"{max(finite) - min(finite):.3f}{note} | "
-                          f"{100 * (max(finite) - min(finite)) / statistics.mean(finite):.1f}%"
-                          if len(finite) > 1 else f"-{note} | -")
-                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown) + f" | {spread} |")
+                shown = [fmt(v) if (v := table.get((opt, regime, r))) else "-" for r in ranks]
+                seed_losses = [v[0] for r in ranks if (v := one_seed.get((opt, regime, r)))]
+                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown) + f" | {spread(seed_losses)} |")
             else:
                 value = table.get((opt, regime, None))  # no rank: its one run is the reference at every rank
                 lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join([fmt(value) if value else "-"] * len(ranks))
                              + " | no rank | - |")
-    lines += ["", lr_spread_table(grid, table, chosen), "", cost_table(grid, rows)]
+    lines += ["", lr_spread_table(grid, one_seed, chosen), "", seed_table(grid, rows, chosen, one_seed), "",
+              cost_table(grid, rows)]
+    return "\n".join(lines)
+
+
+def seed_table(grid: dict, rows: list[dict], chosen: dict, one_seed: dict) -> str:
+    """The middle regime at the seed ranks over every seed: the noise a difference across ranks or optimizers
+    has to exceed. Each optimizer's loss minus UMTAM's is paired by seed (same token stream, same init)."""
+    middle = {}  # (optimizer, rank) -> {seed: final loss, inf where failed}
+    for row in rows:
+        lrs = chosen.get(row["optimizer"], [])
+        if row["steps"] == grid["steps"] and lrs and row["lr"] == lrs[1] and row["rank"] in (*grid["seed_ranks"], None):
+            loss = math.inf if failed(row, grid) else row["final_val_loss"]
+            middle.setdefault((row["optimizer"], row["rank"]), {})[row["seed"]] = loss
+    lines = ["| optimizer | rank | lr | seeds | final loss | - umtam's (paired) | rank spread, seed "
+             f"{grid['seed']} (max-min) |", "|---|---|---|---|---|---|---|"]
+    for (opt, rank), losses in sorted(middle.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        if len(losses) < 2:
+            continue
+        seeds = sorted(losses)
+        reference = middle.get(("umtam", rank or grid["seed_ranks"][0]), {})  # AdamW: against UMTAM's first
+        paired = [losses[s] - reference[s] for s in seeds if s in reference]
+        versus = "-" if opt == "umtam" or len(paired) < 2 else fmt(paired)
+        per_rank = [v[0] for r in grid["ranks"] if (v := one_seed.get((opt, "middle", r)))] if rank else []
+        lines.append(f"| {opt} | {rank or '-'} | {chosen[opt][1]:g} | {', '.join(map(str, seeds))} | "
+                     f"{fmt([losses[s] for s in seeds])} | {versus} | {spread(per_rank).split(' | ')[0]} |")
     return "\n".join(lines)
 
 
@@ -324,7 +358,8 @@ def coarse_table(grid: dict, rows: list[dict]) -> str:
 
 
 def lr_spread_table(grid: dict, table, chosen) -> str:
-    """Per optimizer and rank: the spread of final loss across the three regimes (diverged counted apart)."""
+    """Per optimizer and rank: the spread of final loss across the three regimes (diverged counted apart),
+    over ``table``'s runs (the report passes one seed's)."""
     ranks = grid["ranks"]
     lines = ["| optimizer | " + " | ".join(f"r={r} spread across lrs" for r in ranks) + " |",
              "|---|" + "---|" * len(ranks)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -99,6 +100,25 @@ def test_lm_grid_trains_the_middle_regime_first_then_high_then_low(lm_grid):
         ("umtam", 8, 1e-3), ("umtam", 32, 1e-3), ("adamw", 8, 3e-3),
         ("umtam", 8, 1e-2), ("umtam", 32, 1e-2), ("adamw", 8, 3e-2),
         ("umtam", 8, 1e-4), ("umtam", 32, 1e-4), ("adamw", 8, 3e-4)]
+
+
+def test_lm_grid_seed_table_pairs_each_optimizer_with_umtam_by_seed_and_spreads_use_one_seed(lm_grid):
+    grid = {"steps": 200, "seed": 0, "ranks": [8, 32], "seed_ranks": [32], "model": str(ROOT / "recipes/models/gpt2-mini")}
+    chosen = {"umtam": [1e-4, 1e-3, 1e-2], "adamw": [1e-4, 1e-3, 1e-2]}
+
+    def run(optimizer, rank, loss, seed):
+        return {**_grid_row(optimizer, 1e-3, loss, rank=rank, steps=200), "seed": seed}
+    rows = [run("umtam", 8, 4.5, 0), run("umtam", 32, 4.0, 0), run("umtam", 32, 4.2, 1), run("umtam", 32, 4.4, 2),
+            run("adamw", None, 4.1, 0), run("adamw", None, 4.1, 1), run("adamw", None, 4.7, 2)]
+    one_seed = lm_grid.cells(grid, rows, chosen, seed=0)
+    assert one_seed[("umtam", "middle", 32)] == [4.0]
+    # the rank spread is seed 0's (4.5 - 4.0), not the three-seed mean's (4.5 - 4.2)
+    assert lm_grid.spread([v[0] for r in (8, 32) if (v := one_seed.get(("umtam", "middle", r)))]) == "0.500 | 11.8%"
+    table = lm_grid.seed_table(grid, rows, chosen, one_seed).splitlines()
+    # adamw - umtam per seed: +0.1, -0.1, +0.3
+    assert table[2] == "| adamw | - | 0.001 | 0, 1, 2 | 4.300 +- 0.346 | 0.100 +- 0.200 | - |"
+    assert table[3] == "| umtam | 32 | 0.001 | 0, 1, 2 | 4.200 +- 0.200 | - | 0.500 |"
+    assert lm_grid.spread([4.0, math.inf]) == "- (1 failed) | -"
 
 
 @pytest.fixture
