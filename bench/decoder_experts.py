@@ -82,15 +82,14 @@ def expert_data(recipe: dict, spec: dict) -> dict[str, str]:
 
 def write_passages(text_files: dict[str, Path], out: Path) -> None:
     """Each .txt cut at blank lines into one JSON document per passage, as ``out``/<name>: the folder is
-    written whole or not at all (umtam.atomic.write_directory)."""
-    from umtam.atomic import write_directory
+    written whole or not at all (umtam.atomic.write_jsonl_directory)."""
+    from umtam.atomic import write_jsonl_directory
 
-    def fill(staging: Path) -> None:
-        for name, text_file in text_files.items():
-            passages = [p.strip() for p in text_file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-            (staging / name).write_text("".join(json.dumps({"text": p}) + "\n" for p in passages), encoding="utf-8")
+    def passages(text_file: Path) -> list[dict]:
+        return [{"text": p.strip()} for p in text_file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
-    write_directory(out, fill, what="passages", replace=True)
+    write_jsonl_directory(out, {name: passages(text_file) for name, text_file in text_files.items()},
+                          what="passages")
 
 
 def train_one(recipe: dict, expert: str, optimizer: str, seed: int) -> dict:

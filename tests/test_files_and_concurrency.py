@@ -492,6 +492,17 @@ def test_a_write_never_replaces_an_output_that_appeared_meanwhile(tmp_path):
     assert [path.name for path in out.iterdir()] == ["theirs"] and sorted(tmp_path.iterdir()) == [out]
 
 
+def test_a_jsonl_directory_replaces_the_earlier_one_whole(tmp_path):
+    from umtam.atomic import write_jsonl_directory
+
+    out = tmp_path / "data"
+    write_jsonl_directory(out, {"old.jsonl": [{"text": "gone"}]}, what="passages")
+    write_jsonl_directory(out, {"a.jsonl": [{"text": "x"}, {"n": 1}], "b.jsonl": []}, what="passages")
+    assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.jsonl"]
+    assert (out / "a.jsonl").read_text() == '{"text": "x"}\n{"n": 1}\n' and (out / "b.jsonl").read_text() == ""
+    assert sorted(tmp_path.iterdir()) == [out]  # no staging directory left
+
+
 # ----------------------------------------------------------------------------- inputs changed while read
 
 

@@ -367,6 +367,16 @@ def write_directory(out: Path, fill: Callable[[Path], T], *, what: str = "output
     return result
 
 
+def write_jsonl_directory(out: Path, files: Mapping[str, Iterable[Mapping[str, Any]]], *, what: str) -> None:
+    """``out``/<name> with one JSON object a line for each of ``files``, written whole or not at all,
+    replacing an earlier ``out`` (data a driver regenerates, never a user's output)."""
+    def fill(staging: Path) -> None:
+        for name, rows in files.items():
+            (staging / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    write_directory(out, fill, what=what, replace=True)
+
+
 def remove_dead_leftovers(out: Path) -> None:
     """Delete staging directories that killed writes to ``out`` left behind.
 

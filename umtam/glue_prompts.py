@@ -11,7 +11,6 @@ registered here; STS-B, a regression, has no label words and is not one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -62,17 +61,11 @@ def write_choice_files(task: str, out: Path, *, data_dir: str | Path | None = No
     The folder is named for the task's data in a checkpoint (``choice:<folder name>``);
     it is written whole or not at all, replacing an earlier one (umtam.atomic.write_directory).
     """
-    from umtam.atomic import write_directory
+    from umtam.atomic import write_jsonl_directory
     from umtam.data import load_task
 
     data = load_task(PROMPTS.get(task).task, data_dir=data_dir, max_train_samples=max_train_rows, seed=seed)
     (dev,) = data.eval.values()
-    splits = {"train.jsonl": data.train, "validation.jsonl": dev}
-
-    def fill(staging: Path) -> None:
-        for name, examples in splits.items():
-            (staging / name).write_text("".join(json.dumps(row) + "\n" for row in choice_rows(task, examples)),
-                                        encoding="utf-8")
-
-    write_directory(out, fill, what="choice data", replace=True)
+    write_jsonl_directory(out, {"train.jsonl": choice_rows(task, data.train), "validation.jsonl": choice_rows(task, dev)},
+                          what="choice data")
     return {"train": out / "train.jsonl", "validation": out / "validation.jsonl"}
