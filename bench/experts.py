@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -330,11 +331,25 @@ def variant_label(row: dict) -> str:
     return ", ".join(parts) or "plain r=8"
 
 
+TAIL_STEPS = 120  # the training loss a variants row reports: the mean of its last steps (one step is noise)
+
+
+def tail_loss(row: dict) -> float:
+    return statistics.mean(row["loss_curve"][-TAIL_STEPS:])
+
+
+def loss_spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f}" + (f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
 def variants_table(results: list[dict], seeds: tuple[int, ...]) -> str:
     """Per task with variants: AdamW and the plain UMTAM expert at their chosen lrs, then each UMTAM variant
-    at the plain one's lr; holdout and dev mean +- std over the seeds each has (issue 15 item 5's layout)."""
+    at the plain one's lr; optimizer state, final training loss, holdout and dev mean +- std over the seeds
+    each has (issue 15 item 5's layout): whether a variant fits the training set better, and whether that
+    carries to held-out rows."""
     best = chosen(results)
-    lines = ["| task | run | lr | holdout | dev | seeds |", "|---|---|---|---|---|---|"]
+    lines = [f"| task | run | lr | state MiB | train loss (last {TAIL_STEPS} steps) | holdout | dev | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for task in TASK_ORDER:
         plain = best.get((task, "umtam"))
         runs = [r for r in results if r["task"] == task and r["optimizer"] == "umtam" and r["seed"] in seeds
@@ -350,7 +365,8 @@ def variants_table(results: list[dict], seeds: tuple[int, ...]) -> str:
         for row in sorted(runs, key=lambda r: (variant_label(r) != "plain r=8", variant_label(r))):
             groups.setdefault(variant_label(row), []).append(row)
         for label, rows in groups.items():
-            lines.append(f"| {task} | {label} | {short_lr(rows[0]['lr'])} | {spread([r['holdout_score'] for r in rows])} "
+            lines.append(f"| {task} | {label} | {short_lr(rows[0]['lr'])} | {rows[0]['state_bytes'] / 2**20:.2f} | "
+                         f"{loss_spread([tail_loss(r) for r in rows])} | {spread([r['holdout_score'] for r in rows])} "
                          f"| {spread([r['dev_score'] for r in rows])} | {', '.join(str(r['seed']) for r in rows)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

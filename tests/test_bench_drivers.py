@@ -193,8 +193,10 @@ def test_lm_grid_widens_an_optimizers_coarse_sweep_while_its_best_lr_is_on_the_e
 
 def test_the_variants_table_puts_each_hypothesis_beside_the_plain_expert_over_its_seeds(experts):
     def row(optimizer, lr, seed, dev, rank=8, **extra):
+        # a loss curve whose last 120 steps average 2 * dev: the first 10 steps (9.0) must not count
         return {"task": "cola", "optimizer": optimizer, "rank": rank, "lr": lr, "seed": seed,
-                "holdout_score": dev + 0.05, "dev_score": dev, **extra}
+                "holdout_score": dev + 0.05, "dev_score": dev, "loss_curve": [9.0] * 10 + [2 * dev] * 120,
+                "state_bytes": (rank if optimizer == "umtam" else 100) * 2**20, **extra}
 
     results = [row("adamw", 5e-5, 42, 0.25), row("adamw", 5e-5, 43, 0.27),
                row("adamw", 5e-5, 42, 0.26, settings={"warmup_ratio": 0}),  # the same variant of AdamW, apart
@@ -204,12 +206,12 @@ def test_the_variants_table_puts_each_hypothesis_beside_the_plain_expert_over_it
                row("umtam", 1e-4, 43, 0.22, settings={"dense_lr": 5e-5}),
                row("umtam", 1e-4, 42, 0.23, error_feedback=True), row("umtam", 1e-4, 42, 0.21, rank=32)]
     lines = experts.variants_table(results, (42, 43)).splitlines()[2:]
-    assert lines == ["| cola | AdamW | 5e-5 | 31.00 +- 1.41 | 26.00 +- 1.41 | 42, 43 |",
-                     "| cola | AdamW, warmup_ratio=0 | 5e-5 | 31.00 | 26.00 | 42 |",
-                     "| cola | plain r=8 | 1e-4 | 24.00 +- 1.41 | 19.00 +- 1.41 | 42, 43 |",
-                     "| cola | dense_lr=5e-05 | 1e-4 | 28.00 +- 1.41 | 23.00 +- 1.41 | 42, 43 |",
-                     "| cola | error-feedback | 1e-4 | 28.00 | 23.00 | 42 |",
-                     "| cola | r=32 | 1e-4 | 26.00 | 21.00 | 42 |"]
+    assert lines == ["| cola | AdamW | 5e-5 | 100.00 | 0.520 +- 0.028 | 31.00 +- 1.41 | 26.00 +- 1.41 | 42, 43 |",
+                     "| cola | AdamW, warmup_ratio=0 | 5e-5 | 100.00 | 0.520 | 31.00 | 26.00 | 42 |",
+                     "| cola | plain r=8 | 1e-4 | 8.00 | 0.380 +- 0.028 | 24.00 +- 1.41 | 19.00 +- 1.41 | 42, 43 |",
+                     "| cola | dense_lr=5e-05 | 1e-4 | 8.00 | 0.460 +- 0.028 | 28.00 +- 1.41 | 23.00 +- 1.41 | 42, 43 |",
+                     "| cola | error-feedback | 1e-4 | 8.00 | 0.460 | 28.00 | 23.00 | 42 |",
+                     "| cola | r=32 | 1e-4 | 32.00 | 0.420 | 26.00 | 21.00 | 42 |"]
 
 
 def test_settings_without_dev_show_no_dev_cells(bench_module):
