@@ -340,7 +340,7 @@ def _run_loop(loop: _Loop, features, total_steps, progress, log: _RunLog, states
             shard, factor = context.shard(indices)
             batch = loop.objective.collate([features[i] for i in shard], loop.pad_token_id)
             with loop.precision.autocast():
-                loss = forward(**{key: value.to(device) for key, value in batch.items()}).loss
+                loss = loop.objective.train_loss(forward, {key: value.to(device) for key, value in batch.items()})
             if context.enabled:  # weight this rank's mean so DDP's average is the global batch's mean
                 loss = loss * factor
             batch_loss = distributed.global_mean(loss, context)  # the same on every rank

@@ -10,6 +10,7 @@ module that implements it. Each such module provides:
     build_model(source, spec, *, from_config)   the model to train
     prepare(spec, config, tokenizer, max_length, progress) -> Prepared
     collate(features, pad_token_id) -> a batch of tensors with labels
+    train_loss(forward, batch) -> the loss a training step minimises (forward: the model, or its DDP wrapper)
     evaluate(model, features, task, *, pad_token_id, batch_size, progress) -> metrics
 
 Adding an objective is one module plus its registration below.

@@ -57,6 +57,11 @@ def collate(features, pad_token_id: int):
     return batching.collate(features, pad_token_id)
 
 
+def train_loss(forward, batch):
+    """The head's own loss (cross-entropy, or mean squared error for regression)."""
+    return forward(**batch).loss
+
+
 def evaluate(model, features, task: str, *, pad_token_id: int, batch_size: int = 64,
              progress: ProgressFn = no_progress) -> dict[str, float]:
     """Metrics of ``model`` on encoded ``features`` (which carry their labels).
