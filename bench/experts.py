@@ -155,6 +155,7 @@ def run_and_record(task, optimizer, rank, lr, seed, args) -> None:
     # asked, e.g. on a new machine before the prune and merge sweeps, which read it
     if path.exists() and (checkpoint_written or not args.rebuild_missing):
         return
+    print(f"training {name}" + (" (its checkpoint is gone: rebuilding)" if path.exists() else ""), flush=True)
     row = train_one(task, optimizer, rank, lr, seed, args)
     path.write_text(json.dumps(row, indent=1) + "\n")
     print(f"{row['name']}: holdout {row['holdout_score']:.4f} dev {row['dev_score']:.4f} "

@@ -129,10 +129,10 @@ def _device_name() -> str:
 def run_all(grid: dict, runs: list[tuple[str, int, float, int, int]], keep: bool) -> None:
     out = RESULTS / grid["name"]
     out.mkdir(parents=True, exist_ok=True)
-    for optimizer, rank, lr, seed, steps in runs:
+    todo = [run for run in runs if not (out / f"{run_name(*run)}.json").exists()]
+    for number, (optimizer, rank, lr, seed, steps) in enumerate(todo, 1):
         path = out / f"{run_name(optimizer, rank, lr, seed, steps)}.json"
-        if path.exists():
-            continue
+        print(f"training {path.stem} ({number} of {len(todo)}; {len(runs) - len(todo)} already done)", flush=True)
         row = train_one(grid, optimizer, rank, lr, seed, steps, keep)
         path.write_text(json.dumps(row, indent=1) + "\n")
         shown = "diverged" if row["diverged"] else f"val loss {row['final_val_loss']:.4f}"
