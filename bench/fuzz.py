@@ -18,6 +18,7 @@ grew past RSS_GROWTH_LIMIT.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import resource
 import shutil
@@ -72,7 +73,7 @@ def random_cases(args, seed_dir: Path, scratch: Path) -> tuple[Tally, Counter]:
     for index in range(args.first, args.first + args.cases):
         case_dir = scratch / f"case-{index}"
         targets[make_case(random.Random(f"{args.seed}:{index}"), seed_dir, case_dir)] += 1
-        tally.run(f"case {index}", lambda: case_outcome(exercise(case_dir)))
+        tally.run(f"case {index}", lambda case=case_dir: case_outcome(exercise(case)))
         shutil.rmtree(case_dir, ignore_errors=True)
     return tally, targets
 
@@ -81,7 +82,7 @@ def sidecar_sweep(seed_dir: Path) -> Tally:
     tally = Tally()
     for kind, document in sidecar_variants(seed_dir).items():
         for where, mutated in single_point_mutations(document):
-            tally.run(f"{kind} sidecar, {where}", lambda: _inspect_outcome(seed_dir, mutated))
+            tally.run(f"{kind} sidecar, {where}", functools.partial(_inspect_outcome, seed_dir, mutated))
     return tally
 
 
