@@ -8,6 +8,9 @@
 #   what the rank-8 momentum drops        -> --ranks 32,64
 #   error feedback of the dropped part    -> --error-feedback
 #   the momentum's beta (0.9)             -> --set beta1=0.8, --set beta1=0.95
+#   the factored second moment alone      -> --ranks 384 --dense-embeddings: at full rank the momentum is
+#     the dense EMA (test_full_rank_momentum_is_the_dense_ema), the embeddings get AdamW; what is left
+#     against AdamW is the encoder's factored second moment. About 5 s a step on one thread (an hour a run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=${SEEDS:-42,43,44}
@@ -21,3 +24,4 @@ python bench/experts.py "${common[@]}" --ranks 32,64
 python bench/experts.py "${common[@]}" --error-feedback
 python bench/experts.py "${common[@]}" --set beta1=0.8
 python bench/experts.py "${common[@]}" --set beta1=0.95
+python bench/experts.py "${common[@]}" --ranks 384 --dense-embeddings
