@@ -24,4 +24,4 @@ python bench/experts.py "${common[@]}" --ranks 32,64
 python bench/experts.py "${common[@]}" --error-feedback
 python bench/experts.py "${common[@]}" --set beta1=0.8
 python bench/experts.py "${common[@]}" --set beta1=0.95
-python bench/experts.py "${common[@]}" --ranks 384 --dense-embeddings
+python bench/experts.py --tasks cola --optimizers umtam --lrs umtam=1e-4 --seeds 42 --ranks 384 --dense-embeddings  # one seed first
