@@ -129,9 +129,8 @@ def _device_name() -> str:
 def run_all(grid: dict, runs: list[tuple[str, int, float, int, int]], keep: bool) -> None:
     out = RESULTS / grid["name"]
     out.mkdir(parents=True, exist_ok=True)
-    todo = [run for run in runs if not (out / f"{run_name(*run)}.json").exists()]
-    for number, (optimizer, rank, lr, seed, steps) in enumerate(todo, 1):
-        path = out / f"{run_name(optimizer, rank, lr, seed, steps)}.json"
+    todo = [(run, path) for run in runs if not (path := out / f"{run_name(*run)}.json").exists()]
+    for number, ((optimizer, rank, lr, seed, steps), path) in enumerate(todo, 1):
         print(f"training {path.stem} ({number} of {len(todo)}; {len(runs) - len(todo)} already done)", flush=True)
         row = train_one(grid, optimizer, rank, lr, seed, steps, keep)
         path.write_text(json.dumps(row, indent=1) + "\n")
@@ -278,14 +277,18 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} +- {statistics.stdev(values):.3f}"
 
 
-def spread(values: list[float]) -> str:
-    """max - min of the finite values and its share of their mean, the failed ones counted apart."""
+def max_min(values: list[float]) -> str:
+    """max - min of the finite values ("-" with fewer than two), the failed ones counted apart."""
     finite = [v for v in values if math.isfinite(v)]
     diverged = len(values) - len(finite)
-    note = f" ({diverged} failed)" if diverged else ""
-    if len(finite) < 2:
-        return f"-{note} | -"
-    return f"{max(finite) - min(finite):.3f}{note} | {100 * (max(finite) - min(finite)) / statistics.mean(finite):.1f}%"
+    return (f"{max(finite) - min(finite):.3f}" if len(finite) > 1 else "-") + (f" ({diverged} failed)" if diverged else "")
+
+
+def spread(values: list[float]) -> str:
+    """max_min and, as a second cell, its share of the finite values' mean."""
+    finite = [v for v in values if math.isfinite(v)]
+    relative = f"{100 * (max(finite) - min(finite)) / statistics.mean(finite):.1f}%" if len(finite) > 1 else "-"
+    return f"{max_min(values)} | {relative}"
 
 
 def report(grid: dict) -> str:
@@ -337,7 +340,7 @@ def seed_table(grid: dict, rows: list[dict], chosen: dict, one_seed: dict) -> st
         versus = "-" if opt == "umtam" or len(paired) < 2 else fmt(paired)
         per_rank = [v[0] for r in grid["ranks"] if (v := one_seed.get((opt, "middle", r)))] if rank else []
         lines.append(f"| {opt} | {rank or '-'} | {chosen[opt][1]:g} | {', '.join(map(str, seeds))} | "
-                     f"{fmt([losses[s] for s in seeds])} | {versus} | {spread(per_rank).split(' | ')[0]} |")
+                     f"{fmt([losses[s] for s in seeds])} | {versus} | {max_min(per_rank)} |")
     return "\n".join(lines)
 
 
@@ -366,11 +369,7 @@ def lr_spread_table(grid: dict, table, chosen) -> str:
     for opt in chosen:
         shown = []
         for rank in ranks if has_rank(opt) else [None]:
-            means = [statistics.mean(v) for regime in REGIMES if (v := table.get((opt, regime, rank)))]
-            finite = [m for m in means if math.isfinite(m)]
-            diverged = len(means) - len(finite)
-            text = f"{max(finite) - min(finite):.3f}" if len(finite) > 1 else "-"
-            shown.append(text + (f" ({diverged} failed)" if diverged else ""))
+            shown.append(max_min([statistics.mean(v) for regime in REGIMES if (v := table.get((opt, regime, rank)))]))
         shown = shown if has_rank(opt) else shown * len(ranks)  # no rank: one spread, shown at every rank
         lines.append(f"| {opt} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
