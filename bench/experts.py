@@ -255,19 +255,22 @@ def quality_table(results: list[dict], seeds: tuple[int, ...] = (SELECTION_SEED,
              "| UMTAM dev | UMTAM - AdamW | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         adamw, umtam = best.get((task, "adamw")), best.get((task, "umtam"))
-        if not (adamw and umtam):
-            continue
-        adamw_runs, umtam_runs = same_setting(results, adamw), same_setting(results, umtam)
-        seeds = sorted({r["seed"] for r in adamw_runs} & {r["seed"] for r in umtam_runs})
-        gaps = [by_seed(umtam_runs)[seed]["dev_score"] - by_seed(adamw_runs)[seed]["dev_score"] for seed in seeds]
-        metric = " / ".join(adamw["dev"]["validation"])
-        lines.append(f"| {task} | {metric} | {dev_baselines(task, data_dir, cap)} "
-                     f"| {short_lr(adamw['lr'])} ({100 * adamw['holdout_score']:.2f}) "
-                     f"| {spread([r['dev_score'] for r in adamw_runs])} "
-                     f"| {short_lr(umtam['lr'])} ({100 * umtam['holdout_score']:.2f}) "
-                     f"| {spread([r['dev_score'] for r in umtam_runs])} | {spread(gaps, signed=True)} "
-                     f"| {', '.join(map(str, seeds))} |")
+        adamw_runs, umtam_runs = (same_setting(results, row) if row else [] for row in (adamw, umtam))
+        paired = sorted({r["seed"] for r in adamw_runs} & {r["seed"] for r in umtam_runs})
+        gaps = [by_seed(umtam_runs)[seed]["dev_score"] - by_seed(adamw_runs)[seed]["dev_score"] for seed in paired]
+        shown = sorted({r["seed"] for r in adamw_runs + umtam_runs}) if not paired else paired
+        metric = " / ".join((adamw or umtam)["dev"]["validation"])
+        lines.append(f"| {task} | {metric} | {dev_baselines(task, data_dir, cap)} | {choice_cells(adamw, adamw_runs)} "
+                     f"| {choice_cells(umtam, umtam_runs)} | {spread(gaps, signed=True)} "
+                     f"| {', '.join(map(str, shown))} |")
     return "\n".join(lines)
+
+
+def choice_cells(row: dict | None, runs: list[dict]) -> str:
+    """'lr (holdout) | dev mean +- std' of one optimizer's choice; dashes where it has not been trained."""
+    if row is None:
+        return "- | -"
+    return f"{short_lr(row['lr'])} ({100 * row['holdout_score']:.2f}) | {spread([r['dev_score'] for r in runs])}"
 
 
 def same_setting(results: list[dict], row: dict) -> list[dict]:

@@ -55,6 +55,13 @@ def test_the_quality_table_reports_mean_and_spread_over_seeds(experts, tmp_path)
     assert "| 79.00 +- 1.00 |" in table and "| 82.00 +- 1.00 |" in table and "| +3.00 +- 1.73 | 42, 43, 44 |" in table
 
 
+def test_the_quality_table_shows_a_task_trained_with_one_optimizer_only(experts, tmp_path):
+    write_result(tmp_path, seed=42, optimizer="umtam", lr=2e-4, dev_score=0.775)
+    table = experts.quality_table(experts.load_results("minilm"), (42,))
+    # no AdamW expert yet: its cells and the gap are dashes, UMTAM's choice and dev still show
+    assert "| - | - | 2e-4 (" in table and "| 77.50 | - | 42 |" in table
+
+
 @pytest.fixture
 def lm_grid(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
