@@ -208,7 +208,7 @@ def no_tokenizer_files(env: Env) -> None:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (env.a / name).exists():
             (env.a / name).unlink()
-            edit_sidecar(env.a, lambda s: s["files"].pop(name))
+            edit_sidecar(env.a, lambda s, name=name: s["files"].pop(name))
 
 
 def model_without_vocabulary(env: Env) -> None:

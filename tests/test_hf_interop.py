@@ -60,7 +60,7 @@ def save_plain_model(directory, base_dir, *, seed, scale=0.002, finetuning_task=
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
     model.config.finetuning_task = finetuning_task

@@ -239,7 +239,7 @@ def test_error_feedback_keeps_the_residual_and_a_near_best_rank_r():
     signal = torch.randn(m, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, n, generator=gen, dtype=torch.float64)
     p = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
     opt = UMTAM([p], rank=r, betas=BETAS, error_feedback=True)
-    for t in range(10):
+    for _ in range(10):
         G = signal + 0.3 * torch.randn(m, n, generator=gen, dtype=torch.float64)
         st = opt.state[p]
         prev = (_product(st), st["E"].clone()) if st else (torch.zeros(m, n, dtype=torch.float64),) * 2
@@ -353,8 +353,8 @@ def test_factored_second_moment_is_bias_corrected_and_zero_before_the_first_step
 def _roundtrip_through_safetensors(state_dict):
     """Optimizer state -> safetensors bytes + JSON groups -> state dict, as a checkpoint would."""
     tensors = {}
-    for pid, st in state_dict["state"].items():
-        for key, value in st.items():
+    for pid, entries in state_dict["state"].items():
+        for key, value in entries.items():
             assert isinstance(value, torch.Tensor), f"state {pid}/{key} is a {type(value).__name__}"
             tensors[f"{pid}/{key}"] = value
     blob = st_save(tensors)
