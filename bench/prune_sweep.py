@@ -181,6 +181,33 @@ def cell_means(sweep: dict, tag: str, seeds: tuple[int, ...], split: str) -> dic
     return means
 
 
+def cell_gaps(sweep: dict, tag: str, seeds: tuple[int, ...], score: str, split: str = "dev") -> list[list[float]]:
+    """Per (expert, keep) cell: ``score`` minus magnitude on the split, paired by seed (cells every seed has)."""
+    gaps = []
+    for by_seed in load_points(sweep, tag, seeds).values():
+        point = {(seed, r["score"], r["keep"]): r.get(f"{split}_score") for seed, rows in by_seed.items() for r in rows}
+        for keep in sweep["keeps"]:
+            pairs = [(point.get((seed, score, keep)), point.get((seed, "magnitude", keep))) for seed in by_seed]
+            if all(a is not None and b is not None for a, b in pairs):
+                gaps.append([a - b for a, b in pairs])
+    return gaps
+
+
+def beyond_spread(gaps: list[list[float]]) -> tuple[int, int]:
+    """(cells ahead, cells behind) where the seed-mean gap exceeds its sample standard deviation.
+
+    One seed has no spread, so nothing counts: the README calls a difference only where it exceeds the spread.
+    """
+    import statistics
+
+    ahead = behind = 0
+    for cell in gaps:
+        if len(cell) < 2 or abs(statistics.mean(cell)) <= statistics.stdev(cell):
+            continue
+        ahead, behind = (ahead + 1, behind) if statistics.mean(cell) > 0 else (ahead, behind + 1)
+    return ahead, behind
+
+
 def study(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     """Per score: cells at or above magnitude and mean score, on holdout (where it is chosen) and on dev.
 
@@ -190,8 +217,8 @@ def study(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     """
     import statistics
 
-    lines = ["| score | holdout cells >= magnitude | holdout mean | dev cells >= magnitude | dev mean |",
-             "|---|---|---|---|---|"]
+    lines = ["| score | holdout cells >= magnitude | holdout mean | dev cells >= magnitude | dev mean "
+             "| dev cells ahead / behind beyond the spread |", "|---|---|---|---|---|---|"]
     summary = {}
     for split in ("holdout", "dev"):
         means = cell_means(sweep, tag, seeds, split)
@@ -204,8 +231,9 @@ def study(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     for score in sweep["scores"]:
         held, dev = summary[(score, "holdout")], summary[(score, "dev")]
         mark = " (chosen on holdout)" if score == ranked[-1] else ""
+        ahead, behind = beyond_spread(cell_gaps(sweep, tag, seeds, score)) if score != "magnitude" else ("-", "-")
         lines.append(f"| {score}{mark} | {held[0]} of {held[1]} | {100 * held[2]:.2f} | {dev[0]} of {dev[1]} "
-                     f"| {100 * dev[2]:.2f} |")
+                     f"| {100 * dev[2]:.2f} | {ahead} / {behind} |")
     return "\n".join(lines)
 
 

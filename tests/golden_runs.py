@@ -45,7 +45,7 @@ TRAIN_RUNS = {
     "umtam-dense-embeddings": ["--dense-embeddings"],
 }
 PRUNE_RUNS = {
-    "curvature-global": ["--keep", "0.3"],
+    "curvature-global": ["--keep", "0.3", "--score", "curvature"],
     "magnitude-tensor": ["--keep", "0.3", "--score", "magnitude", "--scope", "tensor"],
 }
 MERGE_RUNS = {

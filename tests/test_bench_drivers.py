@@ -356,3 +356,30 @@ def test_the_ablation_table_groups_each_variant_over_the_settings_its_seeds_chos
     lines = merges.ablation_table("ablation", "minilm", (42, 43), {"umtam": [{}, {"trim": "magnitude"}]}).splitlines()
     assert lines[2:] == ["| umtam | 53.00 +- 1.41 | n/a | 0.00 +- 0.00 | 42, 43 |",
                          "| umtam-trimmagnitude | 50.50 +- 3.54 | n/a | -2.50 +- 2.12 | 42, 43 |"]
+
+
+@pytest.fixture
+def prune_sweep(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    yield importlib.import_module("prune_sweep")
+    sys.modules.pop("prune_sweep", None)
+
+
+def test_a_cell_counts_beyond_the_spread_only_where_its_mean_gap_exceeds_its_std(prune_sweep):
+    gaps = [[0.02, 0.03, 0.04],     # mean 0.03 > std 0.01: ahead
+            [-0.05, -0.06, -0.04],  # behind
+            [0.05, -0.03, 0.01],    # mean 0.01 < std 0.04: a tie
+            [0.09]]                 # one seed has no spread: never counted
+    assert prune_sweep.beyond_spread(gaps) == (1, 1)
+
+
+def test_cell_gaps_pair_each_score_with_magnitude_by_seed(prune_sweep, monkeypatch, tmp_path):
+    sweep = {"experts": ["mrpc-umtam-r8-lr0.0001"], "keeps": [0.1, 0.2]}
+    points = {"mrpc-umtam-r8-lr0.0001": {
+        42: [{"score": "curvature", "keep": 0.1, "dev_score": 0.70}, {"score": "magnitude", "keep": 0.1, "dev_score": 0.75},
+             {"score": "curvature", "keep": 0.2, "dev_score": 0.80}],  # no magnitude at 20%: that cell is left out
+        43: [{"score": "curvature", "keep": 0.1, "dev_score": 0.72}, {"score": "magnitude", "keep": 0.1, "dev_score": 0.71},
+             {"score": "curvature", "keep": 0.2, "dev_score": 0.81}, {"score": "magnitude", "keep": 0.2, "dev_score": 0.8}]}}
+    monkeypatch.setattr(prune_sweep, "load_points", lambda *args: points)
+    (gaps,) = prune_sweep.cell_gaps(sweep, "minilm", (42, 43), "curvature")
+    assert gaps == pytest.approx([-0.05, 0.01])

@@ -202,7 +202,7 @@ def test_prune_keeps_the_requested_fraction_and_evaluates(trained, tmp_path, glu
     assert report["kept_fraction"] == pytest.approx(0.1, abs=0.002)
     sidecar = json.loads((pruned / "umtam.json").read_text())
     assert sidecar["kind"] == "prune"
-    assert sidecar["lineage"]["method"] == {"keep": 0.1, "score": "curvature", "scope": "global"}
+    assert sidecar["lineage"]["method"] == {"keep": 0.1, "score": "curvature-row", "scope": "global"}
     assert sidecar["lineage"]["inputs"][0]["sha256"] == json.loads(
         (out / "umtam.json").read_text())["files"]["model.safetensors"]["sha256"]
     code, stdout, stderr = run_cli("eval", str(pruned), "--data-dir", str(glue_dir), "--max-length", "32", "--json")

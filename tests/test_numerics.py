@@ -166,7 +166,7 @@ def test_global_prune_keeps_exactly_k_under_ties_and_which(family, keep):
     threshold = float(torch.kthvalue(whole, whole.numel() - k + 1).values)
     assert threshold == 0.0 and int((whole >= threshold).sum()) > k  # the old rule would overshoot
 
-    pruned, report = prune_checkpoint(checkpoint, keep=keep)
+    pruned, report = prune_checkpoint(checkpoint, keep=keep, score="curvature")  # the score with zero rows
     assert report.kept_entries == k and report.total_entries == whole.numel() and report.threshold == 0.0
     expected = reference_top_k(whole, k)  # tensors in name order, entries in row-major order
     original, offset = checkpoint.load_tensors(), 0
@@ -180,7 +180,7 @@ def test_global_prune_keeps_exactly_k_under_ties_and_which(family, keep):
 def test_keep_half_no_longer_keeps_everything(family):
     # About 70% of the entries score 0 (zero curvature rows, and the expert's untouched entries):
     # ">= threshold" at a threshold of 0 kept every entry, kept_fraction 1.0.
-    _, report = prune_checkpoint(family.zero_rows, keep=0.5)
+    _, report = prune_checkpoint(family.zero_rows, keep=0.5, score="curvature")
     assert report.kept_entries == keep_count(0.5, report.total_entries)
     assert report.kept_fraction == 0.5
 
@@ -188,7 +188,7 @@ def test_keep_half_no_longer_keeps_everything(family):
 def test_per_tensor_prune_keeps_exactly_k_in_every_tensor_under_ties(family):
     checkpoint = family.zero_rows
     scores = _scores(checkpoint, family)
-    pruned, report = prune_checkpoint(checkpoint, keep=0.8, scope="tensor")
+    pruned, report = prune_checkpoint(checkpoint, keep=0.8, scope="tensor", score="curvature")
     original = checkpoint.load_tensors()
     for name, own in scores.items():
         k = keep_count(0.8, own.numel())

@@ -50,7 +50,7 @@ def test_global_prune_keeps_the_fraction_and_resets_the_rest_to_base(family, exp
     # the global threshold is the exact k-th largest of all the scores
     stats = expert.load_stats()
     scores = torch.cat([
-        score("curvature", n, original[n] - family.base_encoder[n], stats, checkpoint_label="x").reshape(-1)
+        score("curvature-row", n, original[n] - family.base_encoder[n], stats, checkpoint_label="x").reshape(-1)
         for n in names
     ])
     assert report.threshold == tensor_threshold(scores, 0.1)
@@ -116,7 +116,7 @@ def test_written_checkpoint_sidecar_lineage_and_files(expert, tmp_path):
     lineage = reloaded.sidecar.as_json()["lineage"]
     assert lineage["inputs"] == [{"path": str(expert.path.resolve()),
                                   "sha256": expert.sidecar.as_json()["files"]["model.safetensors"]["sha256"]}]
-    assert lineage["method"] == {"keep": 0.2, "score": "curvature", "scope": "tensor"}
+    assert lineage["method"] == {"keep": 0.2, "score": "curvature-row", "scope": "tensor"}
     assert lineage["kept_fraction"] == report.kept_fraction and lineage["threshold"] is None
     for name in ("config.json", "vocab.txt"):
         assert (written.path / name).read_bytes() == (expert.path / name).read_bytes()

@@ -181,7 +181,7 @@ def test_pruned_summary_lineage_names_the_method_and_input(tmp_path):
     pruned, _ = write_pruned(expert, tmp_path / "pruned", keep=0.2)
     lineage = summarize(pruned)["lineage"]
     assert lineage["method"] == "prune"
-    assert lineage["options"] == {"keep": 0.2, "score": "curvature", "scope": "global"}
+    assert lineage["options"] == {"keep": 0.2, "score": "curvature-row", "scope": "global"}
     assert lineage["inputs"] == [{"path": str(expert.path.resolve()), "tasks": ["mrpc"],
                                   "sha256": expert.sidecar.as_json()["files"]["model.safetensors"]["sha256"]}]
     assert lineage["kept_fraction"] == pytest.approx(0.2, abs=0.01)

@@ -2,7 +2,7 @@
 
 One checkpoint in, one out (DESIGN section 5). For every 2-D (and higher)
 encoder weight, T = W - W0 is scored by a saliency (``score``, default
-"curvature": T^2 sqrt(R_i C_j)); the k most salient entries keep their
+"curvature-row": T^2 sqrt(C_j) / mean sqrt(C), umtam.scores); the k most salient entries keep their
 fine-tuned value, the others go back to W0 exactly (``where(mask, W, W0)``, so
 keep=1.0 returns the input weights bit for bit). Heads, 1-D parameters and
 integer buffers are kept as they are.
