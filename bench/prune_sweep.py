@@ -146,7 +146,7 @@ def report(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     for expert, by_seed in load_points(sweep, tag, seeds).items():
         rows = [row for seed_rows in by_seed.values() for row in seed_rows]
         scores = [s for s in sweep["scores"] if any(r["score"] == s for r in rows)]
-        point = {(seed, r["score"], r["keep"]): r for seed, seed_rows in by_seed.items() for r in seed_rows}
+        point = by_cell(by_seed)
         full = [score for seed in by_seed if (score := expert_dev_score(expert_run(expert, tag, seed))) is not None]
         title = f"**{expert}** ({tag}, seed {', '.join(map(str, by_seed))}"
         lines = [title + (f"; unpruned dev {spread(full)})" if full else ")"), "",
@@ -162,7 +162,13 @@ def report(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     return "\n\n".join(sections)
 
 
-def cell_means(sweep: dict, tag: str, seeds: tuple[int, ...], split: str) -> dict[tuple[str, str, float], float]:
+def by_cell(by_seed: dict[int, list[dict]]) -> dict[tuple[int, str, float], dict]:
+    """(seed, score, keep) -> that point, for one expert's points."""
+    return {(seed, row["score"], row["keep"]): row for seed, rows in by_seed.items() for row in rows}
+
+
+def cell_means(sweep: dict, points: dict[str, dict[int, list[dict]]],
+               split: str) -> dict[tuple[str, str, float], float]:
     """(expert, score, keep) -> the seed mean of the split's score, over the cells every seed has.
 
     Only the sweep's own scores and keeps count: studies may share a folder of points.
@@ -170,7 +176,7 @@ def cell_means(sweep: dict, tag: str, seeds: tuple[int, ...], split: str) -> dic
     import statistics
 
     means = {}
-    for expert, by_seed in load_points(sweep, tag, seeds).items():
+    for expert, by_seed in points.items():
         values: dict[tuple[str, float], list[float]] = {}
         for seed_rows in by_seed.values():
             for row in seed_rows:
@@ -181,13 +187,15 @@ def cell_means(sweep: dict, tag: str, seeds: tuple[int, ...], split: str) -> dic
     return means
 
 
-def cell_gaps(sweep: dict, tag: str, seeds: tuple[int, ...], score: str, split: str = "dev") -> list[list[float]]:
+def cell_gaps(sweep: dict, points: dict[str, dict[int, list[dict]]], score: str,
+              split: str = "dev") -> list[list[float]]:
     """Per (expert, keep) cell: ``score`` minus magnitude on the split, paired by seed (cells every seed has)."""
     gaps = []
-    for by_seed in load_points(sweep, tag, seeds).values():
-        point = {(seed, r["score"], r["keep"]): r.get(f"{split}_score") for seed, rows in by_seed.items() for r in rows}
+    for by_seed in points.values():
+        point = by_cell(by_seed)
         for keep in sweep["keeps"]:
-            pairs = [(point.get((seed, score, keep)), point.get((seed, "magnitude", keep))) for seed in by_seed]
+            pairs = [tuple(point.get((seed, name, keep), {}).get(f"{split}_score") for name in (score, "magnitude"))
+                     for seed in by_seed]
             if all(a is not None and b is not None for a, b in pairs):
                 gaps.append([a - b for a, b in pairs])
     return gaps
@@ -200,12 +208,8 @@ def beyond_spread(gaps: list[list[float]]) -> tuple[int, int]:
     """
     import statistics
 
-    ahead = behind = 0
-    for cell in gaps:
-        if len(cell) < 2 or abs(statistics.mean(cell)) <= statistics.stdev(cell):
-            continue
-        ahead, behind = (ahead + 1, behind) if statistics.mean(cell) > 0 else (ahead, behind + 1)
-    return ahead, behind
+    called = [mean for cell in gaps if len(cell) > 1 and abs(mean := statistics.mean(cell)) > statistics.stdev(cell)]
+    return sum(mean > 0 for mean in called), sum(mean < 0 for mean in called)
 
 
 def study(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
@@ -220,8 +224,9 @@ def study(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     lines = ["| score | holdout cells >= magnitude | holdout mean | dev cells >= magnitude | dev mean "
              "| dev cells ahead / behind beyond the spread |", "|---|---|---|---|---|---|"]
     summary = {}
+    points = load_points(sweep, tag, seeds)
     for split in ("holdout", "dev"):
-        means = cell_means(sweep, tag, seeds, split)
+        means = cell_means(sweep, points, split)
         cells = sorted({(e, k) for e, s, k in means if s == "magnitude"})
         for score in sweep["scores"]:
             paired = [(means[(e, score, k)], means[(e, "magnitude", k)]) for e, k in cells if (e, score, k) in means]
@@ -231,7 +236,7 @@ def study(sweep: dict, tag: str, seeds: tuple[int, ...]) -> str:
     for score in sweep["scores"]:
         held, dev = summary[(score, "holdout")], summary[(score, "dev")]
         mark = " (chosen on holdout)" if score == ranked[-1] else ""
-        ahead, behind = beyond_spread(cell_gaps(sweep, tag, seeds, score)) if score != "magnitude" else ("-", "-")
+        ahead, behind = beyond_spread(cell_gaps(sweep, points, score)) if score != "magnitude" else ("-", "-")
         lines.append(f"| {score}{mark} | {held[0]} of {held[1]} | {100 * held[2]:.2f} | {dev[0]} of {dev[1]} "
                      f"| {100 * dev[2]:.2f} | {ahead} / {behind} |")
     return "\n".join(lines)

@@ -373,13 +373,12 @@ def test_a_cell_counts_beyond_the_spread_only_where_its_mean_gap_exceeds_its_std
     assert prune_sweep.beyond_spread(gaps) == (1, 1)
 
 
-def test_cell_gaps_pair_each_score_with_magnitude_by_seed(prune_sweep, monkeypatch, tmp_path):
+def test_cell_gaps_pair_each_score_with_magnitude_by_seed(prune_sweep):
     sweep = {"experts": ["mrpc-umtam-r8-lr0.0001"], "keeps": [0.1, 0.2]}
     points = {"mrpc-umtam-r8-lr0.0001": {
         42: [{"score": "curvature", "keep": 0.1, "dev_score": 0.70}, {"score": "magnitude", "keep": 0.1, "dev_score": 0.75},
              {"score": "curvature", "keep": 0.2, "dev_score": 0.80}],  # no magnitude at 20%: that cell is left out
         43: [{"score": "curvature", "keep": 0.1, "dev_score": 0.72}, {"score": "magnitude", "keep": 0.1, "dev_score": 0.71},
              {"score": "curvature", "keep": 0.2, "dev_score": 0.81}, {"score": "magnitude", "keep": 0.2, "dev_score": 0.8}]}}
-    monkeypatch.setattr(prune_sweep, "load_points", lambda *args: points)
-    (gaps,) = prune_sweep.cell_gaps(sweep, "minilm", (42, 43), "curvature")
+    (gaps,) = prune_sweep.cell_gaps(sweep, points, "curvature")
     assert gaps == pytest.approx([-0.05, 0.01])
