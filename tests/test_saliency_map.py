@@ -92,7 +92,7 @@ def hand_built(tmp_path_factory):
 
 def test_hand_computed_magnitude_and_curvature_shares(hand_built):
     keep = 4 / TOTAL_ENTRIES  # exactly four entries: the top of the five non-zero ones
-    report = saliency_breakdown(hand_built, keep=keep)
+    report = saliency_breakdown(hand_built, keep=keep, scores=("curvature", "magnitude", "curvature-row"))
     assert report["layers"] == ["embeddings", "0", "pooler"]
     assert report["entries"] == TOTAL_ENTRIES and report["skipped"] == {}
     cells = dict(zip(report["modules"], zip(*report["parameters_matrix"])))
@@ -114,6 +114,12 @@ def test_hand_computed_magnitude_and_curvature_shares(hand_built):
     assert curvature["by_module"]["ffn_in"]["topk_share"] == 0.75
     assert curvature["by_module"]["query"]["mass_share"] == pytest.approx(9 / 53.1, rel=1e-4)
     assert curvature["by_module"]["ffn_in"]["mass_share"] == pytest.approx(44.1 / 53.1, rel=1e-4)
+
+    # curvature-row divides each row by its mean sqrt(C): the columns are all ones here, so it is T^2 again
+    # (ffn_in's x10 row scale is exactly what it normalises away) and keeps what magnitude keeps
+    row = report["scores"]["curvature-row"]
+    assert row["threshold"] == pytest.approx(0.25, rel=1e-4)
+    assert row["by_module"] == magnitude["by_module"]
 
     for record in (magnitude, curvature):
         by_layer = record["by_layer"]
@@ -170,9 +176,9 @@ def test_merged_summary_has_lineage_and_expert_metrics(merged):
 
 def test_merged_saliency_skips_curvature_with_a_note(merged):
     _, checkpoint = merged
-    report = summarize(checkpoint, saliency=True, keep=0.2)["saliency"]
+    report = summarize(checkpoint, saliency=True, keep=0.2)["saliency"]  # prune's default and magnitude
     assert list(report["scores"]) == ["magnitude"]
-    assert "no stats.safetensors" in report["skipped"]["curvature"]
+    assert "no stats.safetensors" in report["skipped"]["curvature-row"]
 
 
 def test_pruned_summary_lineage_names_the_method_and_input(tmp_path):
@@ -247,12 +253,28 @@ def test_inspect_saliency_tables_and_lineage_rows(merged):
     code, stdout, stderr = run_cli("inspect", str(checkpoint.path), "--saliency")
     assert code == 0, stderr
     for text in ("lineage", "average", "input 1", "expert", "magnitude saliency", "attention_output",
-                 "mass / params", "curvature saliency skipped"):
+                 "mass / params", "curvature-row saliency skipped"):
         assert text in stdout, text
 
 
+def test_inspect_maps_the_scores_asked_for_in_their_order(hand_built):
+    keep = f"{4 / TOTAL_ENTRIES!r}"
+    asked = ("inspect", str(hand_built.path), "--saliency", "--keep", keep, "--scores", "magnitude, curvature")
+    code, stdout, stderr = run_cli(*asked, "--json")
+    assert code == 0, stderr
+    scores = json.loads(stdout)["saliency"]["scores"]  # the JSON's keys are sorted: the tables keep the order
+    assert set(scores) == {"magnitude", "curvature"}
+    assert scores["curvature"]["threshold"] == pytest.approx(1.6, rel=1e-4)  # the hand-computed case above
+    code, stdout, stderr = run_cli(*asked)
+    assert code == 0, stderr
+    assert 0 <= stdout.index("magnitude saliency") < stdout.index("curvature saliency")
+    code, stdout, stderr = run_cli("inspect", str(hand_built.path), "--saliency")
+    assert code == 0, stderr
+    assert 0 <= stdout.index("curvature-row saliency") < stdout.index("magnitude saliency")  # prune's first
+
+
 def test_plot_of_both_scores_colours_each_cell_by_its_own_maps_peak(hand_built, tmp_path):
-    report = saliency_breakdown(hand_built, keep=4 / TOTAL_ENTRIES)  # the hand-computed case above
+    report = saliency_breakdown(hand_built, keep=4 / TOTAL_ENTRIES, scores=("curvature", "magnitude"))  # as above
     assert list(report["scores"]) == ["curvature", "magnitude"]  # drawn left to right
     rgb = image(plot_breakdown(report, tmp_path / "both.png"))
     # Layer 0's cells: query, key, value, attention_output, ffn_in, ffn_out. Each map is scaled to its
@@ -271,6 +293,8 @@ def test_plot_of_both_scores_colours_each_cell_by_its_own_maps_peak(hand_built, 
 
 @pytest.mark.parametrize("extra, message", [
     (["--keep", "0.1"], "add --saliency or --plot"),
+    (["--scores", "magnitude"], "add --saliency or --plot"),
+    (["--saliency", "--scores", "magnitude,curvy"], "unknown saliency score 'curvy'"),
     (["--saliency", "--keep", "1.5"], "--keep: must be in (0, 1], got 1.5"),
     (["--plot", "nowhere/map.png"], "does not exist"),
     (["--plot", "map.notanimage"], "unknown image format"),

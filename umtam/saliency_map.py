@@ -2,7 +2,7 @@
 
 ``saliency_breakdown`` answers "which parts of the encoder did fine-tuning
 move in ways that matter?" for one checkpoint. For each score (default
-curvature and magnitude, saliency.py) it finds the global top-``keep``
+prune's curvature-row and magnitude, umtam.scores) it finds the global top-``keep``
 cut over all 2-D encoder weights (the entries ``umtam prune --keep`` would
 keep: the same exact k, ties at the threshold broken in the same fixed order,
 saliency.Selection), then reports, per layer and per module type,
@@ -44,14 +44,13 @@ from umtam.prune import prunable_names
 from umtam.saliency import check_keep, keep_count
 from umtam.saliency import score as saliency_score
 from umtam.saliency import Cut, Selection, streaming_cuts
-from umtam.scores import SCORES, required_stats
+from umtam.scores import INSPECT_SCORES, SCORES, required_stats
 
 ScoresOf = Callable[[str], list[Tensor]]
 
 # Every family's module types, in the order the map's columns show them (umtam.families declares them).
 MODULE_TYPES = ("embeddings", "query", "key", "value", "qkv", "attention_output", "ffn_gate", "ffn_in", "ffn_out",
                 "pooler", "lm_head", "other")
-DEFAULT_SCORES = ("curvature", "magnitude")
 
 # ----------------------------------------------------------------------------- names
 
@@ -84,7 +83,7 @@ def _layer_order(group: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- breakdown
 
 
-def saliency_breakdown(checkpoint, *, scores: Iterable[str] = DEFAULT_SCORES, keep: float = 0.05,
+def saliency_breakdown(checkpoint, *, scores: Iterable[str] = INSPECT_SCORES, keep: float = 0.05,
                        base: str | None = None) -> dict[str, Any]:
     """Top-``keep`` saliency of ``checkpoint`` by layer and module type, as JSON-ready data.
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
+from umtam.scores import INSPECT_SCORES
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     total = 1
@@ -21,7 +23,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def summarize(checkpoint, *, saliency: bool = False, keep: float = 0.05, base: str | None = None,
-              scores: Sequence[str] = ("curvature", "magnitude")) -> dict[str, Any]:
+              scores: Sequence[str] = INSPECT_SCORES) -> dict[str, Any]:
     """A JSON-ready description of a checkpoint (the keys are documented in README).
 
     With ``saliency`` it adds "saliency": where the top-``keep`` entries of each

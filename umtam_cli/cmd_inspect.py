@@ -15,7 +15,8 @@ Examples:
   umtam inspect runs/mrpc --json | jq '.optimizer.state_bytes'
   umtam inspect runs/merged                      # tasks, expert metrics, method and inputs
   umtam inspect runs/mrpc --saliency             # where the top 5% saliency sits
-  umtam inspect runs/mrpc --saliency --keep 0.01 --json | jq '.saliency.scores.curvature.by_module'
+  umtam inspect runs/mrpc --saliency --scores curvature,fisher
+  umtam inspect runs/mrpc --saliency --keep 0.01 --json | jq '.saliency.scores["curvature-row"].by_module'
   umtam inspect runs/mrpc --plot mrpc-saliency.png --base path/to/all-MiniLM-L6-v2
 """
 
@@ -45,7 +46,8 @@ def command(config_file, as_json, quiet, verbose, **flags):
     with progress_renderer(quiet=quiet, verbose=verbose) as renderer:
         if config.wants_saliency:
             renderer("status", f"scoring {ckpt.path} against its base model (top {keep:g})")
-        summary = summarize(ckpt, saliency=config.wants_saliency, keep=keep, base=config.base)
+        summary = summarize(ckpt, saliency=config.wants_saliency, keep=keep, base=config.base,
+                            scores=config.saliency_scores)
     if config.plot is not None:
         from umtam.saliency_map import plot_breakdown
 

@@ -6,18 +6,15 @@ from typing import Annotated, Literal
 
 from umtam.config.output import WeightsOutput
 from umtam.config.schema import PathText, Schema, option, registered
-from umtam.scores import SCORES
+from umtam.scores import DEFAULT_SCORE, SCORES
 
 
 class PruneSettings(Schema):
     """How to prune: the sidecar's lineage records exactly these."""
 
     keep: float = option(gt=0, le=1, help="Fraction of task-vector entries to keep.")
-    # curvature-row, not DESIGN's curvature: on the 50-cell, three-seed saliency study (README) the raw
-    # score hands a global cut to the layers with the largest gradients; the row-normalised one was chosen
-    # on the holdout slice and ties magnitude where curvature lost to it.
     score: Annotated[str, registered(SCORES)] = option(
-        "curvature-row", help="Saliency: curvature-row (T^2 sqrt(C_j) / mean sqrt(C)), curvature (T^2 sqrt(R C)), "
+        DEFAULT_SCORE, help="Saliency: curvature-row (T^2 sqrt(C_j) / mean sqrt(C)), curvature (T^2 sqrt(R C)), "
                               "magnitude (T^2), second-moment, curvature-tensor, fisher, trajectory.")
     scope: Literal["global", "tensor"] = option("global", help="One threshold over all 2-D weights, or one "
                                                                "per tensor.")
