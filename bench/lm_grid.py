@@ -391,8 +391,21 @@ def cost_table(grid: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rank_series(one_seed: dict, every_seed: dict, opt: str, regime: str, ranks: list) -> tuple[list, list]:
+    """One optimizer's points in one regime: the grid seed's (rank, loss) line, and each cell that has
+    several seeds as (rank, mean, standard deviation), drawn beside the line rather than on it, so a
+    several-seed mean never sits among single-seed points as if it were one of them. Failed runs are left
+    out of both."""
+    line = [(r, v[0]) for r in ranks if (v := one_seed.get((opt, regime, r))) and math.isfinite(v[0])]
+    seeded = [(r, statistics.mean(v), statistics.stdev(v)) for r in ranks
+              if len(v := every_seed.get((opt, regime, r), [])) > 1 and all(math.isfinite(x) for x in v)]
+    return line, seeded
+
+
 def plot(grid: dict) -> list[Path]:
-    """Loss against rank, one panel per regime (the paper's Figure 5 shape); the middle regime's curves."""
+    """Loss against rank, one panel per regime (the paper's Figure 5 shape): the grid seed's line per
+    optimizer (AdamW, with no rank, a dashed level), and the cells run on more seeds as their mean and
+    standard deviation beside it (AdamW's as a band); then the middle regime's curves."""
     from umtam.errors import ConfigError
     from umtam.plots import agg_canvas
 
@@ -404,30 +417,34 @@ def plot(grid: dict) -> list[Path]:
 
     rows = load_rows(grid)
     chosen = regimes(grid, rows)
-    table = cells(grid, rows, chosen)
+    one_seed, every_seed = cells(grid, rows, chosen, seed=grid["seed"]), cells(grid, rows, chosen)
     figure = Figure(figsize=(12, 3.6), layout="tight")
     canvas_class(figure)
     axes = figure.subplots(1, 3, sharey=True)
     for axis, regime in zip(axes, REGIMES):
-        for opt in chosen:
-            if not has_rank(opt):
-                values = table.get((opt, regime, None))
-                if values and all(math.isfinite(v) for v in values):
-                    axis.axhline(statistics.mean(values), color="gray", linestyle="--", label=f"{opt} (no rank)")
+        for number, opt in enumerate(chosen):
+            ranked = has_rank(opt)
+            line, seeded = rank_series(one_seed, every_seed, opt, regime, grid["ranks"] if ranked else [None])
+            if not ranked:
+                for _, loss in line:
+                    axis.axhline(loss, color="gray", linestyle="--", label=f"{opt} (no rank), seed {grid['seed']}")
+                for _, mean, sd in seeded:
+                    axis.axhspan(mean - sd, mean + sd, color="gray", alpha=0.15, label=f"{opt}, seeds' mean +- sd")
                 continue
-            points = [(r, table[(opt, regime, r)]) for r in grid["ranks"] if (opt, regime, r) in table]
-            points = [(r, v) for r, v in points if all(math.isfinite(x) for x in v)]
-            if points:
-                axis.errorbar([r for r, _ in points], [statistics.mean(v) for _, v in points],
-                              yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
-                              marker="o", capsize=3, label=opt)
+            drawn = axis.plot([r for r, _ in line], [v for _, v in line], marker="o",
+                              label=f"{opt}, seed {grid['seed']}") if line else []
+            if seeded:  # right of the line's point at that rank, each optimizer a step further, in its colour
+                colour = drawn[0].get_color() if drawn else None
+                axis.errorbar([r * 1.07 ** (number + 1) for r, _, _ in seeded], [m for _, m, _ in seeded],
+                              yerr=[sd for _, _, sd in seeded], fmt="s", mfc="none", color=colour, capsize=3,
+                              label=f"{opt}, seeds' mean +- sd")
         axis.set_xscale("log", base=2)
         axis.set_title(f"{regime} lr")
         axis.set_xlabel("rank")
     axes[0].set_ylabel("final validation loss")
     for axis in axes:
         if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
+            axis.legend(fontsize=6)
         axis.set_xticks(grid["ranks"], [str(r) for r in grid["ranks"]])  # the grid's ranks, drawn or not yet
         axis.set_xlim(grid["ranks"][0] / 1.4, grid["ranks"][-1] * 1.4)
     out = RESULTS / grid["name"] / "loss_vs_rank.png"

@@ -99,6 +99,20 @@ def test_lm_grid_cells_group_by_regime_and_rank_with_failures_as_inf(lm_grid):
     assert lm_grid.fmt(cells[("umtam", "high", 32)]) == "failed"
 
 
+def test_lm_grid_plots_one_seeds_line_and_the_seeded_cells_beside_it(lm_grid):
+    grid = {"steps": 200, "model": str(ROOT / "recipes/models/gpt2-mini")}
+    chosen = {"umtam": [1e-4, 1e-3, 1e-2]}
+    rows = [_grid_row("umtam", 1e-3, 4.0, rank=8, steps=200), _grid_row("umtam", 1e-3, 3.0, steps=200),
+            {**_grid_row("umtam", 1e-3, 2.0, steps=200), "seed": 1},
+            _grid_row("umtam", 1e-3, 0, rank=64, steps=200, diverged=True)]
+    one_seed, every_seed = lm_grid.cells(grid, rows, chosen, seed=0), lm_grid.cells(grid, rows, chosen)
+    line, seeded = lm_grid.rank_series(one_seed, every_seed, "umtam", "middle", [8, 32, 64])
+    # seed 0's loss at r=32 stays on the line (not the two seeds' 2.5); the failed r=64 run is not drawn
+    assert line == [(8, 4.0), (32, 3.0)]
+    assert seeded == [(32, 2.5, pytest.approx(0.5 ** 0.5))]
+    assert lm_grid.rank_series(one_seed, every_seed, "umtam", "high", [8, 32]) == ([], [])
+
+
 def test_lm_grid_trains_the_middle_regime_first_then_high_then_low(lm_grid):
     grid = {"ranks": [8, 32], "seed": 0, "steps": 200}
     chosen = {"umtam": [1e-4, 1e-3, 1e-2], "adamw": [3e-4, 3e-3, 3e-2]}
