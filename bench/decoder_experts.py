@@ -16,7 +16,9 @@ separated passages (``passages: true``), so it has documents to hold out.
 
 Checkpoints go to <runs_dir>/<model>-s<seed>-<expert>-<optimizer>[-r<rank>]-lr<lr>
 (what bench/merges.py reads) and are never committed; one small JSON per run
-goes to bench/results/decoder_experts/. Runs whose JSON exists are skipped.
+goes to bench/results/decoder_experts/<name>/, and beside it in base/ the
+pretrained model's scores on the same rows (what fine-tuning started from).
+Runs whose JSON exists are skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 RESULTS = Path("bench/results/decoder_experts")
 HOLDOUT = 0.1  # as bench/merges.py's HOLDOUT
+BASE = "base"  # subfolder of a result set: the pretrained model's scores on each expert's rows
 
 
 def load_sweep(path: str) -> dict:
@@ -114,15 +117,40 @@ def train_one(recipe: dict, expert: str, optimizer: str, seed: int) -> dict:
             "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"]}
 
 
+def score_base(recipe: dict, name: str, seed: int) -> dict:
+    """The pretrained model on exactly the rows expert ``name`` was scored on (its validation and its
+    holdout slice, as bench/merges.py scores them): what fine-tuning started from."""
+    from umtam import models
+    from umtam.checkpoint import load_checkpoint
+    from umtam.evaluate import evaluate_checkpoint
+    from umtam.weights import model_tensors
+
+    checkpoint = load_checkpoint(Path(recipe["runs_dir"]) / name)
+    weights = model_tensors(models.load_causal_lm(models.resolve_model(recipe["model"])))
+    scored = {}
+    for split, fraction in (("validation", 0.0), ("holdout", HOLDOUT)):
+        (task, result), = evaluate_checkpoint(checkpoint, task="glue", max_eval_samples=recipe["max_eval_samples"],
+                                              seed=seed, holdout_fraction=fraction, weights=weights).items()
+        (scored[split],) = result["splits"].values()
+    return {"name": name, "task": task, "model": recipe["model"], **scored}
+
+
+def metric_of(task: str) -> str:
+    return "choice_accuracy" if task.startswith("choice:") else "perplexity"
+
+
 def report(recipe: dict) -> str:
     folder = RESULTS / recipe["name"]
     rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not rows:
         raise SystemExit(f"decoder_experts.py: no results under {folder}; train them first")
-    lines = ["| expert | task | optimizer | seed | validation | holdout | s/step | state |", "|---" * 8 + "|"]
+    bases = {p.stem: json.loads(p.read_text()) for p in sorted((folder / BASE).glob("*.json"))}
+    lines = ["| expert | task | optimizer | seed | pretrained: validation / holdout | expert: validation | "
+             "holdout | s/step | state |", "|---" * 9 + "|"]
     for row in rows:
-        metric = "choice_accuracy" if row["task"].startswith("choice:") else "perplexity"
-        lines.append(f"| {row['expert']} | {row['task']} | {row['optimizer']} | {row['seed']} "
+        metric, base = metric_of(row["task"]), bases.get(row["name"])
+        before = f"{base['validation'][metric]:.4g} / {base['holdout'][metric]:.4g}" if base else "-"
+        lines.append(f"| {row['expert']} | {row['task']} | {row['optimizer']} | {row['seed']} | {before} "
                      f"| {metric} {row['validation'][metric]:.4g} | {row['holdout'][metric]:.4g} "
                      f"| {row['seconds_per_step']:.2f} | {row['state_bytes'] / 2**20:.1f} MiB |")
     return "\n".join(lines)
@@ -150,6 +178,10 @@ def main() -> int:
                         row = train_one(recipe, expert, optimizer, seed)
                         path.write_text(json.dumps(row, indent=1) + "\n")
                         print(f"{row['name']}: {row['validation']} ({row['wall_seconds']:.0f} s)", flush=True)
+                    base = out / BASE / f"{name}.json"
+                    if not base.exists() and (Path(recipe["runs_dir"]) / name).exists():
+                        base.parent.mkdir(exist_ok=True)
+                        base.write_text(json.dumps(score_base(recipe, name, seed), indent=1) + "\n")
     print(report(recipe))
     return 0
 

@@ -187,6 +187,42 @@ def test_decoder_experts_cut_a_one_document_text_into_its_passages(bench_module,
     assert decoder_experts.run_name(recipe, "lm-fineweb", "adamw", 43) == "smollm2-135m-instruct-s43-lm-fineweb-adamw-lr5e-05"
 
 
+def test_decoder_experts_score_the_pretrained_model_on_each_experts_own_rows(bench_module, tmp_path):
+    from lm_fixtures import write_tiny_decoder
+    from umtam import models
+    from umtam.config.train import TrainConfig
+    from umtam.objectives import language
+    from umtam.tasks import task_spec
+    from umtam.train import train
+
+    decoder_experts = bench_module("decoder_experts")
+    model = write_tiny_decoder(tmp_path / "llama", "llama")
+    text = tmp_path / "text"
+    text.mkdir()
+    sentences = ["the cat sees a bird .", "the dog likes the cat .", "a bird sees the dog ."]
+    (text / "train.jsonl").write_text("".join(json.dumps({"text": f"{sentences[i % 3]} {sentences[(i + 1) % 3]}"})
+                                              + "\n" for i in range(20)))
+    (text / "validation.jsonl").write_text(json.dumps({"text": "a cat likes a dog . the bird sees the cat ."}) + "\n")
+    expert = train(TrainConfig(task="lm", model=str(model), data=str(text / "train.jsonl"),
+                               eval_data=str(text / "validation.jsonl"), holdout_fraction=decoder_experts.HOLDOUT,
+                               optimizer="umtam", rank=2, max_steps=4, batch_size=2, max_length=16, lr=1e-2,
+                               output=str(tmp_path / "runs" / "expert")))
+    recipe = {"runs_dir": str(tmp_path / "runs"), "model": str(model), "max_eval_samples": 100}
+    base = decoder_experts.score_base(recipe, "expert", seed=0)
+    # the reference: the pretrained model as transformers loads it, on the validation blocks the expert recorded
+    source = models.resolve_model(str(model))
+    pretrained, tokenizer = models.load_causal_lm(source), models.load_tokenizer(source)
+    (key, record), = expert.tasks.items()
+    features = language.validation_features(task_spec("lm"), record, tokenizer, 16)
+    reference = language.evaluate(pretrained, features, key, pad_token_id=tokenizer.pad_token_id)
+    assert base["task"] == key
+    assert base["validation"] == pytest.approx(reference, rel=1e-6)
+    assert base["validation"]["tokens"] == record.metrics["validation"]["tokens"]
+    # the holdout slice the expert never trained on, where its four steps lowered the perplexity
+    holdout = record.holdout_metrics
+    assert base["holdout"]["tokens"] == holdout["tokens"] and base["holdout"]["perplexity"] > holdout["perplexity"]
+
+
 def test_expert_variants_set_by_option_are_named_and_never_chosen(experts):
     name = experts.run_name("cola", "umtam", 8, 1e-4, settings={"warmup_ratio": 0.0, "beta1": 0.8}, seed=43)
     assert name == "minilm-s43-cola-umtam-r8-beta10.8-warmup_ratio0-lr0.0001"

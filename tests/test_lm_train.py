@@ -80,6 +80,24 @@ def test_eval_repeats_the_training_runs_validation_and_scores_other_text(lm_run,
     assert key == "lm:stories" and result["splits"]["data"]["tokens"] > 100 and result["normalized"] is None
 
 
+def test_eval_scores_other_weights_on_the_checkpoints_own_rows(lm_run, llama_dir):
+    from umtam import models
+    from umtam.objectives import language
+    from umtam.tasks import task_spec
+    from umtam.weights import model_tensors
+
+    source = models.resolve_model(str(llama_dir))
+    pretrained = models.load_causal_lm(source)  # what lm_run was fine-tuned from
+    scored = evaluate_checkpoint(lm_run, task="lm", weights=model_tensors(pretrained))["lm:stories"]
+    # the reference: the pretrained model as transformers loads it, on the validation blocks the run recorded
+    tokenizer = models.load_tokenizer(source)
+    features = language.validation_features(task_spec("lm"), lm_run.tasks["lm:stories"], tokenizer, 16)
+    expected = language.evaluate(pretrained, features, "lm:stories", pad_token_id=tokenizer.pad_token_id)
+    assert scored["splits"]["validation"] == pytest.approx(expected, rel=1e-6)
+    trained = lm_run.sidecar.tasks["lm:stories"].metrics["validation"]
+    assert expected["tokens"] == trained["tokens"] and expected["loss"] > trained["loss"]  # six steps learned
+
+
 def test_eval_scores_blocks_as_long_as_training_validated_unless_told(tmp_path, llama_dir, corpus):
     run = train(lm_config(llama_dir, corpus, tmp_path / "short", max_length=8, max_steps=2))
     recorded = run.sidecar.tasks["lm:stories"].metrics["validation"]

@@ -112,7 +112,8 @@ def build_language_model(checkpoint, tensors: dict):
     return model
 
 
-def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **settings: Any) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, weights: dict | None = None,
+                        **settings: Any) -> dict[str, Any]:
     """{task: {"splits": {split: metrics}, "score": float, "normalized": float | None}}.
 
     ``settings`` are EvalSettings' (umtam.config.evaluate: task, data_dir, data,
@@ -122,6 +123,10 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
     --holdout-fraction`` kept unseen), so merge and prune settings can be chosen
     without looking at dev; the normalised score then compares with the expert's
     own holdout score (``normalized_score``).
+
+    ``weights`` scores other tensors (the same names and shapes, tied aliases
+    left out) on exactly the checkpoint's tasks, rows and tokenizer: the model it
+    was fine-tuned from, say, to show what fine-tuning gained.
 
     Before any data is read: the tasks, config.json (and --max-length against
     the positions it gives) and every head's size against its task's labels.
@@ -144,7 +149,7 @@ def evaluate_checkpoint(checkpoint, *, progress: ProgressFn = no_progress, **set
     max_length = models.fit_max_length(options.max_length, config, source)
     check_head_labels(checkpoint, checkpoint.tensor_shapes())
     tokenizer = models.load_tokenizer(source, family_of(config))
-    tensors = checkpoint.load_tensors()
+    tensors = checkpoint.load_tensors() if weights is None else weights
     setup = _Setup(options, tokenizer, max_length, tensors, progress)
     if language:
         return _evaluate_language(checkpoint, language, setup)
