@@ -135,11 +135,9 @@ def score_base(recipe: dict, name: str, seed: int) -> dict:
     return {"name": name, "task": task, "model": recipe["model"], **scored}
 
 
-def metric_of(task: str) -> str:
-    return "choice_accuracy" if task.startswith("choice:") else "perplexity"
-
-
 def report(recipe: dict) -> str:
+    from umtam.tasks import task_spec
+
     folder = RESULTS / recipe["name"]
     rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not rows:
@@ -148,7 +146,7 @@ def report(recipe: dict) -> str:
     lines = ["| expert | task | optimizer | seed | pretrained: validation / holdout | expert: validation | "
              "holdout | s/step | state |", "|---" * 9 + "|"]
     for row in rows:
-        metric, base = metric_of(row["task"]), bases.get(row["name"])
+        metric, base = task_spec(row["task"]).metrics[0], bases.get(row["name"])  # the task's registered score
         before = f"{base['validation'][metric]:.4g} / {base['holdout'][metric]:.4g}" if base else "-"
         lines.append(f"| {row['expert']} | {row['task']} | {row['optimizer']} | {row['seed']} | {before} "
                      f"| {metric} {row['validation'][metric]:.4g} | {row['holdout'][metric]:.4g} "
@@ -173,13 +171,14 @@ def main() -> int:
                 for expert in recipe["experts"]:
                     name = run_name(recipe, expert, optimizer, seed)
                     path = out / f"{name}.json"
-                    gone = args.rebuild_missing and not (Path(recipe["runs_dir"]) / name).exists()
+                    checkpoint = Path(recipe["runs_dir"]) / name
+                    gone = args.rebuild_missing and not checkpoint.exists()
                     if gone or not path.exists():
                         row = train_one(recipe, expert, optimizer, seed)
                         path.write_text(json.dumps(row, indent=1) + "\n")
                         print(f"{row['name']}: {row['validation']} ({row['wall_seconds']:.0f} s)", flush=True)
                     base = out / BASE / f"{name}.json"
-                    if not base.exists() and (Path(recipe["runs_dir"]) / name).exists():
+                    if not base.exists() and checkpoint.exists():
                         base.parent.mkdir(exist_ok=True)
                         base.write_text(json.dumps(score_base(recipe, name, seed), indent=1) + "\n")
     print(report(recipe))
