@@ -85,7 +85,7 @@ def train_one(grid: dict, optimizer: str, rank: int, lr: float, seed: int, steps
     import shutil
 
     from umtam.config import build_config
-    from umtam.errors import UmtamError
+    from umtam.errors import DivergenceError
     from umtam.train import TrainConfig, train
 
     name = run_name(optimizer, rank, lr, seed, steps)
@@ -105,7 +105,7 @@ def train_one(grid: dict, optimizer: str, rank: int, lr: float, seed: int, steps
         checkpoint = train(config)
         sidecar = checkpoint.sidecar.as_json()
         parameters = sum(math.prod(shape) for shape in checkpoint.tensor_shapes().values())
-    except UmtamError as exc:  # NaN/inf loss, gradient or weights: a divergence, recorded as such
+    except DivergenceError as exc:  # NaN/inf loss, gradient or weights: a result; any other error stops the grid
         return {**row, "diverged": True, "error": str(exc).splitlines()[0], "wall_seconds": time.perf_counter() - started}
     finally:
         if not keep:

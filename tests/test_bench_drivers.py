@@ -432,3 +432,31 @@ def test_cell_gaps_pair_each_score_with_magnitude_by_seed(prune_sweep):
              {"score": "curvature", "keep": 0.2, "dev_score": 0.81}, {"score": "magnitude", "keep": 0.2, "dev_score": 0.8}]}}
     (gaps,) = prune_sweep.cell_gaps(sweep, points, "curvature")
     assert gaps == pytest.approx([-0.05, 0.01])
+
+
+def _tiny_grid(tmp_path, tokenizer):
+    from lm_fixtures import write_text_corpus
+
+    corpus = write_text_corpus(tmp_path / "text")
+    config_only = tmp_path / "gpt2-config"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((tokenizer / "config.json").read_text())
+    return {"name": "tiny", "model": str(config_only), "tokenizer": str(tokenizer),
+            "data": str(corpus / "train.txt"), "eval_data": str(corpus / "validation.jsonl"), "batch_size": 2,
+            "max_length": 16, "eval_every": 2, "max_eval_samples": 4, "warmup_ratio": 0.0, "weight_decay": 0.0,
+            "dtype": "fp32", "runs_dir": str(tmp_path / "runs")}
+
+
+def test_lm_grid_records_a_divergence_as_a_result_but_stops_on_a_set_up_error(lm_grid, tmp_path):
+    from lm_fixtures import write_tiny_decoder
+
+    from umtam.errors import DivergenceError, UmtamError
+
+    grid = _tiny_grid(tmp_path, write_tiny_decoder(tmp_path / "gpt2", "gpt2"))
+    exploded = lm_grid.train_one(grid, "adamw", 8, 1e30, 0, 3, keep=False)
+    assert exploded["diverged"] and exploded["error"].startswith("training diverged at step")
+    fine = lm_grid.train_one(grid, "adamw", 8, 1e-3, 0, 3, keep=False)
+    assert not fine["diverged"] and math.isfinite(fine["final_val_loss"])
+    with pytest.raises(UmtamError) as missing:  # once recorded as a "divergence" (0 s) in every cell it touched
+        lm_grid.train_one({**grid, "tokenizer": str(tmp_path / "no-tokenizer")}, "adamw", 8, 1e-3, 0, 3, keep=False)
+    assert "no-tokenizer" in str(missing.value) and not isinstance(missing.value, DivergenceError)

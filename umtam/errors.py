@@ -25,6 +25,14 @@ class UmtamError(Exception):
         super().__init__(message if hint is None else f"{message} ({hint})")
 
 
+class DivergenceError(UmtamError):
+    """Training produced NaN or inf: a property of the run (its rate, its data), not of the set-up.
+
+    Apart from other errors so that a study can record a divergence as a result
+    and still fail loudly on a missing file or a bad option.
+    """
+
+
 class ConfigError(UmtamError):
     """A bad option or recipe value: the user asked for something invalid (exit code 2)."""
 

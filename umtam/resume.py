@@ -79,7 +79,7 @@ from umtam.atomic import (check_name_fits, check_regular_file, file_records, has
 from umtam.checkpoint import SIDECAR_FILE, SIZE_SLACK, STATE_MARKER
 from umtam.config import build_config
 from umtam.config.train import TrainConfig
-from umtam.errors import CheckpointError, ConfigError, UmtamError, first_line
+from umtam.errors import CheckpointError, ConfigError, DivergenceError, UmtamError, first_line
 from umtam.safetensors_io import load_tensors, save_tensors
 from umtam.sidecar import MAX_SIDECAR_BYTES, describe_first
 
@@ -776,16 +776,16 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def diverged_error(step: int, what: str, latest: TrainingState | None, state_dir: Path | None,
-                   lr: float) -> UmtamError:
+                   lr: float) -> DivergenceError:
     """The one-line message for a NaN/inf: which step, and how to go on from the last state saved before it.
 
     That state had finite weights and losses; whether a lower learning rate
     rescues it (or an earlier state is needed) only resuming can tell.
     """
     if latest is None:
-        return UmtamError(f"training diverged at step {step}: {what}",
+        return DivergenceError(f"training diverged at step {step}: {what}",
                           hint="lower --lr or check the data; no checkpoint was written")
-    return UmtamError(
+    return DivergenceError(
         f"training diverged at step {step}: {what}; the last good state is {latest.path} (step {latest.step})",
         hint=f"no checkpoint was written; continue with a lower learning rate: "
              f"umtam train --resume {state_dir or latest.path} --lr {lr / 10:g}",

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from umtam import __version__
 from umtam.config.train import TrainConfig
-from umtam.errors import UmtamError, first_line
+from umtam.errors import DivergenceError, UmtamError, first_line
 from umtam.progress import ProgressFn, no_progress
 
 __all__ = ["TrainConfig", "StepEvent", "train", "warmup_then_linear_decay", "planned_steps"]
@@ -436,7 +436,7 @@ def _save_state(parts, log: _RunLog, states, timer: _StepTimer, progress) -> Non
     progress("status", f"saved training state {saved.path}")
 
 
-def _diverged(step: int, what: str, states, config: TrainConfig) -> UmtamError:
+def _diverged(step: int, what: str, states, config: TrainConfig) -> DivergenceError:
     from umtam import resume
 
     latest = states.latest if states is not None else None
