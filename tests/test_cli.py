@@ -181,6 +181,17 @@ def test_train_help_renders_the_task_and_optimizer_registries_and_the_resumable_
                                                     "plot_loss"}
 
 
+def test_prune_help_lists_every_registered_score_and_marks_the_default(monkeypatch):
+    from umtam.scores import DEFAULT_SCORE, SCORES, ScoreSpec
+    from umtam_cli.cmd_prune import epilog
+
+    monkeypatch.setattr(SCORES, "_specs", dict(SCORES._specs))
+    SCORES.register(ScoreSpec("snip", "snip_score", lambda name, ndim: (), "a registered test score"))
+    lines = [" ".join(line.split()) for line in epilog().split("Scores (--score):")[1].strip().splitlines()]
+    assert [line.split()[0] for line in lines] == [*SCORES.names()]
+    assert "snip a registered test score" in lines and f"{DEFAULT_SCORE} " in next(l for l in lines if "[default]" in l)
+
+
 @pytest.fixture(scope="module")
 def second_expert(tmp_path_factory, tiny_model_dir, glue_dir):
     out = tmp_path_factory.mktemp("runs") / "sst2"

@@ -81,7 +81,7 @@ INSPECT_SCORES = (DEFAULT_SCORE, "magnitude")
 
 for _spec in (
     ScoreSpec("curvature", "curvature_score", second_moment_keys, "T^2 sqrt(R_i C_j): DESIGN section 4"),
-    ScoreSpec("fisher", "fisher_score", fisher_keys, "T^2 F, the full Fisher diagonal when recorded"),
+    ScoreSpec("fisher", "fisher_score", fisher_keys, "T^2 F, the full Fisher diagonal, when recorded (train --track-fisher)"),
     ScoreSpec("magnitude", "magnitude_score", no_stats, "T^2, as the TIES trim ranks"),
     ScoreSpec("second-moment", "second_moment_score", second_moment_keys,
               "T^2 R_i C_j / mean(R): Fast Fisher Grafting on compressed moments"),

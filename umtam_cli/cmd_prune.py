@@ -9,15 +9,26 @@ from umtam_cli.options import schema_options
 from umtam_cli.render import (common_output_options, emit_json, per_tensor_progress, progress_renderer,
                               recipe_option, stdout_console)
 
-EPILOG = """\b
+
+def epilog() -> str:
+    """Examples, then the scores as the registry lists them (so the help cannot drift from it)."""
+    from umtam.scores import DEFAULT_SCORE, SCORES
+
+    scores = "\n".join(f"  {spec.name:17} {spec.summary}" + ("  [default]" if spec.name == DEFAULT_SCORE else "")
+                       for spec in SCORES)
+    return f"""\b
 Examples:
   umtam prune runs/mrpc --keep 0.05 -o runs/mrpc-5pct
   umtam prune runs/mrpc --keep 0.2 --score magnitude --scope tensor -o runs/mrpc-mag20
   umtam prune runs/mrpc --keep 0.1 --base path/to/all-MiniLM-L6-v2 -o runs/mrpc-10pct --json
+
+\b
+Scores (--score):
+{scores}
 """
 
 
-@click.command(epilog=EPILOG)
+@click.command(epilog=epilog())
 @recipe_option
 @schema_options(PruneConfig)
 @common_output_options

@@ -14,8 +14,7 @@ class PruneSettings(Schema):
 
     keep: float = option(gt=0, le=1, help="Fraction of task-vector entries to keep.")
     score: Annotated[str, registered(SCORES)] = option(
-        DEFAULT_SCORE, help="Saliency: curvature-row (T^2 sqrt(C_j) / mean sqrt(C)), curvature (T^2 sqrt(R C)), "
-                              "magnitude (T^2), second-moment, curvature-tensor, fisher, trajectory.")
+        DEFAULT_SCORE, help="Saliency score that ranks the entries (the list below).")
     scope: Literal["global", "tensor"] = option("global", help="One threshold over all 2-D weights, or one "
                                                                "per tensor.")
 
