@@ -17,7 +17,13 @@ transformers <= 5.24, safetensors <= 0.8); a change of either kind of library
 that moves them is a real change of umtam's outputs and needs a new recording.
 They also depend on how many threads torch splits a reduction over, so the runs
 pin it (RECORDED_THREADS, what they were recorded with) whatever OMP_NUM_THREADS
-says.
+says, and on the CPU: the same float32 program rounds differently in its last
+bits on another kind of CPU (AVX-512 against AVX2 kernels, MKL's Intel and AMD
+paths; ATEN_CPU_CAPABILITY does not make one kind reproduce another). So the
+bytes are recorded per kind of machine: the original record, and under
+``machines`` each kind added since (``--record-machine LABEL``); a run must
+equal one of them exactly. Loss curves and sidecars, which are read as numbers,
+are compared with the tolerance that cross-CPU rounding needs (test_golden.py).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ SIDECARS = {"train": "train/umtam", "prune": "prune/curvature-global", "merge": 
 # Measured, not computed: they differ from run to run.
 VOLATILE = ("peak_rss_bytes", "seconds_per_step")
 RECORDED_THREADS = 2  # the 2-core machines the record was made and CI runs on
+OUTPUT_STAGES = ("train", "prune", "merge")  # whose files are pinned by sha256, per kind of machine
 
 TRAIN_RUNS = {
     "adamw": [],
@@ -78,6 +85,11 @@ def normalized_sidecar(directory: Path, root: Path) -> dict:
         if sidecar.get(key) is not None:
             sidecar[key] = "<volatile>"
     return sidecar
+
+
+def recorded_outputs(record: dict, stage: str, run: str) -> list[dict]:
+    """Every recorded kind of machine's file hashes for one run: the original record first."""
+    return [record[stage][run], *(machine[stage][run] for machine in record.get("machines", {}).values())]
 
 
 def golden_sidecar_path(kind: str) -> Path:
@@ -146,11 +158,18 @@ def main() -> None:
         results = run_all(root / "runs", model, glue)
         sidecars = {kind: normalized_sidecar(root / "runs" / run, root) for kind, run in SIDECARS.items()}
     if "--record" in sys.argv:
+        machines = json.loads(RECORD.read_text()).get("machines", {}) if RECORD.is_file() else {}
         RECORD.parent.mkdir(exist_ok=True)
-        RECORD.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        RECORD.write_text(json.dumps({**results, "machines": machines}, indent=1, sort_keys=True) + "\n")
         for kind, sidecar in sidecars.items():
             golden_sidecar_path(kind).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
         print(f"recorded {RECORD} and the sidecars of {', '.join(sidecars)}")
+    elif "--record-machine" in sys.argv:  # this kind of CPU's bytes beside the others; the sidecars stay
+        label = sys.argv[sys.argv.index("--record-machine") + 1]
+        record = json.loads(RECORD.read_text())
+        record.setdefault("machines", {})[label] = {stage: results[stage] for stage in OUTPUT_STAGES}
+        RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        print(f"recorded this machine's outputs as {label!r} in {RECORD}")
     else:
         print(json.dumps(results, indent=1, sort_keys=True))
 

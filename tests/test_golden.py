@@ -29,19 +29,24 @@ def runs(tmp_path_factory):
     return root, golden_runs.run_all(root / "runs", model, glue)
 
 
-@pytest.mark.parametrize("stage, run", [(stage, run) for stage in ("train", "prune", "merge")
+@pytest.mark.parametrize("stage, run", [(stage, run) for stage in golden_runs.OUTPUT_STAGES
                                         for run in RECORD[stage]])
 def test_outputs_equal_the_recorded_bytes(runs, stage, run):
     _, results = runs
-    assert results[stage][run] == RECORD[stage][run]
+    recorded = golden_runs.recorded_outputs(RECORD, stage, run)
+    assert results[stage][run] in recorded, (
+        f"the bytes match no recorded kind of machine ({', '.join(['original', *RECORD.get('machines', {})])}); "
+        "a new kind of CPU is recorded with python tests/golden_runs.py --record-machine LABEL, "
+        "after test_twenty_step_loss_curve_of_each_optimizer has shown it only rounds differently")
 
 
 @pytest.mark.parametrize("optimizer", sorted(RECORD["loss_curves"]))
 def test_twenty_step_loss_curve_of_each_optimizer(runs, optimizer):
-    # Exact on the pinned torch build; the tolerance only says how far a float-rounding
-    # change elsewhere (another BLAS, another torch) may move a loss before this fails.
+    # Exact on the recording machine; the tolerance is how far another CPU's rounding moves a
+    # loss: an AMD EPYC (AVX-512) against the record, at most 4.1e-5 relative (GaLore, whose
+    # top-r projector amplifies it), 1.6e-5 for UMTAM. A change of the math moves it by far more.
     _, results = runs
-    assert results["loss_curves"][optimizer] == pytest.approx(RECORD["loss_curves"][optimizer], abs=1e-6)
+    assert results["loss_curves"][optimizer] == pytest.approx(RECORD["loss_curves"][optimizer], rel=2e-4)
     assert len(results["loss_curves"][optimizer]) == 20
 
 
@@ -49,7 +54,34 @@ def test_twenty_step_loss_curve_of_each_optimizer(runs, optimizer):
 def test_sidecar_of_each_kind_equals_the_golden_fixture(runs, kind):
     root, _ = runs
     written = golden_runs.normalized_sidecar(root / "runs" / golden_runs.SIDECARS[kind], root)
-    assert written == json.loads(golden_runs.golden_sidecar_path(kind).read_text())
+    golden = json.loads(golden_runs.golden_sidecar_path(kind).read_text())
+    # file hashes are the outputs test's (per kind of machine); every number within cross-CPU rounding
+    written, golden = without_hashes(written), without_hashes(golden)
+    assert written.keys() == golden.keys()
+    numbers = [path for path, value in golden.items() if isinstance(value, float)]
+    assert {path: written[path] for path in numbers} == pytest.approx({path: golden[path] for path in numbers},
+                                                                       rel=2e-4, abs=1e-12)
+    assert {path: value for path, value in written.items() if path not in numbers} == {
+        path: value for path, value in golden.items() if path not in numbers}
+
+
+def without_hashes(document):
+    """The sidecar with every sha256 written as <sha256>, and flattened to {path: leaf} so that
+    pytest.approx compares its numbers (it does not descend into nested dicts)."""
+    flat = {}
+
+    def walk(value, path):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk("<sha256>" if key == "sha256" else item, f"{path}/{key}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{path}[{index}]")
+        else:
+            flat[path] = value
+
+    walk(document, "")
+    return flat
 
 
 @pytest.mark.parametrize("kind", sorted(golden_runs.SIDECARS))
