@@ -28,11 +28,7 @@ def dare_ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
     from umtam.merge import ops
 
     vectors = dropped_and_rescaled(group, options)
-    survived = vectors != 0
-    elected = ops.elect_sign(vectors)
-    selected = ops.agreeing(vectors, survived, elected)
-    delta = ops.aggregate(vectors, selected, options["agg"])
-    return group.base32 + options["lambda"] * delta
+    return group.base32 + options["lambda"] * ops.elect_and_merge(vectors, vectors != 0, options["agg"])
 
 
 METHOD = MergeMethod(

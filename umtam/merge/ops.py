@@ -100,6 +100,13 @@ def aggregate(task_vectors: Tensor, selected: Tensor, how: str) -> Tensor:
     raise ValueError(f"unknown aggregation {how!r}")
 
 
+def elect_and_merge(task_vectors: Tensor, masks: Tensor, how: str) -> Tensor:
+    """TIES steps 2-3 on the kept entries: elect each entry's sign by kept mass, then aggregate the
+    kept entries that agree with it (disjoint mean or sum)."""
+    elected = elect_sign(task_vectors * masks)
+    return aggregate(task_vectors, agreeing(task_vectors, masks, elected), how)
+
+
 def per_input_mean_normalised(values: Tensor, means: Sequence[float]) -> Tensor:
     """Divide each input's values by its own mean over the whole tensor; a zero mean gives all ones.
 

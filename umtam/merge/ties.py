@@ -50,10 +50,7 @@ def ties(group: TensorGroup, options: Mapping[str, Any]) -> Tensor:
 
     vectors = group.task_vectors
     masks = ops.top_fraction_masks(ties_trim_scores(group, options), options["keep"], group.thresholds)
-    elected = ops.elect_sign(vectors * masks)
-    selected = ops.agreeing(vectors, masks, elected)
-    delta = ops.aggregate(vectors, selected, options["agg"])
-    return group.base32 + options["lambda"] * delta
+    return group.base32 + options["lambda"] * ops.elect_and_merge(vectors, masks, options["agg"])
 
 
 METHOD = MergeMethod(
