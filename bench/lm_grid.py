@@ -284,11 +284,16 @@ def max_min(values: list[float]) -> str:
     return (f"{max(finite) - min(finite):.3f}" if len(finite) > 1 else "-") + (f" ({diverged} failed)" if diverged else "")
 
 
-def spread(values: list[float]) -> str:
-    """max_min and, as a second cell, its share of the finite values' mean."""
+def spread(values: list[float], expected: int) -> str:
+    """max_min and, as a second cell, its share of the finite values' mean; marked as partial while
+    fewer than ``expected`` runs have landed (a spread over some ranks is not the claim's)."""
     finite = [v for v in values if math.isfinite(v)]
     relative = f"{100 * (max(finite) - min(finite)) / statistics.mean(finite):.1f}%" if len(finite) > 1 else "-"
-    return f"{max_min(values)} | {relative}"
+    return f"{max_min(values)}{partial(values, expected)} | {relative}"
+
+
+def partial(values: list, expected: int) -> str:
+    return f" ({len(values)} of {expected} so far)" if 1 < len(values) < expected else ""
 
 
 def report(grid: dict) -> str:
@@ -310,7 +315,7 @@ def report(grid: dict) -> str:
             if has_rank(opt):
                 shown = [fmt(v) if (v := table.get((opt, regime, r))) else "-" for r in ranks]
                 seed_losses = [v[0] for r in ranks if (v := one_seed.get((opt, regime, r)))]
-                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown) + f" | {spread(seed_losses)} |")
+                lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join(shown) + f" | {spread(seed_losses, len(ranks))} |")
             else:
                 value = table.get((opt, regime, None))  # no rank: its one run is the reference at every rank
                 lines.append(f"| {opt} | {regime} | {lr:g} | " + " | ".join([fmt(value) if value else "-"] * len(ranks))
@@ -369,7 +374,8 @@ def lr_spread_table(grid: dict, table, chosen) -> str:
     for opt in chosen:
         shown = []
         for rank in ranks if has_rank(opt) else [None]:
-            shown.append(max_min([statistics.mean(v) for regime in REGIMES if (v := table.get((opt, regime, rank)))]))
+            losses = [statistics.mean(v) for regime in REGIMES if (v := table.get((opt, regime, rank)))]
+            shown.append(max_min(losses) + partial(losses, len(REGIMES)))
         shown = shown if has_rank(opt) else shown * len(ranks)  # no rank: one spread, shown at every rank
         lines.append(f"| {opt} | " + " | ".join(shown) + " |")
     return "\n".join(lines)

@@ -134,12 +134,16 @@ def test_lm_grid_seed_table_pairs_each_optimizer_with_umtam_by_seed_and_spreads_
     one_seed = lm_grid.cells(grid, rows, chosen, seed=0)
     assert one_seed[("umtam", "middle", 32)] == [4.0]
     # the rank spread is seed 0's (4.5 - 4.0), not the three-seed mean's (4.5 - 4.2)
-    assert lm_grid.spread([v[0] for r in (8, 32) if (v := one_seed.get(("umtam", "middle", r)))]) == "0.500 | 11.8%"
+    assert lm_grid.spread([v[0] for r in (8, 32) if (v := one_seed.get(("umtam", "middle", r)))], 2) == "0.500 | 11.8%"
     table = lm_grid.seed_table(grid, rows, chosen, one_seed).splitlines()
     # adamw - umtam per seed: +0.1, -0.1, +0.3
     assert table[2] == "| adamw | - | 0.001 | 0, 1, 2 | 4.300 +- 0.346 | 0.100 +- 0.200 | - |"
     assert table[3] == "| umtam | 32 | 0.001 | 0, 1, 2 | 4.200 +- 0.200 | - | 0.500 |"
-    assert lm_grid.spread([4.0, math.inf]) == "- (1 failed) | -"
+    assert lm_grid.spread([4.0, math.inf], 2) == "- (1 failed) | -"
+    # a spread over the ranks landed so far says so: it is not yet the claim's
+    assert lm_grid.spread([4.0, 4.5], 5) == "0.500 (2 of 5 so far) | 11.8%"
+    assert lm_grid.lr_spread_table(grid, {("umtam", "low", 8): [4.6], ("umtam", "middle", 8): [4.5]},
+                                   {"umtam": chosen["umtam"]}).splitlines()[2] == "| umtam | 0.100 (2 of 3 so far) | - |"
 
 
 @pytest.fixture
