@@ -111,6 +111,7 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
 
     from umtam.config import build_config, load_recipe
     from umtam.evaluate import task_score
+    from umtam.machine import machine_name
     from umtam.train import TrainConfig, train
 
     # The recipe is the single source of the run's settings; the sweep overrides lr, rank, seed and model.
@@ -141,7 +142,7 @@ def train_one(task, optimizer, rank, lr, seed, args) -> dict:
         "dev": record["metrics"], "dev_score": task_score(task, record["metrics"]),
         "holdout": record["holdout_metrics"], "holdout_score": task_score(task, {"holdout": record["holdout_metrics"]}),
         "loss_curve": curve, "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device_name": machine_name(),
     }
 
 

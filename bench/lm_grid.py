@@ -86,6 +86,7 @@ def train_one(grid: dict, optimizer: str, rank: int, lr: float, seed: int, steps
 
     from umtam.config import build_config
     from umtam.errors import DivergenceError
+    from umtam.machine import machine_name
     from umtam.train import TrainConfig, train
 
     name = run_name(optimizer, rank, lr, seed, steps)
@@ -117,13 +118,7 @@ def train_one(grid: dict, optimizer: str, rank: int, lr: float, seed: int, steps
             "val_curve": curve, "train_loss_curve": sidecar["training"]["loss_curve"],
             "wall_seconds": time.perf_counter() - started, "seconds_per_step": sidecar["seconds_per_step"],
             "state_bytes": sidecar["optimizer"]["state_bytes"], "peak_rss_bytes": sidecar["peak_rss_bytes"],
-            "peak_gpu_bytes": sidecar.get("peak_gpu_bytes"), "device": _device_name(), "parameters": parameters}
-
-
-def _device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            "peak_gpu_bytes": sidecar.get("peak_gpu_bytes"), "device": machine_name(), "parameters": parameters}
 
 
 def run_all(grid: dict, runs: list[tuple[str, int, float, int, int]], keep: bool) -> None:
