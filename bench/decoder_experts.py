@@ -2,6 +2,8 @@
 
     python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml            # train
     python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml --report   # table only
+    python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml --optimizers umtam \
+        --experts choice-sst2,choice-rte                                                # part of it
     python bench/merges.py --config recipes/paper/decoder-merge-umtam.yaml --model runs/models/smollm2-135m-instruct
 
 Each recipe expert is one capability of a pretrained decoder: a GLUE task cast
@@ -56,6 +58,16 @@ def load_sweep(path: str) -> dict:
         runs_dir: str = option("runs/experts", help="Where checkpoints go.")
 
     return build_config(DecoderExperts, read(path), source=str(path)).model_dump()
+
+
+def subset(entries: dict, names: str | None, flag: str) -> dict:
+    """The recipe's ``entries`` named in ``names`` (all when None), in the recipe's order; others refused."""
+    if names is None:
+        return entries
+    wanted = names.split(",")
+    if unknown := [name for name in wanted if name not in entries]:
+        raise SystemExit(f"decoder_experts.py: {flag} {','.join(unknown)}: not in the recipe ({', '.join(entries)})")
+    return {name: spec for name, spec in entries.items() if name in wanted}
 
 
 def run_name(recipe: dict, expert: str, optimizer: str, seed: int) -> str:
@@ -161,9 +173,14 @@ def main() -> int:
     parser.add_argument("--rebuild-missing", action="store_true",
                         help="also retrain experts whose result exists but whose checkpoint is gone (a new machine: "
                              "the merges read the checkpoints)")
+    parser.add_argument("--experts", help="comma list: train only these of the recipe's experts (two processes can "
+                                          "split a recipe)")
+    parser.add_argument("--optimizers", help="comma list: only these of the recipe's optimizers")
     args = parser.parse_args()
     recipe = load_sweep(args.config)
     if not args.report:
+        recipe = {**recipe, "experts": subset(recipe["experts"], args.experts, "--experts"),
+                  "optimizers": subset(recipe["optimizers"], args.optimizers, "--optimizers")}
         out = RESULTS / recipe["name"]
         out.mkdir(parents=True, exist_ok=True)
         for seed in recipe["seeds"]:

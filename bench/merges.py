@@ -5,6 +5,7 @@
     python bench/merges.py --report norms
     python bench/merges.py --config recipes/paper/merge-sweep.yaml      # the paper's merge table
     python bench/merges.py --config recipes/paper/merge-sweep.yaml --seeds 42,43,44 --report
+    python bench/merges.py --config recipes/paper/merge-sweep.yaml --methods umtam,ties   # half a sweep
 
 Settings are chosen on the holdout score (the fixed train slice the experts
 never saw, see bench/experts.py) and dev is reported for the chosen ones; the
@@ -102,11 +103,12 @@ def with_dev(row: dict, ckpt, args) -> dict:
     return {**row, "dev": dev, "dev_avg": average(dev), "uncounted": sorted(set(row["uncounted"]) | set(uncounted(dev)))}
 
 
-def score_chosen_on_dev(name: str, tag: str, seeds: tuple[int, ...], experts_of, args) -> None:
-    """With ``dev_at: chosen``: dev for each seed's holdout-chosen setting of each method alone (as
-    chosen_table chooses), merged again (merging is deterministic)."""
+def score_chosen_on_dev(name: str, tag: str, seeds: tuple[int, ...], experts_of, args, methods) -> None:
+    """With ``dev_at: chosen``: dev for each seed's holdout-chosen setting of each of ``methods`` alone (as
+    chosen_table chooses), merged again (merging is deterministic). Only this sweep's methods: another
+    process sweeping the others into the same folder may not have chosen yet."""
     rows = all_rows(name, tag, seeds)
-    for method in dict.fromkeys(row["method"] for row in rows):
+    for method in dict.fromkeys(row["method"] for row in rows if row["method"] in methods):
         for seed, row in seed_choices(rows, seeds, method, "holdout_avg").items():
             if row["dev"] is not None:
                 continue
@@ -349,6 +351,15 @@ def load_sweep(path: str) -> dict:
     return sweep
 
 
+def only_methods(grid: dict, methods: list[str]) -> dict:
+    """The grid's entries for ``methods`` alone; a method the grid does not sweep is refused in one line."""
+    unknown = [method for method in methods if method not in grid]
+    if unknown:
+        raise SystemExit(f"merges.py: --methods {','.join(unknown)}: not in the recipe's grid "
+                         f"({', '.join(grid)})")
+    return {method: options for method, options in grid.items() if method in methods}
+
+
 def refine_entries(name: str, tag: str, seed: int, grid: dict, refine: dict) -> list[tuple[str, dict]]:
     """Each refined option's values around the method's holdout-best stage-one setting."""
     rows = load_rows(name, tag, seed)
@@ -575,6 +586,8 @@ def main() -> int:
     parser.add_argument("--runs-dir", default="runs/experts", help="where the experts' checkpoints are")
     parser.add_argument("--data-dir")
     parser.add_argument("--scratch", default=None, help="where merged checkpoints are written (then deleted)")
+    parser.add_argument("--methods", help="comma list: sweep only these of the --config's methods (two processes "
+                                          "can split a sweep; results share its folder)")
     parser.add_argument("--report", nargs="?", const=True, metavar="NAME",
                         help="only print the tables of an existing result set (NAME, or the --config's)")
     args = parser.parse_args()
@@ -583,6 +596,8 @@ def main() -> int:
 
     tag, seeds = tag_of(args.model, load_profile(args.profile)), tuple(int(seed) for seed in args.seeds.split(","))
     sweep = load_sweep(args.config) if args.config else None
+    if sweep and args.methods and not args.report:
+        sweep = {**sweep, "grid": only_methods(sweep["grid"], args.methods.split(","))}
     name = sweep["name"] if sweep else args.name
     if args.report:
         name = name if args.report is True else args.report
@@ -611,7 +626,7 @@ def main() -> int:
             run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, seed, args)
     if sweep and args.dev_at == "chosen":
         score_chosen_on_dev(name, tag, seeds, lambda seed: expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed),
-                            args)
+                            args, methods=set(sweep["grid"]))
     print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir))
     return 0
 

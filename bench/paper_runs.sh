@@ -4,6 +4,12 @@
 #   bash bench/paper_runs.sh glue    # issue 15: merge table, ablation, saliency, CoLA, RTE, SmolLM2 classifiers
 #   bash bench/paper_runs.sh lm      # issue 16: the GPT-2 grid and its seeds, then the decoder experts and merges
 #
+# The decoder merges read their experts' checkpoints, which a new machine does not have, and one
+# optimizer's experts and merge table are about 3.5 CPU hours: start a session with both lanes on them,
+# each training half the experts and then sweeping half the methods into the same result folder:
+#
+#   bash bench/paper_runs.sh decoder-a umtam    bash bench/paper_runs.sh decoder-b umtam   (then adamw)
+#
 # Every command resumes: a run whose result JSON exists is skipped, so a lane restarted on a
 # new machine (checkpoints are not committed) retrains only what its next steps read
 # (--rebuild-missing) and goes on where the committed results end. Each lane runs on one
@@ -52,8 +58,29 @@ lm() {
     python bench/merges.py --config recipes/paper/decoder-merge-adamw.yaml --model "$SMOLLM2"
 }
 
+decoder_merge() {  # LANE (a|b) OPTIMIZER: half the experts, then, once all four exist, half the methods
+    local experts=choice-sst2,choice-rte methods=average,task-arithmetic,ties,fisher
+    [ "$1" = b ] && experts=lm-fineweb,lm-shakespeare methods=dare-ties,ota,umtam
+    smollm2
+    python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml --optimizers "$2" \
+        --experts "$experts" --rebuild-missing
+    local names
+    names=$(python - "$2" <<'PY'
+import sys, yaml
+recipe = yaml.safe_load(open(f"recipes/paper/decoder-merge-{sys.argv[1]}.yaml"))
+print(" ".join(recipe["experts"]))
+PY
+)
+    for name in $names; do  # the other lane's experts
+        until [ -f "runs/experts/smollm2-135m-instruct-s42-$name/umtam.json" ]; do sleep 30; done
+    done
+    python bench/merges.py --config "recipes/paper/decoder-merge-$2.yaml" --model "$SMOLLM2" --methods "$methods"
+}
+
 case "${1:-}" in
     glue) glue ;;
     lm) lm ;;
-    *) echo "usage: bash bench/paper_runs.sh glue|lm" >&2; exit 2 ;;
+    decoder-a) decoder_merge a "${2:?optimizer: umtam or adamw}" ;;
+    decoder-b) decoder_merge b "${2:?optimizer: umtam or adamw}" ;;
+    *) echo "usage: bash bench/paper_runs.sh glue|lm|decoder-a OPT|decoder-b OPT" >&2; exit 2 ;;
 esac

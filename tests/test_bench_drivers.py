@@ -464,3 +464,27 @@ def test_lm_grid_records_a_divergence_as_a_result_but_stops_on_a_set_up_error(lm
     with pytest.raises(UmtamError) as missing:  # once recorded as a "divergence" (0 s) in every cell it touched
         lm_grid.train_one({**grid, "tokenizer": str(tmp_path / "no-tokenizer")}, "adamw", 8, 1e-3, 0, 3, keep=False)
     assert "no-tokenizer" in str(missing.value) and not isinstance(missing.value, DivergenceError)
+
+
+def test_a_sweep_splits_across_processes_by_method_and_experts_by_name(bench_module):
+    merges, decoder_experts = bench_module("merges"), bench_module("decoder_experts")
+    grid = {"average": {}, "ties": {"keep": [0.2]}, "umtam": {"keep": [0.2]}}
+    assert merges.only_methods(grid, ["umtam", "average"]) == {"average": {}, "umtam": {"keep": [0.2]}}
+    with pytest.raises(SystemExit, match="--methods fisher: not in the recipe's grid"):
+        merges.only_methods(grid, ["fisher", "ties"])
+    experts = {"choice-sst2": {}, "choice-rte": {}, "lm-fineweb": {}}
+    assert list(decoder_experts.subset(experts, "lm-fineweb,choice-sst2", "--experts")) == ["choice-sst2", "lm-fineweb"]
+    assert decoder_experts.subset(experts, None, "--experts") is experts
+    with pytest.raises(SystemExit, match="--optimizers sgd: not in the recipe"):
+        decoder_experts.subset({"umtam": {}}, "sgd", "--optimizers")
+
+
+def test_dev_is_scored_only_for_the_methods_this_process_swept(bench_module, tmp_path, monkeypatch):
+    """Another process sweeping other methods into the same folder may not have chosen yet."""
+    merges = bench_module("merges")
+    rows = [{"method": "ties", "dev": None}, {"method": "umtam", "dev": None}]
+    monkeypatch.setattr(merges, "all_rows", lambda name, tag, seeds: rows)
+    asked = []
+    monkeypatch.setattr(merges, "seed_choices", lambda rows, seeds, method, key: asked.append(method) or {})
+    merges.score_chosen_on_dev("set", "tag", (42,), lambda seed: [], None, methods={"umtam"})
+    assert asked == ["umtam"]
