@@ -109,6 +109,7 @@ def write_passages(text_files: dict[str, Path], out: Path) -> None:
 
 def train_one(recipe: dict, expert: str, optimizer: str, seed: int) -> dict:
     from umtam.config import build_config
+    from umtam.machine import machine_name
     from umtam.train import TrainConfig, train
 
     spec = recipe["experts"][expert]
@@ -126,7 +127,8 @@ def train_one(recipe: dict, expert: str, optimizer: str, seed: int) -> dict:
     return {"name": name, "expert": expert, "task": key, "optimizer": optimizer, "seed": seed, **settings,
             "steps": spec["steps"], "validation": record["metrics"]["validation"],
             "holdout": record["holdout_metrics"], "wall_seconds": time.perf_counter() - started,
-            "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"]}
+            "seconds_per_step": sidecar["seconds_per_step"], "state_bytes": sidecar["optimizer"]["state_bytes"],
+            "device": machine_name()}
 
 
 def score_base(recipe: dict, name: str, seed: int) -> dict:
