@@ -29,6 +29,7 @@ def runs(tmp_path_factory):
     return root, golden_runs.run_all(root / "runs", model, glue)
 
 
+@pytest.mark.slow  # the runs fixture trains, prunes and merges every golden run: about 30 s
 @pytest.mark.parametrize("stage, run", [(stage, run) for stage in golden_runs.OUTPUT_STAGES
                                         for run in RECORD[stage]])
 def test_outputs_equal_the_recorded_bytes(runs, stage, run):
@@ -40,6 +41,7 @@ def test_outputs_equal_the_recorded_bytes(runs, stage, run):
         "after test_twenty_step_loss_curve_of_each_optimizer has shown it only rounds differently")
 
 
+@pytest.mark.slow  # the runs fixture trains, prunes and merges every golden run: about 30 s
 @pytest.mark.parametrize("optimizer", sorted(RECORD["loss_curves"]))
 def test_twenty_step_loss_curve_of_each_optimizer(runs, optimizer):
     # Exact on the recording machine; the tolerance is how far another CPU's rounding moves a
@@ -50,6 +52,7 @@ def test_twenty_step_loss_curve_of_each_optimizer(runs, optimizer):
     assert len(results["loss_curves"][optimizer]) == 20
 
 
+@pytest.mark.slow  # the runs fixture trains, prunes and merges every golden run: about 30 s
 @pytest.mark.parametrize("kind", sorted(golden_runs.SIDECARS))
 def test_sidecar_of_each_kind_equals_the_golden_fixture(runs, kind):
     root, _ = runs

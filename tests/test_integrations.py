@@ -73,6 +73,7 @@ def test_the_callback_writes_a_umtam_checkpoint_at_each_save(tmp_path):
     assert "model.layers.0.mlp.down_proj.weight" in weights and "config.json" in sidecar["files"]
 
 
+@pytest.mark.slow  # a real Trainer run: about 10 s
 def test_umtam_is_a_trainer_optimizer_and_the_loss_falls(tmp_path):
     from umtam.optim import UMTAM
 
