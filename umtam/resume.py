@@ -784,7 +784,7 @@ def diverged_error(step: int, what: str, latest: TrainingState | None, state_dir
     """
     if latest is None:
         return DivergenceError(f"training diverged at step {step}: {what}",
-                          hint="lower --lr or check the data; no checkpoint was written")
+                               hint="lower --lr or check the data; no checkpoint was written")
     return DivergenceError(
         f"training diverged at step {step}: {what}; the last good state is {latest.path} (step {latest.step})",
         hint=f"no checkpoint was written; continue with a lower learning rate: "
