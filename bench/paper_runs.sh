@@ -46,6 +46,9 @@ glue() {
     # neither rate lifted CoLA, MRPC or RTE off their floors at 1,000 rows: four times the rows
     python bench/experts.py --model "$SMOLLM2" --profile recipes/paper/profile-decoder-cpu4k.yaml \
         --tasks rte,mrpc,cola,sst2 --optimizers umtam --lrs "umtam=2e-4"
+    # every cpu4k expert's holdout beat cpu1k's: the same merge table on them
+    python bench/merges.py --config recipes/paper/merge-sweep-smollm2.yaml --model "$SMOLLM2" \
+        --profile recipes/paper/profile-decoder-cpu4k.yaml
 }
 
 lm() {
