@@ -60,16 +60,6 @@ def load_sweep(path: str) -> dict:
     return build_config(DecoderExperts, read(path), source=str(path)).model_dump()
 
 
-def subset(entries: dict, names: str | None, flag: str) -> dict:
-    """The recipe's ``entries`` named in ``names`` (all when None), in the recipe's order; others refused."""
-    if names is None:
-        return entries
-    wanted = names.split(",")
-    if unknown := [name for name in wanted if name not in entries]:
-        raise SystemExit(f"decoder_experts.py: {flag} {','.join(unknown)}: not in the recipe ({', '.join(entries)})")
-    return {name: spec for name, spec in entries.items() if name in wanted}
-
-
 def run_name(recipe: dict, expert: str, optimizer: str, seed: int) -> str:
     from experts import model_tag
 
@@ -181,8 +171,11 @@ def main() -> int:
     args = parser.parse_args()
     recipe = load_sweep(args.config)
     if not args.report:
-        recipe = {**recipe, "experts": subset(recipe["experts"], args.experts, "--experts"),
-                  "optimizers": subset(recipe["optimizers"], args.optimizers, "--optimizers")}
+        from experts import named_subset
+
+        recipe = {**recipe, "experts": named_subset(recipe["experts"], args.experts, "decoder_experts.py: --experts"),
+                  "optimizers": named_subset(recipe["optimizers"], args.optimizers,
+                                             "decoder_experts.py: --optimizers")}
         out = RESULTS / recipe["name"]
         out.mkdir(parents=True, exist_ok=True)
         for seed in recipe["seeds"]:

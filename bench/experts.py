@@ -76,6 +76,17 @@ def tag_of(model: str | None, profile: dict | None) -> str:
     return model_tag(model) + (f"+{profile['name']}" if profile else "")
 
 
+def named_subset(entries: dict, names: str | None, option: str, where: str = "the recipe") -> dict:
+    """The ``entries`` named in the comma list ``names`` (all when None), in their own order: how a
+    driver's process takes its share of a recipe. A name not in ``entries`` is refused in one line."""
+    if names is None:
+        return entries
+    wanted = names.split(",")
+    if unknown := [name for name in wanted if name not in entries]:
+        raise SystemExit(f"{option} {','.join(unknown)}: not in {where} ({', '.join(entries)})")
+    return {name: spec for name, spec in entries.items() if name in wanted}
+
+
 def eval_cap(profile: dict | None) -> int:
     """The dev rows an expert is scored on: the recipes' cap, or the profile's."""
     return (profile or {}).get("train", {}).get("max_eval_samples", EVAL_CAP)

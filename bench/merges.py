@@ -351,15 +351,6 @@ def load_sweep(path: str) -> dict:
     return sweep
 
 
-def only_methods(grid: dict, methods: list[str]) -> dict:
-    """The grid's entries for ``methods`` alone; a method the grid does not sweep is refused in one line."""
-    unknown = [method for method in methods if method not in grid]
-    if unknown:
-        raise SystemExit(f"merges.py: --methods {','.join(unknown)}: not in the recipe's grid "
-                         f"({', '.join(grid)})")
-    return {method: options for method, options in grid.items() if method in methods}
-
-
 def refine_entries(name: str, tag: str, seed: int, grid: dict, refine: dict) -> list[tuple[str, dict]]:
     """Each refined option's values around the method's holdout-best stage-one setting."""
     rows = load_rows(name, tag, seed)
@@ -592,12 +583,12 @@ def main() -> int:
                         help="only print the tables of an existing result set (NAME, or the --config's)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from experts import load_profile, tag_of
+    from experts import load_profile, named_subset, tag_of
 
     tag, seeds = tag_of(args.model, load_profile(args.profile)), tuple(int(seed) for seed in args.seeds.split(","))
     sweep = load_sweep(args.config) if args.config else None
-    if sweep and args.methods and not args.report:
-        sweep = {**sweep, "grid": only_methods(sweep["grid"], args.methods.split(","))}
+    if sweep and not args.report:
+        sweep = {**sweep, "grid": named_subset(sweep["grid"], args.methods, "merges.py: --methods", "the recipe's grid")}
     name = sweep["name"] if sweep else args.name
     if args.report:
         name = name if args.report is True else args.report

@@ -466,17 +466,17 @@ def test_lm_grid_records_a_divergence_as_a_result_but_stops_on_a_set_up_error(lm
     assert "no-tokenizer" in str(missing.value) and not isinstance(missing.value, DivergenceError)
 
 
-def test_a_sweep_splits_across_processes_by_method_and_experts_by_name(bench_module):
-    merges, decoder_experts = bench_module("merges"), bench_module("decoder_experts")
+def test_a_sweep_splits_across_processes_by_method_and_experts_by_name(experts):
+    subset = experts.named_subset
     grid = {"average": {}, "ties": {"keep": [0.2]}, "umtam": {"keep": [0.2]}}
-    assert merges.only_methods(grid, ["umtam", "average"]) == {"average": {}, "umtam": {"keep": [0.2]}}
+    assert subset(grid, "umtam,average", "--methods") == {"average": {}, "umtam": {"keep": [0.2]}}
     with pytest.raises(SystemExit, match="--methods fisher: not in the recipe's grid"):
-        merges.only_methods(grid, ["fisher", "ties"])
-    experts = {"choice-sst2": {}, "choice-rte": {}, "lm-fineweb": {}}
-    assert list(decoder_experts.subset(experts, "lm-fineweb,choice-sst2", "--experts")) == ["choice-sst2", "lm-fineweb"]
-    assert decoder_experts.subset(experts, None, "--experts") is experts
+        subset(grid, "fisher,ties", "--methods", "the recipe's grid")
+    recipe = {"choice-sst2": {}, "choice-rte": {}, "lm-fineweb": {}}
+    assert list(subset(recipe, "lm-fineweb,choice-sst2", "--experts")) == ["choice-sst2", "lm-fineweb"]
+    assert subset(recipe, None, "--experts") is recipe
     with pytest.raises(SystemExit, match="--optimizers sgd: not in the recipe"):
-        decoder_experts.subset({"umtam": {}}, "sgd", "--optimizers")
+        subset({"umtam": {}}, "sgd", "--optimizers")
 
 
 def test_dev_is_scored_only_for_the_methods_this_process_swept(bench_module, tmp_path, monkeypatch):
