@@ -6,6 +6,7 @@
     python bench/merges.py --config recipes/paper/merge-sweep.yaml      # the paper's merge table
     python bench/merges.py --config recipes/paper/merge-sweep.yaml --seeds 42,43,44 --report
     python bench/merges.py --config recipes/paper/merge-sweep.yaml --methods umtam,ties   # half a sweep
+    python bench/merges.py --config recipes/paper/merge-sweep.yaml --methods ota --wait 120  # beside training
 
 Settings are chosen on the holdout score (the fixed train slice the experts
 never saw, see bench/experts.py) and dev is reported for the chosen ones; the
@@ -160,6 +161,20 @@ def results_dir(name: str, tag: str, seed: int) -> Path:
 def expert_paths(experts: list[str], runs_dir: str, tag: str, seed: int) -> list[Path]:
     """The checkpoints of this model and seed: <runs_dir>/<model>-s<seed>-<expert>."""
     return [Path(runs_dir) / f"{tag}-s{seed}-{expert}" for expert in experts]
+
+
+def wait_for_experts(paths: list[Path], minutes: float, poll_seconds: float = 30) -> None:
+    """Block until every checkpoint is whole: with --methods, the other process may still be training some.
+    The sidecar is written last, so its presence means the checkpoint is complete."""
+    from umtam.checkpoint import SIDECAR_FILE
+
+    deadline = time.monotonic() + minutes * 60
+    while missing := [path for path in paths if not (path / SIDECAR_FILE).is_file()]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SystemExit(f"merges.py: --wait: after {minutes:g} min {len(missing)} expert checkpoint(s) still "
+                             f"missing, the first {missing[0]}")
+        time.sleep(min(poll_seconds, left))
 
 
 def settings(name: str, tag: str, seeds: tuple[int, ...]) -> dict[str, dict[int, dict]]:
@@ -579,6 +594,8 @@ def main() -> int:
     parser.add_argument("--scratch", default=None, help="where merged checkpoints are written (then deleted)")
     parser.add_argument("--methods", help="comma list: sweep only these of the --config's methods (two processes "
                                           "can split a sweep; results share its folder)")
+    parser.add_argument("--wait", type=float, default=0, metavar="MINUTES",
+                        help="wait up to MINUTES for expert checkpoints another process is still training")
     parser.add_argument("--report", nargs="?", const=True, metavar="NAME",
                         help="only print the tables of an existing result set (NAME, or the --config's)")
     args = parser.parse_args()
@@ -604,6 +621,8 @@ def main() -> int:
         out = results_dir(name, tag, seed)
         if sweep:
             experts = expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed)
+            if args.wait:
+                wait_for_experts(experts, args.wait)
             entries = expand_grid(sweep["grid"])
             if sweep.get("chosen_from"):  # settings chosen once, on another sweep's holdout scores
                 entries = on_chosen(entries, sweep["chosen_from"], tag, seed)
@@ -614,6 +633,8 @@ def main() -> int:
                 run_entries(experts, entries, out, seed, args)
         else:
             experts = expert_paths(args.experts.split(","), args.runs_dir, tag, seed)
+            if args.wait:
+                wait_for_experts(experts, args.wait)
             run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, seed, args)
     if sweep and args.dev_at == "chosen":
         score_chosen_on_dev(name, tag, seeds, lambda seed: expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed),

@@ -68,17 +68,8 @@ decoder_merge() {  # LANE (a|b) OPTIMIZER: half the experts, then, once all four
     smollm2
     python bench/decoder_experts.py --config recipes/paper/decoder-experts.yaml --optimizers "$2" \
         --experts "$experts" --rebuild-missing
-    local names
-    names=$(python - "$2" <<'PY'
-import sys, yaml
-recipe = yaml.safe_load(open(f"recipes/paper/decoder-merge-{sys.argv[1]}.yaml"))
-print(" ".join(recipe["experts"]))
-PY
-)
-    for name in $names; do  # the other lane's experts
-        until [ -f "runs/experts/smollm2-135m-instruct-s42-$name/umtam.json" ]; do sleep 30; done
-    done
-    python bench/merges.py --config "recipes/paper/decoder-merge-$2.yaml" --model "$SMOLLM2" --methods "$methods"
+    python bench/merges.py --config "recipes/paper/decoder-merge-$2.yaml" --model "$SMOLLM2" --methods "$methods" \
+        --wait 240  # for the other lane's experts
 }
 
 case "${1:-}" in

@@ -488,3 +488,20 @@ def test_dev_is_scored_only_for_the_methods_this_process_swept(bench_module, tmp
     monkeypatch.setattr(merges, "seed_choices", lambda rows, seeds, method, key: asked.append(method) or {})
     merges.score_chosen_on_dev("set", "tag", (42,), lambda seed: [], None, methods={"umtam"})
     assert asked == ["umtam"]
+
+
+def test_merges_wait_for_each_expert_until_its_sidecar_lands_and_give_up_in_one_line(bench_module, tmp_path):
+    import threading
+
+    merges = bench_module("merges")
+    whole, training = tmp_path / "whole", tmp_path / "training"
+    whole.mkdir()
+    (whole / "umtam.json").write_text("{}")
+    training.mkdir()  # a checkpoint being written has its weights before its sidecar
+    merges.wait_for_experts([whole], minutes=0.001, poll_seconds=0.001)
+    with pytest.raises(SystemExit, match=r"after 0.003 min 1 expert checkpoint\(s\) still missing, the first .*training"):
+        merges.wait_for_experts([whole, training], minutes=0.003, poll_seconds=0.01)
+    lands = threading.Timer(0.05, lambda: (training / "umtam.json").write_text("{}"))
+    lands.start()
+    merges.wait_for_experts([whole, training], minutes=1, poll_seconds=0.01)
+    lands.join()
