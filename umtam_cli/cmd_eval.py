@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from umtam.config.evaluate import EvalConfig
-from umtam_cli.options import schema_options
+from umtam_cli.options import schema_options, settings_from
 from umtam_cli.render import (common_output_options, emit_json, format_value, progress_renderer, recipe_option,
                               stdout_console)
 
@@ -27,12 +27,10 @@ Examples:
 def command(config_file, as_json, quiet, verbose, **flags):
     """Evaluate a checkpoint on GLUE dev sets, or a language model on text."""
     from umtam.checkpoint import load_checkpoint
-    from umtam.config import build_config, load_recipe
     from umtam.evaluate import evaluate_checkpoint
     from umtam.tasks import is_language_key, task_spec
 
-    recipe = load_recipe(config_file) if config_file else {}
-    config = build_config(EvalConfig, recipe, flags=flags, source=config_file or "options")
+    config = settings_from(EvalConfig, config_file, flags)
     ckpt = load_checkpoint(config.checkpoint)
     settings = config.model_dump(exclude={"checkpoint"})
     with progress_renderer(quiet=quiet, verbose=verbose) as progress:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from umtam.config.inspect import InspectConfig
-from umtam_cli.options import schema_options
+from umtam_cli.options import schema_options, settings_from
 from umtam_cli.render import (common_output_options, emit_json, format_value, human_bytes, progress_renderer,
                               recipe_option, stdout_console)
 
@@ -32,11 +32,9 @@ def command(config_file, as_json, quiet, verbose, **flags):
     or --plot adds where the top-k saliency sits by layer and module type.
     """
     from umtam.checkpoint import load_checkpoint
-    from umtam.config import build_config, load_recipe
     from umtam.summary import summarize
 
-    recipe = load_recipe(config_file) if config_file else {}
-    config = build_config(InspectConfig, recipe, flags=flags, source=config_file or "options")
+    config = settings_from(InspectConfig, config_file, flags)
     if config.plot is not None:
         from umtam.saliency_map import check_plot_path
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from umtam.config.prune import PruneConfig
-from umtam_cli.options import schema_options
+from umtam_cli.options import schema_options, settings_from
 from umtam_cli.render import (common_output_options, emit_json, per_tensor_progress, progress_renderer,
                               recipe_option, stdout_console)
 
@@ -36,12 +36,10 @@ def command(config_file, as_json, quiet, verbose, **flags):
     """Prune a checkpoint's task vector by saliency."""
     from umtam.atomic import check_output_dir
     from umtam.checkpoint import load_checkpoint
-    from umtam.config import build_config, load_recipe
     from umtam.config.prune import PruneSettings
     from umtam.prune import write_pruned
 
-    recipe = load_recipe(config_file) if config_file else {}
-    config = build_config(PruneConfig, recipe, flags=flags, source=config_file or "options")
+    config = settings_from(PruneConfig, config_file, flags)
     check_output_dir(config.output, inputs=[config.checkpoint], force=config.force)
     ckpt = load_checkpoint(config.checkpoint)
     settings = {name: getattr(config, name) for name in PruneSettings.model_fields}

@@ -26,6 +26,14 @@ from umtam.config.schema import OptionInfo, Schema
 METHOD_OPTION_PREFIX = "method_option_"
 
 
+def settings_from(schema: type[Schema], config_file: str | None, flags: dict[str, Any]) -> Schema:
+    """A command's settings: its recipe (``--config``, if given) under the options given on the line."""
+    from umtam.config import build_config, load_recipe
+
+    recipe = load_recipe(config_file) if config_file else {}
+    return build_config(schema, recipe, flags=flags, source=config_file or "options")
+
+
 def schema_options(schema: type[Schema], *, exclude: Iterable[str] = ()) -> Callable:
     """A decorator adding every command-line field of ``schema`` as a click option or argument."""
     excluded = set(exclude)
