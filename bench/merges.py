@@ -233,6 +233,9 @@ class Normaliser:
 
     def __init__(self, rows: list[dict], tag: str, data_dir: str | None):
         self.data_dir = data_dir
+        # a decoder set's average is already normalised, by umtam eval against each expert (``average``)
+        self.applies = all(row.get("avg_is", "score") == "score" for row in rows)
+        self.left_out = sorted({task for row in rows for task in row.get("uncounted", [])})
         self.caps = {row["seed"]: row.get("eval_cap", EVAL_CAP) for row in rows}  # the rows each seed scored
         self.floors: dict[tuple[str, str, int], float] = {}
         self.experts: dict[tuple[str, str, int], float] = {}
@@ -246,7 +249,7 @@ class Normaliser:
                     record = json.loads(result.read_text())
                     for split in ("dev", "holdout"):
                         self.experts[(record["task"], split, row["seed"])] = record[f"{split}_score"]
-        tasks = list(rows[0]["holdout"])
+        tasks = list(rows[0]["holdout"]) if self.applies else []
         seeds = sorted({row["seed"] for row in rows})
         self.tasks = [t for t in tasks if all(self.gain(t, split, seed) is not None
                                               for split in ("dev", "holdout") for seed in seeds)]
@@ -284,9 +287,18 @@ class Normaliser:
         values = [self.average(r, split) for r in runs]
         return "n/a" if None in values else spread(values, percent=True)
 
+    def beside(self, runs: list[dict], split: str) -> str:
+        """' (41.2%)' after a raw average; nothing after a decoder set's, which is normalised already."""
+        return f" ({self.cell(runs, split)})" if self.applies else ""
+
     def note(self) -> str:
         from umtam.evaluate import NORMALIZE_MARGIN
 
+        if not self.applies:
+            return (f"avg: the mean over the tasks of umtam eval's normalised score (choice accuracy: (score - "
+                    f"floor) / (expert - floor); text: the expert's perplexity / the merge's), a share of what "
+                    f"the experts reach; left out, their expert under {100 * NORMALIZE_MARGIN:.0f} points above its "
+                    f"floor: {', '.join(self.left_out) or 'none'}")
         counted = ", ".join(self.tasks) or "none"
         return (f"normalised: (score - floor) / (expert - floor), floor = the better of chance and the majority "
                 f"class on the rows scored, over the tasks whose expert is >= {100 * NORMALIZE_MARGIN:.0f} points "
@@ -301,14 +313,15 @@ def report(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | None = N
     rows = [row for by_seed in by_label.values() for row in by_seed.values()]
     tasks = list(rows[0]["holdout"])
     norm = Normaliser(rows, tag, data_dir)
-    header = ("| setting | holdout avg (norm) | dev avg (norm) | " + " | ".join(f"dev {t}" for t in tasks)
+    kind = "(norm)" if norm.applies else "(normalised)"
+    header = (f"| setting | holdout avg {kind} | dev avg {kind} | " + " | ".join(f"dev {t}" for t in tasks)
               + " | seeds |")
     lines = [header, "|" + "---|" * (4 + len(tasks))]
     for setting, by_seed in sorted(by_label.items(), key=lambda item: -mean(r["holdout_avg"] for r in item[1].values())):
         runs = list(by_seed.values())
         per_task = " | ".join(dev_cell(runs, t) for t in tasks)
-        lines.append(f"| {setting} | {avg_cell(runs, 'holdout_avg')} ({norm.cell(runs, 'holdout')}) "
-                     f"| {avg_cell(runs, 'dev_avg')} ({norm.cell(runs, 'dev')}) "
+        lines.append(f"| {setting} | {avg_cell(runs, 'holdout_avg')}{norm.beside(runs, 'holdout')} "
+                     f"| {avg_cell(runs, 'dev_avg')}{norm.beside(runs, 'dev')} "
                      f"| {per_task} | {', '.join(map(str, by_seed))} |")
     return "\n".join(lines + ["", norm.note()])
 
@@ -497,8 +510,9 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
     rows = all_rows(name, tag, seeds)
     tasks = list(rows[0]["holdout"])
     norm = Normaliser(rows, tag, data_dir)
-    lines = ["| method | chosen by | setting | " + " | ".join(tasks) + " | dev avg | normalised avg | seeds |",
-             "|---|---|---|" + "---|" * (len(tasks) + 3)]
+    averages = "dev avg | normalised avg" if norm.applies else "dev avg (normalised)"
+    lines = ["| method | chosen by | setting | " + " | ".join(tasks) + f" | {averages} | seeds |",
+             "|---|---|---|" + "---|" * (len(tasks) + 2 + norm.applies)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # the best-on-dev check needs dev at every setting (not with dev_at: chosen)
     every_dev = all(row["dev"] is not None for row in rows)
@@ -509,7 +523,8 @@ def chosen_table(name: str, tag: str, seeds: tuple[int, ...], data_dir: str | No
             swept = [row["options"] for row in rows if row["method"] == method]
             lines.append(f"| {method} | {by} | {setting_cell(choices, swept)} | "
                          + " | ".join(dev_cell(runs, t) for t in tasks)
-                         + f" | {avg_cell(runs, 'dev_avg')} | {norm.cell(runs, 'dev')} | {', '.join(map(str, choices))} |")
+                         + f" | {avg_cell(runs, 'dev_avg')}{' | ' + norm.cell(runs, 'dev') if norm.applies else ''}"
+                         + f" | {', '.join(map(str, choices))} |")
     return "\n".join(lines + ["", norm.note()])
 
 
@@ -520,7 +535,10 @@ def paired_table(name: str, tag: str, seeds: tuple[int, ...], reference: str = "
     rows = all_rows(name, tag, seeds)
     norm = Normaliser(rows, tag, data_dir)
     ours = seed_choices(rows, seeds, reference, "holdout_avg")
-    lines = [f"| method | dev avg - {reference}'s | normalised avg - {reference}'s | seeds |", "|---|---|---|---|"]
+    if not norm.applies:  # a decoder set: its dev avg is the normalised one, differenced in points of it
+        lines = [f"| method | dev avg (normalised) - {reference}'s | seeds |", "|---|---|---|"]
+    else:
+        lines = [f"| method | dev avg - {reference}'s | normalised avg - {reference}'s | seeds |", "|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         theirs = seed_choices(rows, seeds, method, "holdout_avg")
         paired = [seed for seed in theirs if seed in ours and theirs[seed]["dev"] is not None
@@ -528,6 +546,9 @@ def paired_table(name: str, tag: str, seeds: tuple[int, ...], reference: str = "
         if method == reference or not paired:
             continue
         raw = [theirs[seed]["dev_avg"] - ours[seed]["dev_avg"] for seed in paired]
+        if not norm.applies:
+            lines.append(f"| {method} | {spread(raw)} | {', '.join(map(str, paired))} |")
+            continue
         normalised = [(norm.average(theirs[seed], "dev"), norm.average(ours[seed], "dev")) for seed in paired]
         norm_cell = ("n/a" if any(None in pair for pair in normalised)
                      else spread([a - b for a, b in normalised], percent=True))

@@ -505,3 +505,27 @@ def test_merges_wait_for_each_expert_until_its_sidecar_lands_and_give_up_in_one_
     lands.start()
     merges.wait_for_experts([whole, training], minutes=1, poll_seconds=0.01)
     lands.join()
+
+
+def test_a_decoder_merge_table_shows_its_normalised_average_once_and_names_the_tasks_it_leaves_out(
+        bench_module, tmp_path, monkeypatch):
+    merges = bench_module("merges")
+    monkeypatch.setattr(merges, "RESULTS", tmp_path)
+    folder = merges.results_dir("decoder", "smollm2", 42)
+    folder.mkdir(parents=True)
+    for method, holdout, dev, sst2 in (("umtam", 0.90, 0.80, 0.86), ("ties", 0.84, 0.85, 0.88)):
+        tasks = {"choice:rte": {"score": 0.5, "normalized": None}, "choice:sst2": {"score": sst2, "normalized": 0.9},
+                 "lm:fineweb": {"score": 33.0, "normalized": 0.95}}
+        row = {"method": method, "options": {}, "seed": 42, "experts": [], "avg_is": "normalized",
+               "holdout": tasks, "holdout_avg": holdout, "dev": tasks, "dev_avg": dev, "uncounted": ["choice:rte"]}
+        (folder / f"{method}.json").write_text(json.dumps(row))
+    chosen = merges.chosen_table("decoder", "smollm2", (42,)).splitlines()
+    assert chosen[0] == ("| method | chosen by | setting | choice:rte | choice:sst2 | lm:fineweb | dev avg (normalised) "
+                         "| seeds |")
+    assert chosen[2:4] == ["| ties | holdout | - | 50.00 | 88.00 | 33.00 | 85.0% | 42 |",  # no second normalisation
+                           "| umtam | holdout | - | 50.00 | 86.00 | 33.00 | 80.0% | 42 |"]
+    assert chosen[-1].endswith("under 10 points above its floor: choice:rte")
+    report = merges.report("decoder", "smollm2", (42,)).splitlines()
+    assert report[2].startswith("| umtam | 90.0% | 80.0% | 50.00 |")
+    paired = merges.paired_table("decoder", "smollm2", (42,)).splitlines()
+    assert paired[2:] == ["| ties | 5.00 | 42 |"]  # 85.0% - 80.0%, in points of the normalised average
