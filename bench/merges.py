@@ -640,10 +640,11 @@ def main() -> int:
     args.dev_at = sweep["dev_at"] if sweep else "every"
     for seed in seeds:
         out = results_dir(name, tag, seed)
+        experts = (expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed) if sweep
+                   else expert_paths(args.experts.split(","), args.runs_dir, tag, seed))
+        if args.wait:
+            wait_for_experts(experts, args.wait)
         if sweep:
-            experts = expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed)
-            if args.wait:
-                wait_for_experts(experts, args.wait)
             entries = expand_grid(sweep["grid"])
             if sweep.get("chosen_from"):  # settings chosen once, on another sweep's holdout scores
                 entries = on_chosen(entries, sweep["chosen_from"], tag, seed)
@@ -653,9 +654,6 @@ def main() -> int:
             while not sweep.get("chosen_from") and (entries := widening_entries(name, tag, seed, sweep["grid"])):
                 run_entries(experts, entries, out, seed, args)
         else:
-            experts = expert_paths(args.experts.split(","), args.runs_dir, tag, seed)
-            if args.wait:
-                wait_for_experts(experts, args.wait)
             run_entries(experts, [parse_entry(entry) for entry in args.grid.split(";")], out, seed, args)
     if sweep and args.dev_at == "chosen":
         score_chosen_on_dev(name, tag, seeds, lambda seed: expert_paths(sweep["experts"], sweep["runs_dir"], tag, seed),
