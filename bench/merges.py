@@ -238,7 +238,16 @@ class Normaliser:
         self.left_out = sorted({task for row in rows for task in row.get("uncounted", [])})
         self.caps = {row["seed"]: row.get("eval_cap", EVAL_CAP) for row in rows}  # the rows each seed scored
         self.floors: dict[tuple[str, str, int], float] = {}
-        self.experts: dict[tuple[str, str, int], float] = {}
+        self.experts = self._expert_scores(rows, tag) if self.applies else {}
+        tasks = list(rows[0]["holdout"]) if self.applies else []
+        seeds = sorted({row["seed"] for row in rows})
+        self.tasks = [t for t in tasks if all(self.gain(t, split, seed) is not None
+                                              for split in ("dev", "holdout") for seed in seeds)]
+
+    @staticmethod
+    def _expert_scores(rows: list[dict], tag: str) -> dict[tuple[str, str, int], float]:
+        """(task, split, seed) -> the expert's score, from the experts' result files."""
+        scores = {}
         for row in rows:
             for path in row["experts"]:
                 # rows written before checkpoints carried model and seed name the bare expert
@@ -248,11 +257,8 @@ class Normaliser:
                 if result is not None:
                     record = json.loads(result.read_text())
                     for split in ("dev", "holdout"):
-                        self.experts[(record["task"], split, row["seed"])] = record[f"{split}_score"]
-        tasks = list(rows[0]["holdout"]) if self.applies else []
-        seeds = sorted({row["seed"] for row in rows})
-        self.tasks = [t for t in tasks if all(self.gain(t, split, seed) is not None
-                                              for split in ("dev", "holdout") for seed in seeds)]
+                        scores[(record["task"], split, row["seed"])] = record[f"{split}_score"]
+        return scores
 
     def floor(self, task: str, split: str, seed: int) -> float:
         from umtam.evaluate import no_skill_floor, scored_rows
