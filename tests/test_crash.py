@@ -10,8 +10,11 @@ given prefix:
     payload  right after the first tensor file lands in the staging directory
     sealed   the staging directory is complete and its sidecar (the first file
              fsynced) is on disk; nothing is renamed yet
-    swap     an existing output was moved aside, the new one is not yet in place
-             (a write that swaps atomically has no such point and finishes)
+    exchanged  the atomic swap (Linux renameat2 RENAME_EXCHANGE) put the new output
+             in place; the old one, now at the staging name, is not yet removed
+    swap     where the swap cannot be atomic (forced here: renameat2 reported
+             unsupported), the old output was moved aside and the new one is not
+             yet in place
 """
 
 from __future__ import annotations
@@ -66,7 +69,18 @@ elif point == "sealed":
         fsync(fd)
         die_if(Path(os.readlink(f"/proc/self/fd/{fd}")).parent)
     os.fsync = syncing
+elif point == "exchanged":
+    import umtam.atomic
+    exchange = umtam.atomic._exchange
+    def exchanging(first, second):
+        swapped = exchange(first, second)
+        if swapped:
+            die_if(first)  # the staging name, which now holds the old output
+        return swapped
+    umtam.atomic._exchange = exchanging
 elif point == "swap":
+    import umtam.atomic
+    umtam.atomic._exchange = lambda first, second: False  # as on a kernel or file system without it
     rename = os.rename
     def renaming(src, dst, *args, **kwargs):
         rename(src, dst, *args, **kwargs)
@@ -81,17 +95,17 @@ main(sys.argv[1:])
 class Killed:
     out: Path
     before: dict[str, bytes] | None  # the bytes of the output that was there, if any
-    killed: bool  # False: the kill point never came and the write finished
+    at_out: str = "old"  # what the kill left at out: "old" (or nothing), "new", or "aside" (the old at .old-)
 
 
-def run_killed_at(point: str, prefix: str, *args: str, may_finish: bool = False) -> bool:
+def run_killed_at(point: str, prefix: str, *args: str) -> None:
     """Run ``umtam ARGS`` until it SIGKILLs itself at ``point`` in the directory named ``prefix*``."""
     env = {**os.environ, "UMTAM_TEST_KILL_AT": f"{point}:{prefix}", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-c", KILLER, *args, "--quiet"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == -signal.SIGKILL or (may_finish and done.returncode == 0), done.stderr
-    return done.returncode == -signal.SIGKILL
+    # a write that never reached the kill point finished: the case would test nothing
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -129,34 +143,43 @@ def existing_output(family, out: Path) -> dict[str, bytes]:
 def train_killed_in_payload(tmp_path_factory, tiny_model_dir, glue_dir, family):
     out = tmp_path_factory.mktemp("train-payload") / "out"
     before = existing_output(family, out)
-    killed = run_killed_at("payload", ".out.tmp-", "train", "--task", "mrpc", "--model", str(tiny_model_dir),
-                           "--data-dir", str(glue_dir), "--max-steps", "2", "--batch-size", "8",
-                           "--max-length", "32", "-o", str(out), "--force")
-    return Killed(out, before, killed)
+    run_killed_at("payload", ".out.tmp-", "train", "--task", "mrpc", "--model", str(tiny_model_dir),
+                  "--data-dir", str(glue_dir), "--max-steps", "2", "--batch-size", "8",
+                  "--max-length", "32", "-o", str(out), "--force")
+    return Killed(out, before)
+
+
+def prune_killed(tmp_path_factory, family, point: str, prefix: str) -> tuple[Path, dict[str, bytes]]:
+    out = tmp_path_factory.mktemp(f"prune-{point}") / "out"
+    before = existing_output(family, out)
+    run_killed_at(point, prefix, "prune", str(family.experts["mrpc"].path), "--keep", "0.5", "-o", str(out),
+                  "--force")
+    return out, before
+
+
+@pytest.fixture(scope="module")
+def prune_killed_when_exchanged(tmp_path_factory, family):
+    return Killed(*prune_killed(tmp_path_factory, family, "exchanged", ".out.tmp-"), at_out="new")
 
 
 @pytest.fixture(scope="module")
 def prune_killed_in_swap(tmp_path_factory, family):
-    out = tmp_path_factory.mktemp("prune-swap") / "out"
-    before = existing_output(family, out)
-    killed = run_killed_at("swap", ".out.old-", "prune", str(family.experts["mrpc"].path), "--keep", "0.5",
-                           "-o", str(out), "--force", may_finish=True)
-    return Killed(out, before, killed)
+    return Killed(*prune_killed(tmp_path_factory, family, "swap", ".out.old-"), at_out="aside")
 
 
 @pytest.fixture(scope="module")
 def merge_killed_in_payload(tmp_path_factory, family):
     out = tmp_path_factory.mktemp("merge-payload") / "out"
-    killed = run_killed_at("payload", ".out.tmp-", "merge", *expert_paths(family), "-o", str(out))
-    return Killed(out, None, killed)
+    run_killed_at("payload", ".out.tmp-", "merge", *expert_paths(family), "-o", str(out))
+    return Killed(out, None)
 
 
 @pytest.fixture(scope="module")
 def merge_killed_when_sealed(tmp_path_factory, family):
     out = tmp_path_factory.mktemp("merge-sealed") / "out"
     before = existing_output(family, out)
-    killed = run_killed_at("sealed", ".out.tmp-", "merge", *expert_paths(family), "-o", str(out), "--force")
-    return Killed(out, before, killed)
+    run_killed_at("sealed", ".out.tmp-", "merge", *expert_paths(family), "-o", str(out), "--force")
+    return Killed(out, before)
 
 
 def expert_paths(family) -> list[str]:
@@ -164,8 +187,8 @@ def expert_paths(family) -> list[str]:
 
 
 # Killing a training run costs a whole subprocess training (~7 s on 2 cores) before its three tests run.
-CASES = [pytest.param("train_killed_in_payload", marks=pytest.mark.slow), "prune_killed_in_swap",
-         "merge_killed_in_payload", "merge_killed_when_sealed"]
+CASES = [pytest.param("train_killed_in_payload", marks=pytest.mark.slow), "prune_killed_when_exchanged",
+         "prune_killed_in_swap", "merge_killed_in_payload", "merge_killed_when_sealed"]
 
 
 @pytest.fixture(params=CASES)
@@ -173,9 +196,12 @@ def case(request) -> Killed:
     return request.getfixturevalue(request.param)
 
 
-def test_the_output_is_the_old_one_or_absent(case):
-    if not case.killed:  # the write swapped atomically and finished
+def test_the_output_is_the_old_one_or_the_new_one_whole(case):
+    if case.at_out == "new":  # killed after the atomic swap: the new output is in place, whole
         assert loads(case.out) and snapshot(case.out) != case.before
+    elif case.at_out == "aside":  # killed between the two renames of a non-atomic replace
+        (retired,) = [path for path in leftovers(case.out) if ".old-" in path.name]  # beside the new, staged
+        assert not case.out.exists() and snapshot(retired) == case.before
     elif case.before is None:
         assert not case.out.exists()
     else:
@@ -184,8 +210,7 @@ def test_the_output_is_the_old_one_or_absent(case):
 
 def test_leftovers_are_hidden_and_named_temporary(case):
     found = leftovers(case.out)
-    assert all(".tmp-" in path.name or ".old-" in path.name for path in found)
-    assert bool(found) == case.killed
+    assert found and all(".tmp-" in path.name or ".old-" in path.name for path in found)
     assert [path for path in case.out.parent.iterdir() if path != case.out and path not in found] == []
 
 
@@ -196,6 +221,16 @@ def test_leftovers_never_load_as_checkpoints(case):
 def test_the_next_write_removes_dead_leftovers(merge_killed_in_payload, family):
     out = merge_killed_in_payload.out
     code, _, stderr = run_cli("merge", *expert_paths(family), "-o", str(out), "--quiet")
+    assert code == 0, stderr
+    assert loads(out) and leftovers(out) == []
+
+
+def test_the_next_write_removes_the_old_output_an_exchange_left(prune_killed_when_exchanged, family):
+    out = prune_killed_when_exchanged.out
+    (old,) = leftovers(out)
+    assert snapshot(old) == prune_killed_when_exchanged.before  # what the kill interrupted the removal of
+    code, _, stderr = run_cli("prune", str(family.experts["mrpc"].path), "--keep", "0.5", "-o", str(out),
+                              "--force", "--quiet")
     assert code == 0, stderr
     assert loads(out) and leftovers(out) == []
 

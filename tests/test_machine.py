@@ -14,8 +14,14 @@ def test_the_cpu_model_is_the_first_model_name_in_cpuinfo(tmp_path):
     assert cpu_model(cpuinfo) == "AMD EPYC 9R14"
 
 
-def test_without_cpuinfo_the_platform_names_the_cpu(tmp_path):
-    assert cpu_model(tmp_path / "absent") not in ("", None)
+def test_without_cpuinfo_the_platform_names_the_cpu(tmp_path, monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert cpu_model(tmp_path / "absent") == "arm"
+    monkeypatch.setattr(platform, "processor", lambda: "")  # Linux often leaves it empty
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert cpu_model(tmp_path / "absent") == "aarch64"
 
 
 def test_a_cpu_run_names_the_kernels_torch_picked(monkeypatch):

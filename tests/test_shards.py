@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -174,7 +175,10 @@ def test_prune_writes_shards_and_another_dtype(tmp_path, decoders):
     assert pruned.weight_file_names[0] == INDEX_FILE
     assert {t.dtype for t in pruned.load_tensors().values()} == {torch.bfloat16}
     code, out, stderr = run_cli("eval", str(tmp_path / "pruned"), "--task", "lm", "--json")
-    assert code == 0, stderr and json.loads(out)["tasks"]["lm:text"]["normalized"] is not None
+    assert code == 0, stderr
+    scored = json.loads(out)["tasks"]["lm:text"]
+    assert math.isfinite(scored["score"]) and scored["score"] > 1  # a perplexity
+    assert scored["normalized"] is not None and scored["normalized"] > 0
 
 
 def test_an_input_index_naming_a_missing_shard_is_one_line(tmp_path, decoders):

@@ -70,7 +70,7 @@ def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
 EVAL_MEMORY_FRACTION = 0.25
 
 
-def available_memory_bytes(device=None) -> int | None:
+def available_memory_bytes(device=None, meminfo: str = "/proc/meminfo") -> int | None:
     """Memory a new allocation can take now, or None where it is not known (nothing is capped then).
 
     On a CUDA device its free memory; otherwise MemAvailable of /proc/meminfo
@@ -80,7 +80,7 @@ def available_memory_bytes(device=None) -> int | None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
+        with open(meminfo, encoding="ascii") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024  # reported in kB
