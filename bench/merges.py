@@ -180,9 +180,8 @@ def wait_for_experts(paths: list[Path], minutes: float, poll_seconds: float = 30
 def settings(name: str, tag: str, seeds: tuple[int, ...]) -> dict[str, dict[int, dict]]:
     """label -> seed -> row, for the seeds asked for; a seed without any result is refused in one line."""
     found: dict[str, dict[int, dict]] = {}
-    for seed in seeds:
-        for row in load_rows(name, tag, seed):
-            found.setdefault(label(row["method"], row["options"]), {})[seed] = row
+    for row in recount_decoder_averages([row for seed in seeds for row in load_rows(name, tag, seed)]):
+        found.setdefault(label(row["method"], row["options"]), {})[row["seed"]] = row
     missing = [seed for seed in seeds if not any(seed in by_seed for by_seed in found.values())]
     if missing:
         raise SystemExit(f"merges.py: no results for {name!r}, model {tag!r}, seed(s) {', '.join(map(str, missing))} "
@@ -354,7 +353,10 @@ def on_chosen(entries, results_name: str, tag: str, seed: int) -> list[tuple[str
     out = []
     for method, options in entries:
         stage = [r for r in rows if r["method"] == method]
-        chosen = max(stage, key=lambda r: r["holdout_avg"])["options"] if stage else {}
+        if not stage:  # its defaults would stand in for a choice never made
+            raise SystemExit(f"merges.py: {results_name!r} has no {method} result for model {tag!r}, seed {seed}; "
+                             f"run that sweep first")
+        chosen = max(stage, key=lambda r: r["holdout_avg"])["options"]
         out.append((method, {**chosen, **options}))
     return out
 
@@ -474,6 +476,7 @@ def run_entries(experts: list[Path], entries, out: Path, seed: int, args) -> Non
     for method, options in entries:
         path = out / f"{label(method, options)}.json"
         if path.exists():
+            check_same_experts(path, experts)
             continue
         row = merge_and_score(experts, method, options, seed, args, dev=args.dev_at == "every")
         path.write_text(json.dumps(row, indent=1) + "\n")
@@ -481,10 +484,43 @@ def run_entries(experts: list[Path], entries, out: Path, seed: int, args) -> Non
         print(f"{label(method, options)}: holdout {row['holdout_avg']:.4f}{dev}", flush=True)
 
 
+def check_same_experts(path: Path, experts: list[Path]) -> None:
+    """Refuse to resume onto a result of other experts (a recipe's experts edited under the same name)."""
+    stored = [Path(e).name for e in json.loads(path.read_text())["experts"]]
+    # results written before checkpoint names carried model and seed name the bare expert
+    names = [Path(e).name for e in experts]
+    if len(names) != len(stored) or not all(now == then or now.endswith(f"-{then}") for now, then in zip(names, stored)):
+        raise SystemExit(f"merges.py: {path} merged {', '.join(stored)}, not this recipe's "
+                         f"experts; give the recipe another name or remove that folder")
+
+
 def load_rows(name: str, tag: str, seed: int) -> list[dict]:
     """The rows of one seed; rows written before results carried their seed get their folder's."""
     rows = [json.loads(p.read_text()) for p in sorted(results_dir(name, tag, seed).glob("*.json"))]
-    return [{"seed": seed, **row} for row in rows]
+    return recount_decoder_averages([{"seed": seed, **row} for row in rows])
+
+
+def recount_decoder_averages(rows: list[dict]) -> list[dict]:
+    """A decoder set's averages over the tasks counted in every row and split scored (GLUE rows as they are).
+
+    umtam eval leaves a task out of one split's normalised average where its
+    expert is within NORMALIZE_MARGIN of the floor on that split's rows; an
+    expert clear of it on dev but not on the holdout would put the task in the
+    dev average and not in the average the setting was chosen by. Counting is
+    a property of the experts alone, not of any merge's score.
+    """
+    if not rows or any(row.get("avg_is") != "normalized" for row in rows):
+        return rows
+    scored = [row[split] for row in rows for split in ("holdout", "dev") if row.get(split)]
+    counted = [task for task in scored[0] if all(results[task]["normalized"] is not None for results in scored)]
+    if not counted:
+        raise SystemExit(f"merges.py: no task of {', '.join(scored[0])} has a normalised score on every split")
+
+    def recounted(results: dict | None) -> float | None:
+        return None if results is None else mean(results[task]["normalized"] for task in counted)
+
+    return [{**row, "holdout_avg": recounted(row["holdout"]), "dev_avg": recounted(row.get("dev")),
+             "uncounted": sorted(set(scored[0]) - set(counted))} for row in rows]
 
 
 def all_rows(name: str, tag: str, seeds: tuple[int, ...]) -> list[dict]:
@@ -562,22 +598,24 @@ def paired_table(name: str, tag: str, seeds: tuple[int, ...], reference: str = "
     return "\n".join(lines)
 
 
-def ablation_table(name: str, tag: str, seeds: tuple[int, ...], grid: dict, data_dir: str | None = None) -> str:
-    """A recipe with ``chosen_from`` (the ablation): one row per grid entry, whatever setting each seed
-    chose, dev mean +- std and the paired difference from the first entry (the full method)."""
+def ablation_table(name: str, tag: str, seeds: tuple[int, ...], grid: dict, chosen_from: str,
+                   data_dir: str | None = None) -> str:
+    """A recipe with ``chosen_from`` (the ablation): one row per grid entry, on the setting each seed's
+    ``chosen_from`` set chooses now, dev mean +- std and the paired difference from the first entry (the
+    full method). A seed whose choice moved since its ablation ran has no run of the new one: left out."""
     rows = all_rows(name, tag, seeds)
     norm = Normaliser(rows, tag, data_dir)
     entries = expand_grid(grid)
-    ablated = {key for _, options in entries for key in options}  # what the entries switch
+    wanted = {seed: on_chosen(entries, chosen_from, tag, seed) for seed in seeds}
 
-    def runs_of(method: str, options: dict) -> dict[int, dict]:
-        return {row["seed"]: row for row in rows if row["method"] == method
-                and all(row["options"].get(key) == options.get(key) for key in ablated)}
+    def runs_of(index: int) -> dict[int, dict]:
+        return {row["seed"]: row for row in rows
+                if (row["method"], row["options"]) == wanted[row["seed"]][index]}
 
-    full = runs_of(*entries[0])
+    full = runs_of(0)
     lines = [f"| variant | dev avg | normalised avg | dev avg - {label(*entries[0])}'s | seeds |", "|---|---|---|---|---|"]
-    for method, options in entries:
-        runs = runs_of(method, options)
+    for index, (method, options) in enumerate(entries):
+        runs = runs_of(index)
         paired = [runs[seed]["dev_avg"] - full[seed]["dev_avg"] for seed in runs if seed in full]
         lines.append(f"| {label(method, options)} | {avg_cell(list(runs.values()), 'dev_avg')} "
                      f"| {norm.cell(list(runs.values()), 'dev')} | {spread(paired) if paired else '-'} "
@@ -637,7 +675,7 @@ def main() -> int:
     if args.report:
         name = name if args.report is True else args.report
         if sweep and sweep.get("chosen_from"):
-            print(ablation_table(name, tag, seeds, sweep["grid"], args.data_dir))
+            print(ablation_table(name, tag, seeds, sweep["grid"], sweep["chosen_from"], args.data_dir))
             return 0
         print(report(name, tag, seeds, args.data_dir) + "\n\n" + chosen_table(name, tag, seeds, args.data_dir)
               + "\n\n" + paired_table(name, tag, seeds, data_dir=args.data_dir))

@@ -395,21 +395,81 @@ def test_the_paired_table_differences_each_seeds_choice_from_umtams_on_the_same_
     assert lines[2:] == ["| ties | -0.50 +- 2.12 | n/a | 42, 43 |"]
 
 
+def _write_rows(merges, name: str, seed: int, rows: list[dict]) -> None:
+    folder = merges.results_dir(name, "minilm", seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        (folder / f"{merges.label(row['method'], row['options'])}.json").write_text(json.dumps({"seed": seed, **row}))
+
+
 def test_the_ablation_table_groups_each_variant_over_the_settings_its_seeds_chose(bench_module, tmp_path, monkeypatch):
     merges = bench_module("merges")
     monkeypatch.setattr(merges, "RESULTS", tmp_path)
+    sweep = {42: [({"keep": 0.6}, 0.50), ({"keep": 0.2}, 0.40)],
+             43: [({"keep": 0.05, "lambda": 2.0}, 0.50), ({"keep": 0.025, "lambda": 2.0}, 0.45)]}
+    for seed, rows in sweep.items():  # the set the ablation takes each seed's choice from
+        _write_rows(merges, "sweep", seed, [{"method": "umtam", "options": o, "holdout_avg": h} for o, h in rows])
     points = {42: [({"keep": 0.6}, 0.52), ({"keep": 0.6, "trim": "magnitude"}, 0.48)],
-              43: [({"keep": 0.05, "lambda": 2.0}, 0.54), ({"keep": 0.05, "lambda": 2.0, "trim": "magnitude"}, 0.53)]}
+              43: [({"keep": 0.05, "lambda": 2.0}, 0.54), ({"keep": 0.05, "lambda": 2.0, "trim": "magnitude"}, 0.53),
+                   # run when seed 43 chose keep 0.025 (its choice moved since): sorts first, never shown
+                   ({"keep": 0.025, "lambda": 2.0}, 0.90), ({"keep": 0.025, "lambda": 2.0, "trim": "magnitude"}, 0.10)]}
     for seed, rows in points.items():
-        folder = merges.results_dir("ablation", "minilm", seed)
-        folder.mkdir(parents=True)
-        for options, dev in rows:
-            row = {"method": "umtam", "options": options, "holdout_avg": dev, "dev_avg": dev, "seed": seed,
-                   "experts": [], "holdout": {"sst2": {"score": dev}}, "dev": {"sst2": {"score": dev}}}
-            (folder / f"{merges.label('umtam', options)}.json").write_text(json.dumps(row))
-    lines = merges.ablation_table("ablation", "minilm", (42, 43), {"umtam": [{}, {"trim": "magnitude"}]}).splitlines()
+        _write_rows(merges, "ablation", seed, [
+            {"method": "umtam", "options": options, "holdout_avg": dev, "dev_avg": dev, "experts": [],
+             "holdout": {"sst2": {"score": dev}}, "dev": {"sst2": {"score": dev}}} for options, dev in rows])
+    grid = {"umtam": [{}, {"trim": "magnitude"}]}
+    lines = merges.ablation_table("ablation", "minilm", (42, 43), grid, "sweep").splitlines()
     assert lines[2:] == ["| umtam | 53.00 +- 1.41 | n/a | 0.00 +- 0.00 | 42, 43 |",
                          "| umtam-trimmagnitude | 50.50 +- 3.54 | n/a | -2.50 +- 2.12 | 42, 43 |"]
+
+
+def test_an_entry_taken_from_a_set_that_never_ran_its_method_is_refused(bench_module, tmp_path, monkeypatch):
+    merges = bench_module("merges")
+    monkeypatch.setattr(merges, "RESULTS", tmp_path)
+    _write_rows(merges, "sweep", 42, [{"method": "ties", "options": {"keep": 0.1}, "holdout_avg": 0.5}])
+    assert merges.on_chosen([("ties", {"lambda": 2.0})], "sweep", "minilm", 42) == [("ties", {"keep": 0.1, "lambda": 2.0})]
+    with pytest.raises(SystemExit, match="'sweep' has no umtam result for model 'minilm', seed 42"):
+        merges.on_chosen([("umtam", {})], "sweep", "minilm", 42)  # not umtam's defaults posing as its choice
+    with pytest.raises(SystemExit, match="'sweep' has no ties result for model 'minilm', seed 43"):
+        merges.on_chosen([("ties", {})], "sweep", "minilm", 43)
+
+
+def test_a_sweep_resumes_only_onto_results_of_its_own_experts(bench_module, tmp_path):
+    merges = bench_module("merges")
+    stored = tmp_path / "ties.json"
+    stored.write_text(json.dumps({"experts": ["runs/experts/minilm-s42-rte-umtam-r8-lr5e-05",
+                                              "runs/experts/minilm-s42-mrpc-umtam-r8-lr1e-4"]}))
+    same = [Path("elsewhere/minilm-s42-rte-umtam-r8-lr5e-05"), Path("elsewhere/minilm-s42-mrpc-umtam-r8-lr1e-4")]
+    merges.check_same_experts(stored, same)  # another runs_dir, the same checkpoints
+    with pytest.raises(SystemExit, match="merged minilm-s42-rte-umtam-r8-lr5e-05, minilm-s42-mrpc-umtam-r8-lr1e-4, "
+                                         "not this recipe's experts"):
+        merges.check_same_experts(stored, [Path("runs/experts/minilm-s42-rte-umtam-r8-lr0.0002"), same[1]])
+    with pytest.raises(SystemExit, match="not this recipe's experts"):
+        merges.check_same_experts(stored, same[:1])
+    stored.write_text(json.dumps({"experts": ["runs/experts/rte-umtam-r8-lr5e-05", "runs/experts/mrpc-umtam-r8-lr1e-4"]}))
+    merges.check_same_experts(stored, same)  # written before names carried model and seed
+
+
+def test_a_decoder_sets_averages_count_only_tasks_normalised_on_every_split_scored(bench_module, tmp_path, monkeypatch):
+    merges = bench_module("merges")
+    monkeypatch.setattr(merges, "RESULTS", tmp_path)
+
+    def results(sst2: float, rte: float | None, text: float) -> dict:
+        return {"choice:sst2": {"score": 0.9, "normalized": sst2}, "choice:rte": {"score": 0.7, "normalized": rte},
+                "lm:fineweb": {"score": 30.0, "normalized": text}}
+
+    # rte's expert clears its floor on dev but not on the holdout: the choice could not count it
+    chosen = {"method": "fisher", "options": {}, "avg_is": "normalized", "holdout": results(0.8, None, 0.9),
+              "holdout_avg": 0.85, "dev": results(0.7, 0.1, 0.9), "dev_avg": 0.5667, "uncounted": ["choice:rte"]}
+    other = {"method": "average", "options": {}, "avg_is": "normalized", "holdout": results(0.6, None, 0.8),
+             "holdout_avg": 0.7, "dev": None, "dev_avg": None, "uncounted": ["choice:rte"]}
+    _write_rows(merges, "decoder", 42, [chosen, other])
+    rows = {row["method"]: row for row in merges.all_rows("decoder", "minilm", (42,))}
+    assert rows["fisher"]["dev_avg"] == pytest.approx(0.8)  # (0.7 + 0.9) / 2, rte left out as on the holdout
+    assert rows["fisher"]["holdout_avg"] == pytest.approx(0.85) and rows["average"]["holdout_avg"] == pytest.approx(0.7)
+    assert rows["fisher"]["uncounted"] == rows["average"]["uncounted"] == ["choice:rte"]
+    glue = [{"method": "ties", "options": {}, "holdout": {"rte": {"score": 0.6}}, "holdout_avg": 0.6}]
+    assert merges.recount_decoder_averages(glue) == glue  # GLUE rows average their raw scores, as they are
 
 
 @pytest.fixture
@@ -513,11 +573,17 @@ def test_a_decoder_merge_table_shows_its_normalised_average_once_and_names_the_t
     monkeypatch.setattr(merges, "RESULTS", tmp_path)
     folder = merges.results_dir("decoder", "smollm2", 42)
     folder.mkdir(parents=True)
-    for method, holdout, dev, sst2 in (("umtam", 0.90, 0.80, 0.86), ("ties", 0.84, 0.85, 0.88)):
-        tasks = {"choice:rte": {"score": 0.5, "normalized": None}, "choice:sst2": {"score": sst2, "normalized": 0.9},
-                 "lm:fineweb": {"score": 33.0, "normalized": 0.95}}
+    def tasks(sst2: float, normalized: tuple[float, float]) -> dict:
+        return {"choice:rte": {"score": 0.5, "normalized": None},
+                "choice:sst2": {"score": sst2, "normalized": normalized[0]},
+                "lm:fineweb": {"score": 33.0, "normalized": normalized[1]}}
+
+    # (sst2's, fineweb's normalised score) per split: averages 0.90 / 0.80 for umtam, 0.84 / 0.85 for ties
+    for method, holdout, dev, sst2 in (("umtam", (0.85, 0.95), (0.70, 0.90), 0.86),
+                                       ("ties", (0.78, 0.90), (0.80, 0.90), 0.88)):
         row = {"method": method, "options": {}, "seed": 42, "experts": [], "avg_is": "normalized",
-               "holdout": tasks, "holdout_avg": holdout, "dev": tasks, "dev_avg": dev, "uncounted": ["choice:rte"]}
+               "holdout": tasks(sst2, holdout), "holdout_avg": sum(holdout) / 2, "dev": tasks(sst2, dev),
+               "dev_avg": sum(dev) / 2, "uncounted": ["choice:rte"]}
         (folder / f"{method}.json").write_text(json.dumps(row))
     chosen = merges.chosen_table("decoder", "smollm2", (42,)).splitlines()
     assert chosen[0] == ("| method | chosen by | setting | choice:rte | choice:sst2 | lm:fineweb | dev avg (normalised) "
