@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from cli_runner import run_cli
 from lm_fixtures import write_text_corpus, write_tiny_decoder
 from umtam.checkpoint import load_checkpoint
 from umtam.config.train import TrainConfig
+from umtam.errors import ConfigError
 from umtam.evaluate import evaluate_checkpoint
 from umtam.safetensors_io import tensor_shapes
 from umtam.train import train
@@ -283,3 +285,50 @@ def test_eval_every_records_validation_loss_on_the_held_out_text_and_changes_not
 def test_eval_every_points_survive_a_resume(tmp_path, llama_dir, corpus):
     whole, resumed = whole_and_resumed(tmp_path, llama_dir, corpus, 4, eval_every=2)
     assert resumed.sidecar.as_json()["training"]["eval_curve"] == whole.sidecar.as_json()["training"]["eval_curve"]
+
+
+def _documents(root: Path, count: int) -> Path:
+    sentences = ["the cat sees a bird .", "the dog likes the cat .", "a bird sees the dog ."]
+    path = root / "docs.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": f"{sentences[i % 3]} {sentences[(i + 1) % 3]}"}) + "\n"
+                            for i in range(count)))
+    return path
+
+
+def _kept_whole(checkpoint, out: Path):
+    """The checkpoint pruned at keep 1.0: the same weights, its scores kept as the expert's (what eval normalises by)."""
+    code, _, stderr = run_cli("prune", str(checkpoint.path), "--keep", "1.0", "-o", str(out), "--quiet")
+    assert code == 0, stderr
+    return load_checkpoint(out)
+
+
+def test_eval_normalises_only_on_the_rows_the_expert_was_scored_on(tmp_path, llama_dir, corpus):
+    # 14 validation tokens in blocks of 4: three blocks, of which the expert scored two (seed 3's)
+    run = train(lm_config(llama_dir, corpus, tmp_path / "capped", max_length=4, max_steps=2, max_eval_samples=2, seed=3))
+    whole = _kept_whole(run, tmp_path / "whole")
+    same = evaluate_checkpoint(whole, task="lm", max_eval_samples=2, seed=3)["lm:stories"]
+    assert same["splits"]["validation"]["tokens"] == run.sidecar.tasks["lm:stories"].metrics["validation"]["tokens"]
+    assert same["normalized"] == pytest.approx(1.0, rel=1e-5)  # the expert against itself, on its own rows
+    every = evaluate_checkpoint(whole, task="lm")["lm:stories"]  # all three blocks: another sample
+    assert every["splits"]["validation"]["tokens"] > same["splits"]["validation"]["tokens"]
+    assert every["normalized"] is None
+
+
+def test_a_holdout_slice_other_than_the_experts_is_refused(tmp_path, llama_dir):
+    data = _documents(tmp_path / "text", 20)
+    run = train(lm_config(llama_dir, data.parent, tmp_path / "held", data=str(data), eval_data=str(data),
+                          holdout_fraction=0.1, max_steps=2))
+    with pytest.raises(ConfigError, match=r"held out 0\.1 of its text; --holdout-fraction 0\.3 would score rows it "
+                                          r"trained on"):
+        evaluate_checkpoint(run, task="lm", holdout_fraction=0.3)
+    assert evaluate_checkpoint(run, task="lm", holdout_fraction=0.1)["lm:docs"]["splits"]["holdout"]["tokens"] > 0
+
+
+def test_an_expert_validated_on_its_holdout_normalises_a_holdout_eval(tmp_path, llama_dir):
+    data = _documents(tmp_path / "text", 20)
+    run = train(lm_config(llama_dir, data.parent, tmp_path / "self", data=str(data), eval_data=None,
+                          holdout_fraction=0.2, max_steps=2))
+    whole = _kept_whole(run, tmp_path / "whole")
+    held = evaluate_checkpoint(whole, task="lm", holdout_fraction=0.2)["lm:docs"]
+    assert held["normalized"] == pytest.approx(1.0, rel=1e-5)  # its validation rows are this holdout slice

@@ -237,6 +237,7 @@ def _evaluate_language(checkpoint, tasks: list[str], setup: _Setup) -> dict[str,
                 jobs[key] = (featurize(language.read_items(spec, options.data)),
                              _record_on(checkpoint, spec, options.data), "data")
         elif options.holdout_fraction:
+            check_holdout_fraction(task, record, options.holdout_fraction)
             items = split_holdout(language.read_items(spec, record["data_source"]), options.holdout_fraction)[1]
             jobs[task] = (featurize(items), record, "holdout")
         else:
@@ -246,13 +247,47 @@ def _evaluate_language(checkpoint, tasks: list[str], setup: _Setup) -> dict[str,
     for key, (features, record, split) in jobs.items():
         if not features:
             raise ConfigError(f"{key}: no text to evaluate on")
+        same_rows = scores_the_experts_rows(len(features), record, options)
         features = subsample(features, options.max_eval_samples, options.seed)
         metrics = language.evaluate(model, features, key, pad_token_id=setup.tokenizer.pad_token_id,
                                     batch_size=options.batch_size, progress=setup.progress)
-        reference = "expert_holdout_metrics" if split == "holdout" else "expert_metrics"
+        reference = _reference(record, split, options.holdout_fraction) if same_rows else None
         floor = language.no_skill_score(features)  # choice accuracy's; perplexity has none
         results[key] = _result(checkpoint, key, {split: metrics}, record, reference, floor or 0.0)
     return results
+
+
+def check_holdout_fraction(task: str, record: dict[str, Any], fraction: float) -> None:
+    """Refuse a holdout slice other than the one the expert held out: it would hold rows it trained on."""
+    trained = (record.get("eval_rows") or {}).get("holdout_fraction", fraction)  # unrecorded (older): as asked
+    if trained != fraction:
+        held = f"held out {trained:g} of its text" if trained else "held out none of its text"
+        raise ConfigError(f"{task}: its expert {held}; --holdout-fraction {fraction:g} would score rows it trained on",
+                          hint=f"give --holdout-fraction {trained:g}" if trained else "evaluate on its validation text")
+
+
+def scores_the_experts_rows(count: int, record: dict[str, Any], options) -> bool:
+    """Whether ``options`` pick, of ``count`` rows, those the expert's recorded scores are of (unrecorded: yes).
+
+    A score normalised by the expert's on other rows (all 840 blocks against its 100) compares two samples.
+    """
+    from umtam.data import subsample
+
+    rows = record.get("eval_rows")
+    if rows is None:
+        return True
+    every = list(range(count))
+    return (subsample(every, rows["max_eval_samples"], rows["seed"])
+            == subsample(every, options.max_eval_samples, options.seed))
+
+
+def _reference(record: dict[str, Any], split: str, holdout_fraction: float | None) -> str:
+    """The recorded expert scores a split's score is normalised by."""
+    if split != "holdout":
+        return "expert_metrics"
+    # an expert without --eval-data validated on its holdout slice: its validation scores are of these rows
+    same_slice = record.get("eval_holdout_fraction") == holdout_fraction
+    return "expert_metrics" if same_slice else "expert_holdout_metrics"
 
 
 def _record_on(checkpoint, spec, data: str) -> dict[str, Any]:

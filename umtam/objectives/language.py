@@ -62,9 +62,13 @@ def prepare(spec, config, tokenizer, max_length: int, progress: ProgressFn = no_
     progress("status", f"tokenizing {len(train_items)} training and {len(validation)} validation text(s)")
     features = featurizer(spec, tokenizer, max_length)
     # max_length: the block (lm) or conversation (sft) length of the recorded validation, which eval repeats
+    # eval_rows: which rows the recorded scores are of, so that eval normalises only on the same rows
+    # and never calls rows the expert trained on a holdout
     record = {"data_name": data_name(config.data), "eval_data": _location(config.eval_data),
               "eval_holdout_fraction": None if config.eval_data is not None else config.holdout_fraction,
-              "max_length": max_length}
+              "max_length": max_length,
+              "eval_rows": {"max_eval_samples": config.max_eval_samples, "seed": config.seed,
+                            "holdout_fraction": config.holdout_fraction}}
     return Prepared(
         task_key=task_key(spec, config.data),
         train=subsample(features(train_items), config.max_train_samples, config.seed),
