@@ -139,8 +139,14 @@ def test_sharded_plain_decoders_merge_into_shards_equal_to_one_file(tmp_path, de
     assert {t.dtype for t in a.values()} == {torch.bfloat16}  # the inputs' dtype
     card = (tmp_path / "sharded" / "README.md").read_text()
     assert "Method: **ties**" in card and "`expert-1`" in card and '"keep": 0.2' in card
-    assert (tmp_path / "sharded" / "generation_config.json").is_file()
-    from transformers import AutoModelForCausalLM
+    assert (tmp_path / "sharded" / "generation_config.json").is_file()  # the inputs' own
+    # save_pretrained of a model writes no tokenizer: the base's comes along, whole
+    base_tokenizer = sorted(p.name for p in base.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
+    assert base_tokenizer and all((tmp_path / "sharded" / name).read_bytes() == (base / name).read_bytes()
+                                  for name in base_tokenizer)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "sharded")("the cat")["input_ids"]
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
     assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"],
@@ -156,6 +162,28 @@ def test_out_dtype_stores_what_float32_computed(tmp_path, decoders):
     w, n = wide.load_tensors(), narrow.load_tensors()
     assert {t.dtype for t in w.values()} == {torch.float32}
     assert all(torch.equal(w[k].to(torch.bfloat16), n[k]) for k in w)  # the same float32 result, rounded once
+    # transformers loads in the dtype config.json names: the stored one, not the inputs'
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert AutoConfig.from_pretrained(tmp_path / "fp32").dtype == torch.float32
+    assert AutoConfig.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_a_trainer_checkpoints_optimizer_state_is_not_carried_into_a_merge(tmp_path, decoders):
+    import shutil
+
+    base, experts = decoders
+    trainer_dirs = []
+    for expert in experts:  # what Trainer's checkpoint-N folders hold beside the model
+        target = tmp_path / f"checkpoint-{expert.name}"
+        shutil.copytree(expert, target)
+        (target / "optimizer.pt").write_bytes(b"not read: ties needs no statistics")
+        trainer_dirs.append(target)
+    merge(*trainer_dirs, "--base", base, "--method", "ties", "-o", tmp_path / "merged")
+    assert not (tmp_path / "merged" / "optimizer.pt").exists()
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()  # the base's tokenizer still comes along
 
 
 def test_prune_writes_shards_and_another_dtype(tmp_path, decoders):

@@ -132,8 +132,11 @@ class Checkpoint:
         return load_tensors(self.stats_file) if self.stats_file else {}
 
     def companion_files(self) -> dict[str, Path]:
-        """config.json, tokenizer files: every listed file but the weights, statistics and sidecar."""
-        skip = {MODEL_FILE, STATS_FILE, SIDECAR_FILE, INDEX_FILE, *self.weight_file_names}
+        """config.json, tokenizer files: every listed file but the weights, statistics, sidecar and a
+        Trainer checkpoint's optimizer state (read for its statistics, never carried to an output)."""
+        from umtam.adam_import import OPTIMIZER_FILE
+
+        skip = {MODEL_FILE, STATS_FILE, SIDECAR_FILE, INDEX_FILE, OPTIMIZER_FILE, *self.weight_file_names}
         return {name: self.path / name for name in sorted(self.sidecar.files) if name not in skip}
 
     def check_unchanged(self, *names: str) -> None:

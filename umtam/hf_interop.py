@@ -242,37 +242,66 @@ def _label_names(directory: Path, config: Mapping[str, Any], spec) -> list[str]:
 
 
 def merged_companion_files(checkpoints: Sequence[Checkpoint], tasks: Mapping[str, Any],
-                           base: str | None = None) -> dict[str, Path | bytes]:
+                           base: str | None = None, out_dtype: str | None = None) -> dict[str, Path | bytes]:
     """A merge's config.json, tokenizer files and one config.<task>.json per task.
 
-    config.json and the tokenizer files each come from the first input that has
-    them; tokenizer files otherwise from a local ``base`` directory, because a
-    plain Hugging Face input is often saved without its tokenizer and
-    ``umtam eval`` needs one. Per-task configs are written anew from the merged
-    task records, never copied from a merged input.
+    config.json, the tokenizer and generation_config.json each come from the
+    first input that has them, otherwise from a local ``base`` directory,
+    because a plain Hugging Face input is often saved without its tokenizer
+    (save_pretrained of a model writes generation_config.json alone) and
+    ``umtam eval`` needs one. With ``out_dtype`` config.json names the dtype
+    the weights are stored in. Per-task configs are written anew from the
+    merged task records, never copied from a merged input.
     """
     files: dict[str, Path | bytes] = {}
     config = next((c.path / CONFIG_FILE for c in checkpoints if CONFIG_FILE in c.sidecar.files), None)
     if config is not None:
-        files[CONFIG_FILE] = config
+        files[CONFIG_FILE] = config_stored_as(config, out_dtype)
     files.update(_tokenizer_files(checkpoints, base))
     if config is not None:  # a language task has no head of its own: the model's config is its config
         files.update(task_configs(config, {task: record for task, record in tasks.items()
-                                           if not is_language_key(task)}))
+                                           if not is_language_key(task)}, out_dtype))
     return files
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
 def _tokenizer_files(checkpoints: Sequence[Checkpoint], base: str | None) -> dict[str, Path]:
-    for checkpoint in checkpoints:
-        found = {name: path for name, path in checkpoint.companion_files().items() if not is_config_file(name)}
-        if found:
-            return found
+    """The tokenizer's files, all from one place (the first input with any, else ``base``), and
+    generation_config.json likewise, on its own: the one without the other is common."""
+    sources = [{name: path for name, path in c.companion_files().items() if not is_config_file(name)}
+               for c in checkpoints]
     if base is not None and Path(base).is_dir():
-        found = {name: Path(base) / name for name in TOKENIZER_FILES if (Path(base) / name).is_file()}
-        for path in found.values():
-            check_regular_file(path)  # a link out of --base is refused, not copied
-        return found
-    return {}
+        sources.append({name: Path(base) / name for name in TOKENIZER_FILES if (Path(base) / name).is_file()})
+    tokenizer = next(({name: path for name, path in found.items() if name != GENERATION_CONFIG}
+                      for found in sources if set(found) - {GENERATION_CONFIG}), {})
+    generation = next(({GENERATION_CONFIG: found[GENERATION_CONFIG]} for found in sources
+                       if GENERATION_CONFIG in found), {})
+    for path in [*tokenizer.values(), *generation.values()]:
+        check_regular_file(path)  # a link out of --base is refused, not copied
+    return {**tokenizer, **generation}
+
+
+def config_stored_as(config: Path, out_dtype: str | None) -> Path | bytes:
+    """config.json as it is, or (``out_dtype``) naming the dtype the weights are stored in."""
+    if out_dtype is None:
+        return config
+    return (json.dumps(with_dtype(read_config(config), out_dtype), indent=2, sort_keys=True) + "\n").encode()
+
+
+def with_dtype(fields: Mapping[str, Any], out_dtype: str | None) -> dict[str, Any]:
+    """A config's fields naming ``out_dtype`` (None: as they are): transformers loads a model in the
+    dtype its config names (version 5's default, dtype="auto"), whatever its weights are stored in."""
+    fields = dict(fields)
+    if out_dtype is not None:
+        from umtam.precision import torch_dtype
+
+        name = str(torch_dtype(out_dtype)).removeprefix("torch.")
+        present = [key for key in ("torch_dtype", "dtype") if key in fields]
+        for key in present or ("torch_dtype", "dtype"):  # transformers 4 reads the first, 5 the second
+            fields[key] = name
+    return fields
 
 
 def task_config_name(task: str) -> str:
@@ -284,7 +313,8 @@ def is_config_file(name: str) -> bool:
     return name == CONFIG_FILE or (name.startswith("config.") and name.endswith(".json"))
 
 
-def task_configs(config_path: Path, tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+def task_configs(config_path: Path, tasks: Mapping[str, Mapping[str, Any]],
+                 out_dtype: str | None = None) -> dict[str, bytes]:
     """config.<task>.json for each task: the encoder's config with that task's labels and problem type.
 
     Written as JSON rather than through transformers so that a merge does not
@@ -292,7 +322,8 @@ def task_configs(config_path: Path, tasks: Mapping[str, Mapping[str, Any]]) -> d
     from id2label). An ``architectures`` entry that is not a sequence-classification
     class is dropped, so the auto classes go by ``model_type``.
     """
-    encoder = {key: value for key, value in read_config(config_path).items() if key not in _TASK_FIELDS}
+    encoder = {key: value for key, value in with_dtype(read_config(config_path), out_dtype).items()
+               if key not in _TASK_FIELDS}
     architectures = [name for name in encoder.pop("architectures", None) or []
                      if name.endswith("ForSequenceClassification")]
     if architectures:

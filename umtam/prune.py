@@ -189,11 +189,18 @@ def write_pruned(ckpt: Checkpoint | str | Path, output: str | Path, *, base: str
         shard_bytes=shard_bytes,
         sidecar=sidecar,
         stats=checkpoint.load_stats() or None,
-        extra_files=checkpoint.companion_files(),
+        extra_files=companions_stored_as(checkpoint.companion_files(), out_dtype),
         force=force,
         inputs=[checkpoint],  # re-checked before the sidecar: an input rewritten meanwhile is refused
     )
     return written, report
+
+
+def companions_stored_as(files: Mapping[str, Path], out_dtype: str | None) -> dict[str, Path | bytes]:
+    """The input's companion files, its configs naming ``out_dtype`` where the weights are stored in it."""
+    from umtam.hf_interop import config_stored_as, is_config_file
+
+    return {name: config_stored_as(path, out_dtype) if is_config_file(name) else path for name, path in files.items()}
 
 
 def stored_as(tensors: Mapping[str, Tensor], out_dtype: str) -> dict[str, Tensor]:

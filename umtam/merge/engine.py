@@ -164,7 +164,7 @@ def merge_checkpoints(inputs: Sequence[InputLike], output: str | Path, *, method
     check_output_dir(output, inputs=[c.path for c in checkpoints], force=force)
     # companion files first: a --base tokenizer link that is refused is refused before the work
     tasks = {task: record.as_json() for checkpoint in checkpoints for task, record in checkpoint.tasks.items()}
-    companions = merged_companion_files(checkpoints, tasks, base)
+    companions = merged_companion_files(checkpoints, tasks, base, out_dtype)
     reports: list[MergeReport] = []
     with _prepared(checkpoints, method, options, base, None, block_entries, out_dtype) as run:
         def write_weights(staging: Path) -> dict[str, str]:
