@@ -243,7 +243,7 @@ def test_a_kill_while_writing_a_state_resumes_from_the_previous_one(tmp_path, ti
     out, state_dir = tmp_path / "run", tmp_path / "run-state"
     options = ["--task", "mrpc", "--model", str(tiny_model_dir), "--data-dir", str(glue_dir), "--max-steps", "6",
                "--batch-size", "8", "--max-length", "32", "--seed", "7", "--lr", "1e-3"]
-    assert run_killed_at("sealed", ".step-00000004.tmp-", "train", *options, "--save-every", "2", "-o", str(out))
+    run_killed_at("sealed", ".step-00000004.tmp-", "train", *options, "--save-every", "2", "-o", str(out))
     assert not out.exists()
     assert [path.name for path in resume.complete_states(state_dir)] == ["step-00000002"]
     leftover, = [path for path in state_dir.iterdir() if path.name.startswith(".step-00000004.tmp-")]
