@@ -180,7 +180,7 @@ def wait_for_experts(paths: list[Path], minutes: float, poll_seconds: float = 30
 def settings(name: str, tag: str, seeds: tuple[int, ...]) -> dict[str, dict[int, dict]]:
     """label -> seed -> row, for the seeds asked for; a seed without any result is refused in one line."""
     found: dict[str, dict[int, dict]] = {}
-    for row in recount_decoder_averages([row for seed in seeds for row in load_rows(name, tag, seed)]):
+    for row in recount_decoder_averages([row for seed in seeds for row in stored_rows(name, tag, seed)]):
         found.setdefault(label(row["method"], row["options"]), {})[row["seed"]] = row
     missing = [seed for seed in seeds if not any(seed in by_seed for by_seed in found.values())]
     if missing:
@@ -495,9 +495,14 @@ def check_same_experts(path: Path, experts: list[Path]) -> None:
 
 
 def load_rows(name: str, tag: str, seed: int) -> list[dict]:
-    """The rows of one seed; rows written before results carried their seed get their folder's."""
+    """The rows of one seed, a decoder set's averages counted alike (``settings``: over every seed's)."""
+    return recount_decoder_averages(stored_rows(name, tag, seed))
+
+
+def stored_rows(name: str, tag: str, seed: int) -> list[dict]:
+    """The rows of one seed as written; rows written before results carried their seed get their folder's."""
     rows = [json.loads(p.read_text()) for p in sorted(results_dir(name, tag, seed).glob("*.json"))]
-    return recount_decoder_averages([{"seed": seed, **row} for row in rows])
+    return [{"seed": seed, **row} for row in rows]
 
 
 def recount_decoder_averages(rows: list[dict]) -> list[dict]:

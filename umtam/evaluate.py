@@ -206,10 +206,11 @@ def no_skill_score(task: str, labels) -> float:
     return max(metrics.chance_score(task, labels), metrics.majority_score(task, labels))
 
 
-def _result(checkpoint, task: str, splits, record: dict[str, Any], reference: str,
+def _result(checkpoint, task: str, splits, record: dict[str, Any], reference: str | None,
             floor: float = 0.0) -> dict[str, Any]:
+    """Scores, their task score and (None without a ``reference`` of the same rows) the normalised one."""
     try:
-        normalized = normalized_score(task, splits, record, reference, floor)
+        normalized = None if reference is None else normalized_score(task, splits, record, reference, floor)
     except (ValueError, TypeError, KeyError) as exc:  # the expert's recorded metrics lack this task's metric
         raise CheckpointError(f"{checkpoint.path / 'umtam.json'}: tasks.{task}.{reference} gives no "
                               f"{task} score ({first_line(exc, 200)})") from exc
