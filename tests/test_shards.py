@@ -222,6 +222,25 @@ def test_an_input_index_naming_a_missing_shard_is_one_line(tmp_path, decoders):
     assert f"names shard {shard}, which is missing" in stderr and not (tmp_path / "m").exists()
 
 
+def test_a_tied_base_of_inputs_with_their_own_lm_head_is_refused_before_it_is_built(tmp_path, decoders,
+                                                                                     monkeypatch):
+    from umtam import base_model
+
+    base, experts = decoders  # untied, like their base
+    tied = write_tiny_decoder(tmp_path / "tied", "llama", tie=True, dtype=torch.bfloat16)
+    with open_weights(tied) as handle:
+        assert "lm_head.weight" not in set(handle.keys())  # transformers stores a tied head once, as the embedding
+    built = []
+    monkeypatch.setattr(base_model, "_rebuild", lambda *args: built.append(args))  # the slow path, never needed
+    merge_with = ("merge", *map(str, experts), "--method", "ties", "--base")
+    code, _, stderr = run_cli(*merge_with, str(tied), "-o", str(tmp_path / "m"))
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "has no tensor 'lm_head.weight'" in stderr and "ties it to its token embedding" in stderr
+    assert built == [] and not (tmp_path / "m").exists()
+    code, _, stderr = run_cli(*merge_with, str(base), "-o", str(tmp_path / "m"), "--quiet")  # their own base
+    assert code == 0 and built == [], stderr
+
+
 def test_the_writer_hashes_each_file_as_it_writes_it(tmp_path):
     tensors = {f"layer.{i}.weight": torch.randn(64, 64) for i in range(5)}
     writer = WeightsWriter(tmp_path, [entry_of(name, t) for name, t in tensors.items()], shard_bytes=40_000)

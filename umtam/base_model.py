@@ -23,6 +23,8 @@ from umtam.heads import encoder_tensors
 from umtam.models import ModelSource, resolve_model
 from umtam.shards import is_sharded, open_weights, weight_files
 
+LM_HEAD = "lm_head.weight"  # a causal LM's output projection; a tied model stores none
+
 
 def fingerprint(tensors: Mapping[str, Any], after: Callable[[Any], None] | None = None) -> str:
     """sha256 over names, dtypes, shapes and bytes of tensors, in name order.
@@ -168,6 +170,7 @@ def identify_base(reference: str, keys: Iterable[str], release: Callable[[Any], 
     encoder = read_base_file(source, keys)
     architecture = architecture_of_keys(keys)
     if encoder is None:
+        refuse_tied_base_of_untied_head(source, keys)
         state = _encoder_of(_rebuild(source, {"architecture": architecture, "init_seed": 0}))
         encoder = {key: value.detach().clone() for key, value in state.items()}
         identify = functools.partial(fingerprint, encoder, release)
@@ -181,7 +184,7 @@ def identify_base(reference: str, keys: Iterable[str], release: Callable[[Any], 
 def architecture_of_keys(keys: Iterable[str]) -> str:
     """"causal-lm" when the weights have an ``lm_head`` or no classification head, as a plain decoder's."""
     keys = list(keys)
-    if any(key == "lm_head.weight" for key in keys):
+    if LM_HEAD in keys:
         return "causal-lm"
     from umtam.families import generic_family
 
@@ -210,8 +213,8 @@ def read_base_file(source: ModelSource, keys: Iterable[str]) -> dict[str, Any] |
     The tensors are read-only views of the memory-mapped file; nothing is
     checked here (the caller compares the fingerprint).
     """
-    directory = Path(source.location)
-    if source.origin == "hub" or not (is_sharded(directory) or (directory / "model.safetensors").is_file()):
+    directory = local_weights_directory(source)
+    if directory is None:
         return None
     keys = list(keys)
     first_parts = {key.split(".", 1)[0] for key in keys}
@@ -230,6 +233,39 @@ def read_base_file(source: ModelSource, keys: Iterable[str]) -> dict[str, Any] |
             return {key: handle.get_tensor(name) for key, name in names.items()}
     except (CheckpointError, RuntimeError):  # unreadable here: transformers may still build the base
         return None
+
+
+def local_weights_directory(source: ModelSource) -> Path | None:
+    """The base's directory when it is local and holds safetensors weights (one file or shards), else None."""
+    directory = Path(source.location)
+    if source.origin == "hub" or not (is_sharded(directory) or (directory / "model.safetensors").is_file()):
+        return None
+    return directory
+
+
+def refuse_tied_base_of_untied_head(source: ModelSource, keys: Sequence[str]) -> None:
+    """Refuse, from the weight files' header, inputs with their own lm_head over a base whose files have none.
+
+    Such a base ties lm_head to its token embedding. Rebuilding it through
+    transformers (the only other way to read it) ties it again, so there is no
+    lm_head to subtract and check_base_covers refuses, but only after the whole
+    base is built: minutes for a large model. An unreadable header is left to
+    transformers, as read_base_file leaves it.
+    """
+    directory = local_weights_directory(source)
+    if LM_HEAD not in keys or directory is None:
+        return
+    try:
+        with open_weights(directory) as handle:
+            has_head = LM_HEAD in set(handle.keys())
+    except (CheckpointError, RuntimeError):
+        return
+    if not has_head:
+        raise CheckpointError(
+            f"the base model {source.location} has no tensor {LM_HEAD!r} (a model that ties it to its "
+            f"token embedding stores none), which the inputs have",
+            hint="pass the untied base the inputs were fine-tuned from with --base",
+        )
 
 
 def check_base_covers(base: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], label: str,
