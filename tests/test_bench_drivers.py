@@ -265,14 +265,16 @@ def test_the_variants_table_puts_each_hypothesis_beside_the_plain_expert_over_it
                row("umtam", 2e-4, 42, 0.10),  # another lr: not the chosen one, left out
                row("umtam", 1e-4, 42, 0.24, settings={"dense_lr": 5e-5}),
                row("umtam", 1e-4, 43, 0.22, settings={"dense_lr": 5e-5}),
-               row("umtam", 1e-4, 42, 0.23, error_feedback=True), row("umtam", 1e-4, 42, 0.21, rank=32)]
+               row("umtam", 1e-4, 42, 0.23, error_feedback=True), row("umtam", 1e-4, 42, 0.22, rank=384),
+               row("umtam", 1e-4, 42, 0.21, rank=64)]  # ranks in number order: r=64 before r=384
     lines = experts.variants_table(results, (42, 43)).splitlines()[2:]
     assert lines == ["| cola | AdamW | 5e-5 | 100.00 | 0.520 +- 0.028 | 31.00 +- 1.41 | 26.00 +- 1.41 | 42, 43 |",
                      "| cola | AdamW, warmup_ratio=0 | 5e-5 | 100.00 | 0.520 | 31.00 | 26.00 | 42 |",
                      "| cola | plain r=8 | 1e-4 | 8.00 | 0.380 +- 0.028 | 24.00 +- 1.41 | 19.00 +- 1.41 | 42, 43 |",
                      "| cola | dense_lr=5e-05 | 1e-4 | 8.00 | 0.460 +- 0.028 | 28.00 +- 1.41 | 23.00 +- 1.41 | 42, 43 |",
                      "| cola | error-feedback | 1e-4 | 8.00 | 0.460 | 28.00 | 23.00 | 42 |",
-                     "| cola | r=32 | 1e-4 | 32.00 | 0.420 | 26.00 | 21.00 | 42 |"]
+                     "| cola | r=64 | 1e-4 | 64.00 | 0.420 | 26.00 | 21.00 | 42 |",
+                     "| cola | r=384 | 1e-4 | 384.00 | 0.440 | 27.00 | 22.00 | 42 |"]
 
 
 def test_settings_without_dev_show_no_dev_cells(bench_module):
