@@ -378,7 +378,8 @@ def variants_table(results: list[dict], seeds: tuple[int, ...]) -> str:
             for row in sorted((r for r in results if r["task"] == task and r["optimizer"] == "adamw"
                                and r["lr"] == adamw["lr"] and r["seed"] in seeds), key=is_variant):
                 groups.setdefault(f"AdamW, {variant_label(row)}" if is_variant(row) else "AdamW", []).append(row)
-        for row in sorted(runs, key=lambda r: (variant_label(r) != "plain r=8", r["rank"], variant_label(r))):  # r=64 before r=384
+        # the plain expert first, then by rank as a number (r=64 before r=384), then by name
+        for row in sorted(runs, key=lambda r: (variant_label(r) != "plain r=8", r["rank"], variant_label(r))):
             groups.setdefault(variant_label(row), []).append(row)
         for label, rows in groups.items():
             lines.append(f"| {task} | {label} | {short_lr(rows[0]['lr'])} | {rows[0]['state_bytes'] / 2**20:.2f} | "
