@@ -72,6 +72,9 @@ glue() {
     # 6e-4 fell (holdout 70.59); 2 epochs rose (84.07 against 78.76): the merge table on the kept experts
     python bench/merges.py --config recipes/paper/merge-sweep-smollm2-cpu4k.yaml --model "$SMOLLM2" \
         --profile recipes/paper/profile-decoder-cpu4k.yaml
+    # AdamW beside UMTAM on the same rows, at cpu1k's AdamW rate (the only one tried), one epoch
+    python bench/experts.py --model "$SMOLLM2" --profile recipes/paper/profile-decoder-cpu4k.yaml \
+        --tasks rte,mrpc,cola,sst2 --optimizers adamw --lrs "adamw=5e-5"
 }
 
 lm() {
