@@ -50,6 +50,12 @@ glue() {
     # it fell there (60.24 to 57.43). UMTAM's batch-16 RTE gain on seeds 43 and 44:
     python bench/experts.py --tasks rte --optimizers umtam --lrs "umtam=5e-5" --seeds 43,44 --set batch_size=16
     # it held on the holdout (+2.41 +- 1.20 paired), not on dev (+0.84 +- 2.12): 3.5 over the majority class
+    # the base's pooler never saw a gradient (bias 0, weight spread 0.009): is it what holds RTE and MRPC back?
+    [ -d runs/models/minilm-pooler02 ] || python tools/reinit_pooler.py ../shared/models/all-MiniLM-L6-v2 \
+        runs/models/minilm-pooler02
+    python bench/experts.py --model runs/models/minilm-pooler02 --tasks rte --lrs "umtam=5e-5;adamw=5e-5" --seeds 42
+    python bench/experts.py --model runs/models/minilm-pooler02 --tasks mrpc --lrs "umtam=1e-4;adamw=2e-4" --seeds 42
+    # no: all four holdouts fell against the stock base's
     smollm2
     python bench/experts.py --model "$SMOLLM2" --profile recipes/paper/profile-decoder-cpu.yaml \
         --tasks rte,mrpc,cola,sst2 --lrs "umtam=2e-4;adamw=5e-5"
