@@ -81,6 +81,9 @@ glue() {
     # AdamW beside UMTAM on the same rows, at cpu1k's AdamW rate (the only one tried), one epoch
     python bench/experts.py --model "$SMOLLM2" --profile recipes/paper/profile-decoder-cpu4k.yaml \
         --tasks rte,mrpc,cola,sst2 --optimizers adamw --lrs "adamw=5e-5"
+    # a second seed for both optimizers' 1-epoch experts (MRPC's 2-epoch one, 56 minutes, not rerun)
+    python bench/experts.py --model "$SMOLLM2" --profile recipes/paper/profile-decoder-cpu4k.yaml \
+        --tasks rte,mrpc,cola,sst2 --lrs "umtam=2e-4;adamw=5e-5" --seeds 43
 }
 
 lm() {
