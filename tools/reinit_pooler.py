@@ -61,9 +61,9 @@ def write_copy(source: Path, out: Path, *, seed: int, force: bool) -> None:
 
     if not (source / WEIGHTS).is_file():
         raise UmtamError(f"{source}: no {WEIGHTS} (a single-file safetensors model is expected)")
+    check_output_dir(out, inputs=[source], force=force)  # before the weights are read: refusals are cheap
     config = json.loads((source / "config.json").read_text())
     tensors = reinitialised(load_file(source / WEIGHTS), float(config.get("initializer_range", 0.02)), seed)
-    check_output_dir(out, inputs=[source], force=force)
 
     def fill(staging: Path) -> None:
         for path in sorted(source.iterdir()):
