@@ -76,9 +76,14 @@ def test_bad_input_is_refused_before_anything_is_written(tool, base, tmp_path):
     no_pooler.mkdir()
     (no_pooler / "config.json").write_text("{}")
     save_file({"lm_head.weight": torch.ones(2, 2)}, no_pooler / "model.safetensors")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{}")
+    (corrupt / "model.safetensors").write_bytes(b"\xff" * 100)
     for source, out, words in ((base, tmp_path / "taken", "already exists"),
                                (tmp_path / "missing", tmp_path / "out", "no model.safetensors"),
-                               (no_pooler, tmp_path / "out", "only BERT-family encoders")):
+                               (no_pooler, tmp_path / "out", "only BERT-family encoders"),
+                               (corrupt, tmp_path / "out", "not a readable safetensors file")):
         with pytest.raises(tool.UmtamError, match=words):
             tool.write_copy(source, out, seed=0, force=False)
     assert not (tmp_path / "out").exists() and list((tmp_path / "taken").iterdir()) == []

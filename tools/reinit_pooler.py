@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from umtam.atomic import check_output_dir, copy_regular_file, write_directory  # noqa: E402
 from umtam.errors import UmtamError  # noqa: E402
+from umtam.safetensors_io import load_tensors, save_tensors  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 POOLER_WEIGHT = "pooler.dense.weight"
@@ -57,19 +58,17 @@ def reinitialised(tensors: dict, std: float, seed: int) -> dict:
 
 def write_copy(source: Path, out: Path, *, seed: int, force: bool) -> None:
     """``source``'s files copied into ``out``, its single weights file rewritten with a fresh pooler."""
-    from safetensors.torch import load_file, save_file
-
     if not (source / WEIGHTS).is_file():
         raise UmtamError(f"{source}: no {WEIGHTS} (a single-file safetensors model is expected)")
     check_output_dir(out, inputs=[source], force=force)  # before the weights are read: refusals are cheap
     config = json.loads((source / "config.json").read_text())
-    tensors = reinitialised(load_file(source / WEIGHTS), float(config.get("initializer_range", 0.02)), seed)
+    tensors = reinitialised(load_tensors(source / WEIGHTS), float(config.get("initializer_range", 0.02)), seed)
 
     def fill(staging: Path) -> None:
         for path in sorted(source.iterdir()):
             if path.is_file() and path.name != WEIGHTS:
                 copy_regular_file(path, staging / path.name)
-        save_file(tensors, staging / WEIGHTS, metadata={"format": "pt"})
+        save_tensors(tensors, staging / WEIGHTS)
 
     write_directory(out, fill, what="model copy", replace=force)
 
